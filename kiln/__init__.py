@@ -1,0 +1,46 @@
+"""kiln: Hugging Face style checkpoints -> fused-attention ONNX artifacts -> a light runtime.
+
+The public API. ``import kiln`` stays light: the exporter (torch, onnx) is imported only when you export.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from kiln.errors import KilnError  # noqa: E402
+
+
+def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):
+    """The PyTorch reference model for ``task`` (needs ``kiln[torch]``)."""
+    from kiln.errors import require
+
+    require("torch", "torch", "Loading a PyTorch reference model")
+    from kiln.graphs.checkpoint import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path_or_id, task=task, revision=revision, attn_impl=attn_impl)
+
+
+def export(model, output, task: str = "feature-extraction", **options):
+    """Export a checkpoint (directory or hub id) to an artifact directory; returns the manifest. See ``kiln export -h``."""
+    from kiln.errors import require
+
+    require("torch", "torch", "Exporting")
+    require("onnx", "torch", "Exporting")
+    from kiln.exporter import export as _export
+
+    return _export(model, output, task=task, **options)
+
+
+def pipeline(task: str, model, *, revision: str | None = None, device: str = "cpu", threads: int | None = None, **kwargs):
+    """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache)."""
+    from kiln.artifact import is_artifact
+    from kiln.runtime.pipelines import pipeline as _pipeline
+
+    if not is_artifact(model):
+        from kiln.exporter.cache import cached_export
+
+        model = cached_export(model, task=task, revision=revision)
+    return _pipeline(task, model, device=device, threads=threads, **kwargs)
+
+
+__all__ = ["KilnError", "export", "from_pretrained", "pipeline", "__version__"]

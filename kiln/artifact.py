@@ -1,0 +1,104 @@
+"""The artifact format: a directory with ``kiln.json`` (the manifest), ``model.onnx``, the config and tokenizer files.
+
+The exporter writes it through :func:`atomic_directory` (temp dir, then rename) so a reader never sees half an
+artifact; the runtime reads it with :func:`load_manifest`. No heavy imports here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from kiln.errors import ArtifactError
+
+MANIFEST = "kiln.json"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read and check ``kiln.json``; every problem names the file and what to do."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not a kiln artifact (no {MANIFEST}). Create one with `kiln export MODEL {directory}`."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}). Re-export the artifact.") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} must hold a JSON object. Re-export the artifact.")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format_version {version!r}; this kiln reads version {FORMAT_VERSION}. "
+            "Re-export the artifact with this kiln, or install the kiln version that wrote it."
+        )
+    for key in ("task", "model", "inputs", "outputs"):
+        if key not in manifest:
+            raise ArtifactError(f"{path} lacks the '{key}' entry. Re-export the artifact.")
+    model = artifact_file(directory, manifest["model"])
+    if not model.is_file():
+        raise ArtifactError(f"{directory} names {manifest['model']} in {MANIFEST} but the file is missing. Re-export it.")
+    return manifest
+
+
+def artifact_file(directory: str | os.PathLike, name: str) -> Path:
+    """A file named by the manifest, refusing names that escape the artifact directory."""
+    root = Path(directory).resolve()
+    path = (root / name).resolve()
+    if root != path and root not in path.parents:
+        raise ArtifactError(f"{MANIFEST} in {directory} names {name!r}, which lies outside the artifact. Refusing it.")
+    return path
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True, keep_failed: bool = False):
+    """Yield a temp directory beside ``target``; on success it replaces ``target`` in (nearly) one rename.
+
+    On an exception the temp directory is removed (or, with ``keep_failed``, moved to ``<target>.failed``) and
+    ``target`` is left as it was. An existing ``target`` that is not a kiln artifact is never replaced.
+    """
+    target = Path(target).resolve()
+    if target.exists():
+        if not target.is_dir():
+            raise ArtifactError(f"{target} exists and is a file. Choose another output directory.")
+        if any(target.iterdir()) and not is_artifact(target):
+            raise ArtifactError(f"{target} exists and is not a kiln artifact; refusing to replace it. Choose an empty or new directory.")
+        if not overwrite and is_artifact(target):
+            raise ArtifactError(f"{target} already holds an artifact. Pass --force to replace it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        if keep_failed:
+            failed = target.with_name(target.name + ".failed")
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(tmp, failed)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap: the old artifact moves aside first so that `target` is only ever absent, never half-written.
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "a")
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""Checkpoint -> validated ONNX artifact. ``export()`` is what ``kiln export`` runs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from kiln import __version__, hub
+from kiln.artifact import MODEL_FILE, atomic_directory, write_manifest
+from kiln.errors import ExportError, InputError, ValidationError
+
+log = logging.getLogger("kiln")
+DEFAULT_OPSET = 23
+
+
+class _Steps:
+    """Numbered progress lines on the "kiln" logger: '[2/6] Tracing with torch.onnx ... done in 7.9s'."""
+
+    def __init__(self, total: int):
+        self.total, self.i, self.t0 = total, 0, None
+
+    def __call__(self, message: str):
+        self._finish()
+        self.i += 1
+        self.t0 = time.perf_counter()
+        log.info("[%d/%d] %s", self.i, self.total, message)
+
+    def _finish(self):
+        if self.t0 is not None:
+            log.info("      done in %.1fs", time.perf_counter() - self.t0)
+            self.t0 = None
+
+
+def export(model, output, task: str = "feature-extraction", *, opset: int = DEFAULT_OPSET, batch: str | None = None,
+           seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True) -> dict:
+    """Export ``model`` (directory or hub id) for ``task`` into the artifact directory ``output``; returns kiln.json.
+
+    Raises ValidationError (with the numbers) if the graph disagrees with the reference; then nothing is written
+    unless ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection.
+    """
+    import onnx
+
+    from kiln.exporter.specs import AxisRange, bert_spec
+    from kiln.exporter.trace_torch import trace
+    from kiln.exporter.validate import describe_failure, validate
+    from kiln.graphs import registry
+    from kiln.graphs.checkpoint import read_state_dict
+
+    steps = _Steps(5)
+    started = time.perf_counter()
+    steps(f"Resolving {model}")
+    checkpoint = hub.resolve(model, revision)
+    raw = hub.read_config(checkpoint.path)
+    registry.check_task(raw, task)
+    arch = registry.architecture(raw)
+    weights_sha = hub.sha256_files(checkpoint.weight_files)
+
+    steps(f"Loading the PyTorch reference ({raw['model_type']}, {task})")
+    reference = arch.build(raw, task, read_state_dict(checkpoint.weight_files)).eval()
+    try:
+        spec = bert_spec(reference.config, task, has_pooler=getattr(reference, "pooler", None) is not None,
+                         batch=AxisRange.parse(batch, AxisRange(1, 64), "batch"),
+                         seq=AxisRange.parse(seq, AxisRange(1, reference.config.max_sequence_length), "seq"))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+    with atomic_directory(output, overwrite=force, keep_failed=keep_failed) as tmp:
+        steps(f"Tracing with torch.onnx (dynamo, opset {opset})")
+        onnx_path = trace(reference, spec, tmp / MODEL_FILE, opset=opset)
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        ops = Counter(node.op_type for node in graph.node)
+        layers = reference.config.num_hidden_layers
+        if ops["Attention"] != layers:
+            raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
+                              "The attention was not captured as one op; check the opset and torch version.")
+
+        steps(f"Validating against the reference on shapes {', '.join(f'{b}x{t}' for b, t in _shapes(spec))}")
+        report = validate(reference, spec, onnx_path)
+
+        steps("Writing the artifact")
+        shutil.copyfile(checkpoint.path / "config.json", tmp / "config.json")
+        copied = _copy_tokenizer(checkpoint.path, tmp)
+        manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied)
+        manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(tmp, manifest)
+        if not report["passed"]:
+            where = f" The failed artifact is kept at {Path(output)}.failed." if keep_failed else ""
+            raise ValidationError(f"Validation failed: {describe_failure(report)}.{where}", report)
+    steps._finish()
+    log.info("Artifact written to %s (validation passed)", output)
+    return manifest
+
+
+def _shapes(spec):
+    from kiln.exporter.validate import validation_shapes
+
+    return validation_shapes(spec)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> list[str]:
+    copied = []
+    for name in hub.TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        log.warning("The checkpoint has no tokenizer.json: the artifact can run raw feeds but not text pipelines. "
+                    "Save the fast tokenizer (AutoTokenizer(...).save_pretrained) into the checkpoint and re-export.")
+    return copied
+
+
+def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, tokenizer_files) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "kiln_version": __version__,
+        "source": {"id": checkpoint.source, "path": str(checkpoint.path), "revision": checkpoint.revision,
+                   "weight_files": [p.name for p in checkpoint.weight_files], "weights_sha256": weights_sha},
+        "architecture": raw.get("architectures", [None])[0] if raw.get("architectures") else None,
+        "model_type": raw["model_type"],
+        "task": task,
+        "framework": "torch",
+        "model": MODEL_FILE,
+        "opset": opset,
+        "precision": "fp32",
+        "attention": {"lowering": "onnx-attention", "nodes": ops["Attention"]},
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+        "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in spec.axes.items()},
+        "max_sequence_length": spec.axes["sequence"].max,
+        "op_counts": dict(sorted(ops.items())),
+        "tokenizer_files": tokenizer_files,
+        "validation": report,
+        "engines": [],
+        "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+                   "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }

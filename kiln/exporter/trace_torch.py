@@ -1,0 +1,87 @@
+"""Trace a PyTorch reference into ONNX with torch.onnx (dynamo) at opset >= 23.
+
+The references call ``F.scaled_dot_product_attention``, which torch.onnx turns into one standard ONNX ``Attention``
+node per layer at opset 23+. Axes are named after the spec (``batch``, ``sequence``) so the artifact and TensorRT
+profiles can refer to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.errors import ExportError
+from kiln.exporter.specs import ExportSpec
+
+log = logging.getLogger("kiln")
+MIN_OPSET = 23
+# Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data.
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+class _Flat(torch.nn.Module):
+    """Positional inputs in spec order -> a tuple of outputs in spec order (what torch.onnx wants)."""
+
+    def __init__(self, model: torch.nn.Module, spec: ExportSpec):
+        super().__init__()
+        self.model, self.input_names, self.output_names = model, [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.input_names, args)))
+        return tuple(out[name] for name in self.output_names)
+
+
+def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN_OPSET) -> Path:
+    """Write ``path`` (model.onnx) and return it."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is too old: kiln needs opset >= {MIN_OPSET} for the fused ONNX Attention op.")
+    # Trace at a shape inside the ranges that is not 0/1 (torch.export specialises on those).
+    batch, seq = (min(max(r.min, 2), r.max) for r in (spec.axes["batch"], spec.axes["sequence"]))
+    example = spec.dummy_inputs(batch, max(seq, min(8, spec.axes["sequence"].max)), np.random.default_rng(0))
+    args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
+    dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.axes.items()}
+    dynamic_shapes = tuple({i: dims[a] for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs)
+    wrapper = _Flat(model, spec).eval()
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=(dynamic_shapes,),  # one entry: *args
+                input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                optimize=True, verbose=False, report=False,
+            )
+    except Exception as err:  # torch.export raises many types; the user needs the gist and the log
+        detail = _summary(err)
+        raise ExportError(f"torch.onnx could not trace the model: {detail}. Run with --verbose for the full log.") from err
+    _name_axes(program.model, spec)
+    external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    return path
+
+
+def _summary(err: Exception) -> str:
+    """The one line of torch.onnx's long error report that says what broke."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("## Exception summary") and i + 1 < len(lines):
+            return lines[i + 1]
+    return lines[0] if lines else type(err).__name__
+
+
+def _name_axes(model, spec: ExportSpec) -> None:
+    """Give graph inputs/outputs the spec's axis names (torch names them s0, s1, ... after its symbols)."""
+    import onnx_ir as ir
+
+    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        tensor = by_name.get(value.name)
+        if tensor is None:
+            raise ExportError(f"The traced graph has an unexpected input or output {value.name!r}.")
+        value.shape = ir.Shape([ir.SymbolicDim(a) if isinstance(a, str) else a for a in tensor.axes])

@@ -1,0 +1,1 @@
+"""Readable reference implementations of transformer architectures (PyTorch first; JAX and TF siblings later)."""

@@ -1,0 +1,55 @@
+"""Attention, chosen by name. The model owns parameters and shapes; this module owns the math.
+
+``eager`` is the readable spec (and the only one that can return the probabilities); ``sdpa`` calls
+``torch.nn.functional.scaled_dot_product_attention``, which ``torch.onnx`` at opset >= 23 turns into ONE standard
+ONNX ``Attention`` node. The NumPy twin of this math is ``kiln.kernels.attention.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D), k/v (B, Hkv, S, D), mask bool broadcastable to (B, H, T, S) with True = attend."""
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv != H:  # grouped-query attention: each kv head serves H // Hkv query heads
+        k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))  # (B, H, T, S)
+    if causal:  # bottom-right aligned: query i sits at absolute position S - T + i
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        mask = keep if mask is None else mask & keep
+    if mask is not None:
+        # finfo.min rather than -inf: a fully padded row then averages v instead of producing NaN, as transformers does.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs  # (B, H, T, D), (B, H, T, S)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+         causal: bool) -> tuple[torch.Tensor, None]:
+    gqa = k.shape[1] != q.shape[1]
+    if causal and mask is not None:  # SDPA takes one or the other; fold causality into the mask
+        T, S = q.shape[2], k.shape[2]
+        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        causal = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    return out, None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}
+
+
+def attention(q, k, v, *, mask=None, scale=None, causal=False, impl: str = "sdpa", return_probs: bool = False):
+    """Returns ``(out, probs)``; ``probs`` is None unless ``return_probs`` (which always uses the eager math)."""
+    if impl not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"Unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}.")
+    fn = eager if return_probs else ATTENTION_FUNCTIONS[impl]
+    out, probs = fn(q, k, v, mask, scale, causal)
+    return out, (probs if return_probs else None)

@@ -1,0 +1,85 @@
+"""BERT-family configuration: BERT, RoBERTa and the MiniLM checkpoints, read from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    id2label: dict[int, str] = field(default_factory=lambda: {0: "LABEL_0", 1: "LABEL_1"})
+    problem_type: str | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # config.json as read, written back unchanged
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def position_offset(self) -> int:
+        # RoBERTa numbers positions from padding_idx + 1 (fairseq's make_positions); BERT from 0.
+        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.max_position_embeddings - self.position_offset
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "BertConfig":
+        known = {name for name in cls.__dataclass_fields__ if name != "raw"}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        if "id2label" in raw and raw["id2label"] is not None:
+            try:
+                values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}
+            except (AttributeError, TypeError, ValueError) as err:
+                raise ConfigError(f"config.json 'id2label' must map label ids to names, e.g. {{\"0\": \"NEG\"}}: {err}") from err
+        elif "num_labels" in raw:
+            values["id2label"] = {i: f"LABEL_{i}" for i in range(int(raw["num_labels"]))}
+        config = cls(**values, raw=dict(raw))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        ints = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.json '{name}' must be a positive integer, got {value!r}.")
+            if value > 1 << 24:
+                raise ConfigError(f"config.json '{name}' = {value} is implausibly large; the file looks corrupt.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"config.json 'hidden_size' ({self.hidden_size}) must be divisible by "
+                              f"'num_attention_heads' ({self.num_attention_heads}).")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"config.json 'hidden_act' {self.hidden_act!r} is not supported; use one of {ACTIVATIONS}.")
+        if self.position_embedding_type != "absolute":
+            raise ConfigError(f"position_embedding_type {self.position_embedding_type!r} is not supported; kiln "
+                              "implements 'absolute' position embeddings only.")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"config.json 'problem_type' {self.problem_type!r} must be one of {PROBLEM_TYPES}.")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
+            raise ConfigError(f"config.json 'layer_norm_eps' must be a small positive number, got {self.layer_norm_eps!r}.")
+        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"config.json 'pad_token_id' must be a token id below vocab_size, got {self.pad_token_id!r}.")

@@ -1,0 +1,172 @@
+"""BERT family in PyTorch (BERT, RoBERTa, MiniLM), readable top to bottom.
+
+Parameter names are kiln's own (``layers.0.attn.q``); ``weights.py`` maps them to and from the Hugging Face keys.
+Shapes: B batch, T sequence, C hidden, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kiln.graphs.attention import attention
+from kiln.graphs.bert.config import BertConfig
+
+ACT = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.model_type == "roberta":
+            # Padding tokens keep position padding_idx; real tokens count up from padding_idx + 1.
+            real = input_ids.ne(self.config.pad_token_id).long()
+            return torch.cumsum(real, dim=1) * real + self.config.pad_token_id  # (B, T)
+        return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)  # (B, T, C)
+        return self.norm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: BertConfig, attn_impl: str):
+        super().__init__()
+        self.n_head, self.head_dim, self.attn_impl = config.num_attention_heads, config.head_dim, attn_impl
+        self.q = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, mask, return_probs=False):
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        y, probs = attention(q, k, v, mask=mask, impl=self.attn_impl, return_probs=return_probs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.o(y), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT[config.hidden_act]
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class Layer(nn.Module):
+    """Post-norm transformer block, as in the original BERT."""
+
+    def __init__(self, config: BertConfig, attn_impl: str):
+        super().__init__()
+        self.attn = SelfAttention(config, attn_impl)
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x, mask, return_probs=False):
+        a, probs = self.attn(x, mask, return_probs)
+        x = self.attn_norm(x + a)
+        x = self.mlp_norm(x + self.mlp(x))
+        return x, probs
+
+
+class BertModel(nn.Module):
+    """The encoder. Returns a dict with ``last_hidden_state``, ``pooler_output`` (when the checkpoint has a pooler),
+    and optionally ``hidden_states`` (embeddings + each layer) and ``attentions`` (each layer's probabilities)."""
+
+    def __init__(self, config: BertConfig, add_pooler: bool = True, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, attn_impl) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooler else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, output_attentions=False):
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # (B, 1, T, T) bool, True = attend. Expanded over the query axis because onnxruntime's Attention kernel
+        # does not broadcast the mask's query dimension.
+        mask = attention_mask[:, None, None, :].bool().expand(B, 1, T, T)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        hidden_states, attentions = [x], []
+        for layer in self.layers:
+            x, probs = layer(x, mask, output_attentions)
+            hidden_states.append(x)
+            attentions.append(probs)
+        out = {"last_hidden_state": x}
+        if self.pooler is not None:
+            out["pooler_output"] = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the first token
+        if output_hidden_states:
+            out["hidden_states"] = tuple(hidden_states)
+        if output_attentions:
+            out["attentions"] = tuple(attentions)
+        return out
+
+
+class ClassificationHead(nn.Module):
+    """RoBERTa's head: dense + tanh over the first token, then the projection (BERT uses the pooler instead)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.dense(x[:, 0])))
+
+
+class BertForSequenceClassification(nn.Module):
+    """Logits (B, num_labels). What the scores mean (softmax, sigmoid, raw) follows ``config.problem_type``."""
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        roberta = config.model_type == "roberta"
+        self.bert = BertModel(config, add_pooler=not roberta, attn_impl=attn_impl)
+        self.classifier = ClassificationHead(config) if roberta else nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
+        if self.bert.pooler is None:  # RoBERTa: the head reads the first token itself
+            logits = self.classifier(out["last_hidden_state"])
+        else:
+            logits = self.classifier(out["pooler_output"])
+        result = {"logits": logits}
+        result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
+        return result
+
+
+TASK_MODELS = {
+    "feature-extraction": BertModel,
+    "text-classification": BertForSequenceClassification,
+}

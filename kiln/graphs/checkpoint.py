@@ -1,0 +1,90 @@
+"""Reading and writing Hugging Face checkpoints for the PyTorch references.
+
+``kiln.hub`` locates the files; this module reads the tensors (safetensors, or ``pytorch_model.bin`` through
+``torch.load(weights_only=True)`` only), checks every tensor against the model, and writes ``save_pretrained`` output
+that transformers loads back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kiln import hub
+from kiln.errors import CheckpointError
+
+log = logging.getLogger("kiln")
+
+
+def read_state_dict(files) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        path = Path(path)
+        if path.suffix == ".bin":
+            try:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # torch raises a zoo of pickle/zip errors; all mean the same here
+                raise CheckpointError(f"Could not read {path} with torch.load(weights_only=True): {err}. "
+                                      "Convert the checkpoint to safetensors or re-download it.") from err
+        else:
+            try:
+                part = load_file(path)
+            except (SafetensorError, OSError, ValueError) as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({err}). "
+                                      "The download may be truncated: re-download the checkpoint.") from err
+        state.update(part)
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: dict, hf_name) -> None:
+    """Copy a kiln-named state into ``model``, naming any missing tensor or shape mismatch (in HF names)."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    if missing:
+        shown = ", ".join(hf_name(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"The checkpoint lacks {len(missing)} weight(s) the model needs: {shown}. "
+                              "Check that the checkpoint matches config.json (model_type, layers, task).")
+    for name, param in expected.items():
+        value = state[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"Weight {hf_name(name)} has shape {tuple(value.shape)} in the checkpoint but "
+                                  f"config.json implies {tuple(param.shape)}. The config and weights do not match.")
+    model.load_state_dict({n: state[n].to(torch.float32) for n in expected}, strict=True)
+
+
+def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, architecture: str) -> Path:
+    """Write config.json + model.safetensors atomically; the result loads with transformers' from_pretrained."""
+    from safetensors.torch import save_file
+
+    # transformers writes into an existing directory, keeping other files (tokenizer): do the same, but each file
+    # through a temp name and a rename, so a crash never leaves a truncated config or weights file.
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = {**config, "architectures": [architecture]}
+    tmp_config, tmp_weights = directory / ".config.json.tmp", directory / ".model.safetensors.tmp"
+    tmp_config.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    save_file({k: v.detach().contiguous() for k, v in hf_state.items()}, tmp_weights, metadata={"format": "pt"})
+    os.replace(tmp_weights, directory / "model.safetensors")
+    os.replace(tmp_config, directory / "config.json")
+    return directory
+
+
+def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):
+    """Build the kiln reference for ``task`` from a local directory or hub id; returns the model in eval mode."""
+    from kiln.graphs import registry
+
+    checkpoint = hub.resolve(path_or_id, revision)
+    raw = hub.read_config(checkpoint.path)
+    registry.check_task(raw, task)
+    arch = registry.architecture(raw)
+    state = read_state_dict(checkpoint.weight_files)
+    model = arch.build(raw, task, state, attn_impl=attn_impl)
+    model.checkpoint = checkpoint
+    return model.eval()

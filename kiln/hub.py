@@ -1,0 +1,147 @@
+"""Model id or path -> local files: download, cache, revision and offline handling through huggingface_hub.
+
+Nothing here imports a framework. Weights are only *located* (and hashed) here; ``kiln.graphs.checkpoint`` reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import CheckpointError, ConfigError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+# What a snapshot download needs; never the other frameworks' weight files.
+_ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
+                   "preprocessor_config.json", "generation_config.json"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint resolved to a local directory."""
+
+    source: str  # what the user gave: a hub id or a path
+    path: Path
+    revision: str | None = None
+    weight_files: tuple[Path, ...] = field(default=())
+
+    @property
+    def weight_format(self) -> str:
+        return "pytorch" if self.weight_files and self.weight_files[0].suffix == ".bin" else "safetensors"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Checkpoint:
+    """Resolve a local directory or a hub id to a local directory holding ``config.json`` and weights."""
+    source = str(path_or_id)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return Checkpoint(source, local.resolve(), revision, find_weights(local))
+    if local.exists():
+        raise CheckpointError(f"{source} is a file; give the checkpoint directory that holds config.json and the weights.")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+        raise CheckpointError(f"No checkpoint directory at {source!r}. Check the path.")
+    return _download(source, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Checkpoint:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = _offline()
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW_PATTERNS, local_files_only=offline))
+    except LocalEntryNotFoundError as err:
+        where = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
+        raise CheckpointError(
+            f"{repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and {where}. "
+            f"Download it once with network access (huggingface-cli download {repo_id}), or pass a local directory."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise CheckpointError(f"{repo_id!r} has no revision {revision!r}. Check the branch, tag or commit.") from err
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(f"No model {repo_id!r} on the hub (or it is private: log in with `hf auth login`).") from err
+    except (HfHubHTTPError, OSError) as err:
+        raise CheckpointError(f"Could not download {repo_id!r}: {err}") from err
+    return Checkpoint(repo_id, path, revision, find_weights(path))
+
+
+def find_weights(directory: Path) -> tuple[Path, ...]:
+    """The weight files of a checkpoint directory, safetensors first; a sharded index lists its shards."""
+    directory = Path(directory)
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return (single,)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
+        shards = tuple(directory / name for name in sorted(set(weight_map.values())))
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}. Re-download the checkpoint.")
+        return shards
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        return (legacy,)
+    raise CheckpointError(
+        f"No weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}. "
+        "Save the model with save_pretrained() or point at the right directory."
+    )
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """Read ``config.json`` as a dict, with errors that name the file."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"No config.json in {directory}. A checkpoint directory needs config.json next to its weights.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}). Restore it from the original checkpoint.") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}.")
+    return config
+
+
+def sha256_files(paths, chunk: int = 1 << 20) -> str:
+    """One sha256 over the given files in order (name + content), so shards and renames both count."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, commit_message: str = "Upload with kiln",
+                token: str | None = None) -> str:
+    """Upload a checkpoint or artifact directory to the hub; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message)
+    return str(info)

@@ -1,0 +1,1 @@
+"""Hand-written compute kernels and their reference specifications."""

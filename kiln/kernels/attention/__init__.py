@@ -1,0 +1,1 @@
+"""Scaled-dot-product attention: the NumPy reference (spec) and its implementations."""

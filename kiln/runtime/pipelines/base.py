@@ -1,0 +1,72 @@
+"""Pipelines are preprocess -> forward -> postprocess; only ``forward`` touches the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kiln.artifact import load_manifest
+from kiln.errors import ArtifactError, InputError
+from kiln.runtime.engines import open_engine
+from kiln.runtime.tokenizer import Tokenizer
+
+
+class Pipeline:
+    task: str = ""
+
+    def __init__(self, artifact: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 batch_size: int = 8, engine=None):
+        self.path = Path(artifact)
+        self.manifest = load_manifest(self.path)
+        if self.manifest["task"] != self.task:
+            raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}, not {self.task!r}. "
+                                f"Use pipeline({self.manifest['task']!r}, ...) or re-export with --task {self.task}.")
+        self.config = _read_json(self.path / "config.json")
+        self.engine = engine or open_engine(self.path / self.manifest["model"], device=device, threads=threads)
+        self.input_names = [i.name for i in self.engine.inputs()]
+        self.tokenizer = Tokenizer.from_dir(self.path, max_length=self.manifest.get("max_sequence_length"))
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.batch_size = batch_size
+
+    def __call__(self, inputs, **kwargs):
+        single, items = self._items(inputs)
+        results = []
+        for start in range(0, len(items), self.batch_size):
+            model_inputs = self.preprocess(items[start:start + self.batch_size], **kwargs)
+            outputs = self.forward(model_inputs)
+            results.extend(self.postprocess(model_inputs, outputs, **kwargs))
+        return self._shape(single, results, **kwargs)
+
+    def _items(self, inputs) -> tuple[bool, list]:
+        if isinstance(inputs, str):
+            return True, [inputs]
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise InputError("The input list is empty; give at least one string.")
+            return False, list(inputs)
+        raise InputError(f"{self.task} takes a string or a list of strings, got {type(inputs).__name__}.")
+
+    def _shape(self, single: bool, results: list, **kwargs):
+        return results[0] if single else results
+
+    def forward(self, model_inputs) -> dict[str, np.ndarray]:
+        return self.engine.run(model_inputs.feed(self.input_names))
+
+    def preprocess(self, items, **kwargs):
+        raise NotImplementedError
+
+    def postprocess(self, model_inputs, outputs, **kwargs) -> list:
+        raise NotImplementedError
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing from the artifact. Re-export it.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}). Re-export the artifact.") from err
