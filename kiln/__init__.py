@@ -33,9 +33,13 @@ def export(model, output, task: str = "feature-extraction", **options):
 
 def pipeline(task: str, model, *, revision: str | None = None, device: str = "cpu", threads: int | None = None, **kwargs):
     """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache)."""
-    from kiln.artifact import is_artifact
+    from pathlib import Path
+
+    from kiln.artifact import MODEL_FILE, is_artifact, load_manifest
     from kiln.runtime.pipelines import pipeline as _pipeline
 
+    if (Path(model) / MODEL_FILE).is_file():
+        load_manifest(model)  # an artifact that lost its kiln.json: say so rather than treat it as a checkpoint
     if not is_artifact(model):
         from kiln.exporter.cache import cached_export
 

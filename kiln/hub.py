@@ -54,6 +54,7 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Check
     source = str(path_or_id)
     local = Path(source).expanduser()
     if local.is_dir():
+        read_config(local)  # config problems first: they say more than a missing weights file
         return Checkpoint(source, local.resolve(), revision, find_weights(local))
     if local.exists():
         raise CheckpointError(f"{source} is a file; give the checkpoint directory that holds config.json and the weights.")
@@ -64,11 +65,15 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Check
 
 def _download(repo_id: str, revision: str | None) -> Checkpoint:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     offline = _offline()
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW_PATTERNS, local_files_only=offline))
+    except HFValidationError as err:
+        raise CheckpointError(f"{repo_id!r} is neither a checkpoint directory nor a valid hub id ({err}). "
+                              "Check the path or the model id.") from err
     except LocalEntryNotFoundError as err:
         where = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
         raise CheckpointError(
@@ -81,6 +86,14 @@ def _download(repo_id: str, revision: str | None) -> Checkpoint:
         raise CheckpointError(f"No model {repo_id!r} on the hub (or it is private: log in with `hf auth login`).") from err
     except (HfHubHTTPError, OSError) as err:
         raise CheckpointError(f"Could not download {repo_id!r}: {err}") from err
+    read_config(path)
+    if not any((path / name).is_file() for name in WEIGHT_FILES[:2]):
+        # Only legacy pickled weights on the hub: fetch them too (read later with torch.load(weights_only=True)).
+        try:
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*_ALLOW_PATTERNS, "pytorch_model.bin"],
+                                          local_files_only=offline))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+            pass  # find_weights below names what is missing
     return Checkpoint(repo_id, path, revision, find_weights(path))
 
 
@@ -94,7 +107,11 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
+                    for name in weight_map.values()):
+                raise TypeError("'weight_map' must map tensor names to shard file names in the same directory")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
         shards = tuple(directory / name for name in sorted(set(weight_map.values())))
         missing = [s.name for s in shards if not s.is_file()]

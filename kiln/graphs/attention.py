@@ -35,10 +35,12 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
          causal: bool) -> tuple[torch.Tensor, None]:
     gqa = k.shape[1] != q.shape[1]
-    if causal and mask is not None:  # SDPA takes one or the other; fold causality into the mask
-        T, S = q.shape[2], k.shape[2]
-        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        causal = False
+    T, S = q.shape[2], k.shape[2]
+    # SDPA takes a mask or is_causal, not both; and its is_causal is top-left aligned, which differs from the
+    # bottom-right alignment here when T != S (a KV cache). Fold causality into the mask in either case.
+    if causal and (mask is not None or T != S):
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        mask, causal = (keep if mask is None else mask & keep), False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
     return out, None
 

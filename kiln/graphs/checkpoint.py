@@ -33,6 +33,9 @@ def read_state_dict(files) -> dict[str, torch.Tensor]:
             except Exception as err:  # torch raises a zoo of pickle/zip errors; all mean the same here
                 raise CheckpointError(f"Could not read {path} with torch.load(weights_only=True): {err}. "
                                       "Convert the checkpoint to safetensors or re-download it.") from err
+            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors), found "
+                                      f"{type(part).__name__}. Save the weights with model.save_pretrained().")
         else:
             try:
                 part = load_file(path)
@@ -74,6 +77,23 @@ def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, 
     os.replace(tmp_weights, directory / "model.safetensors")
     os.replace(tmp_config, directory / "config.json")
     return directory
+
+
+class SavePretrainedMixin:
+    """``model.save_pretrained(directory)`` for the kiln references (needs ``self.config`` and ``self.task``): writes
+    the Hugging Face names and class, so ``transformers.AutoModel*.from_pretrained(directory)`` loads it back."""
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        import dataclasses
+
+        from kiln.graphs import registry
+
+        config = self.config
+        raw = dict(config.raw) or {k: v for k, v in dataclasses.asdict(config).items() if k != "raw"}
+        raw.setdefault("model_type", config.model_type)
+        weights = registry.architecture(raw).weights
+        hf_state = weights.kiln_to_hf(self.state_dict(), config, self.task)
+        return save_pretrained(directory, raw, hf_state, weights.ARCHITECTURE_NAMES[(config.model_type, self.task)])
 
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):

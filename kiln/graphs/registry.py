@@ -23,7 +23,7 @@ def package_for(config: dict) -> str:
     if model_type is None:
         raise ConfigError("config.json has no 'model_type'; kiln needs it to pick the architecture "
                           f"(supported: {', '.join(sorted(ARCHITECTURES))}).")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ConfigError(f"model_type {model_type!r} is not supported by kiln yet. Supported model types: "
                           f"{', '.join(sorted(ARCHITECTURES))}.")
     return ARCHITECTURES[model_type]

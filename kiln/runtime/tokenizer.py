@@ -91,13 +91,13 @@ class Tokenizer:
 
     def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None) -> Batch:
         texts = check_texts(texts)
-        if pairs is not None:
-            pairs = check_texts(pairs, what="text_pair")
+        if pairs is not None:  # one text_pair (or None) per text
+            pairs = [None if p is None else check_texts(p, what="text_pair")[0] for p in pairs]
             if len(pairs) != len(texts):
                 raise InputError(f"Got {len(texts)} texts but {len(pairs)} text pairs; give one pair per text.")
         limit = min(max_length or self.max_length, self.max_length)
         tok = self._with_max_length(limit if truncation else self.max_length)
-        items = list(zip(texts, pairs)) if pairs is not None else texts
+        items = [t if p is None else (t, p) for t, p in zip(texts, pairs)] if pairs is not None else texts
         encodings = tok.encode_batch(items, add_special_tokens=True)
         truncated = [bool(e.overflowing) for e in encodings]
         if any(truncated):

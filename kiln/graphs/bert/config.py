@@ -54,8 +54,11 @@ class BertConfig:
                 values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}
             except (AttributeError, TypeError, ValueError) as err:
                 raise ConfigError(f"config.json 'id2label' must map label ids to names, e.g. {{\"0\": \"NEG\"}}: {err}") from err
-        elif "num_labels" in raw:
-            values["id2label"] = {i: f"LABEL_{i}" for i in range(int(raw["num_labels"]))}
+        elif raw.get("num_labels") is not None:
+            num_labels = raw["num_labels"]
+            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 24:
+                raise ConfigError(f"config.json 'num_labels' must be a positive integer, got {num_labels!r}.")
+            values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         config = cls(**values, raw=dict(raw))
         config.validate()
         return config

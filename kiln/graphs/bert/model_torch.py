@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from kiln.graphs.attention import attention
 from kiln.graphs.bert.config import BertConfig
+from kiln.graphs.checkpoint import SavePretrainedMixin
 
 ACT = {
     "gelu": lambda x: F.gelu(x),
@@ -97,9 +98,11 @@ class Layer(nn.Module):
         return x, probs
 
 
-class BertModel(nn.Module):
+class BertModel(SavePretrainedMixin, nn.Module):
     """The encoder. Returns a dict with ``last_hidden_state``, ``pooler_output`` (when the checkpoint has a pooler),
     and optionally ``hidden_states`` (embeddings + each layer) and ``attentions`` (each layer's probabilities)."""
+
+    task = "feature-extraction"
 
     def __init__(self, config: BertConfig, add_pooler: bool = True, attn_impl: str = "sdpa"):
         super().__init__()
@@ -144,8 +147,10 @@ class ClassificationHead(nn.Module):
         return self.out(torch.tanh(self.dense(x[:, 0])))
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(SavePretrainedMixin, nn.Module):
     """Logits (B, num_labels). What the scores mean (softmax, sigmoid, raw) follows ``config.problem_type``."""
+
+    task = "text-classification"
 
     def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
         super().__init__()

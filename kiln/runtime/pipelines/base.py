@@ -11,7 +11,7 @@ import numpy as np
 from kiln.artifact import load_manifest
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.engines import open_engine
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.runtime.tokenizer import Tokenizer, check_texts
 
 
 class Pipeline:
@@ -39,18 +39,14 @@ class Pipeline:
             model_inputs = self.preprocess(items[start:start + self.batch_size], **kwargs)
             outputs = self.forward(model_inputs)
             results.extend(self.postprocess(model_inputs, outputs, **kwargs))
-        return self._shape(single, results, **kwargs)
+        return self._shape(inputs, single, results, **kwargs)
 
     def _items(self, inputs) -> tuple[bool, list]:
-        if isinstance(inputs, str):
-            return True, [inputs]
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise InputError("The input list is empty; give at least one string.")
-            return False, list(inputs)
-        raise InputError(f"{self.task} takes a string or a list of strings, got {type(inputs).__name__}.")
+        if isinstance(inputs, (list, tuple)) and inputs:
+            return False, list(inputs)  # items are checked by preprocess (texts, or dicts for pairs)
+        return True, check_texts(inputs)  # a str, or the clearest error for bytes, None, [] ...
 
-    def _shape(self, single: bool, results: list, **kwargs):
+    def _shape(self, inputs, single: bool, results: list, **kwargs):
         return results[0] if single else results
 
     def forward(self, model_inputs) -> dict[str, np.ndarray]:

@@ -54,11 +54,7 @@ class TextClassificationPipeline(Pipeline):
             else:
                 texts.append(item)
                 pairs.append(None)
-        if any(p is not None for p in pairs):
-            if any(p is None for p in pairs):
-                raise InputError("Mix of single texts and text pairs in one call; send them in separate calls.")
-            return self.tokenizer(texts, pairs, truncation=truncation)
-        return self.tokenizer(texts, truncation=truncation)
+        return self.tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=truncation)
 
     def postprocess(self, model_inputs, outputs, top_k=_LEGACY, function_to_apply=None, **kwargs):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
@@ -79,8 +75,8 @@ class TextClassificationPipeline(Pipeline):
             results.append(ranked if top_k is None else ranked[:top_k])
         return results
 
-    def _shape(self, single, results, top_k=_LEGACY, **kwargs):
-        # transformers: a single string without top_k still comes back as a one-item list.
+    def _shape(self, inputs, single, results, top_k=_LEGACY, **kwargs):
+        # transformers: a single *string* without top_k still comes back as a one-item list (a dict pair does not).
         if single:
-            return [results[0]] if top_k is _LEGACY else results[0]
+            return [results[0]] if top_k is _LEGACY and isinstance(inputs, str) else results[0]
         return results

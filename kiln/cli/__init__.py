@@ -1,0 +1,1 @@
+"""The kiln CLI (``kiln export | run | inspect``)."""

@@ -1,0 +1,46 @@
+"""``kiln`` command line: each command is a few lines over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kiln import __version__
+from kiln.cli import export as export_cmd
+from kiln.cli import inspect as inspect_cmd
+from kiln.cli import run as run_cmd
+from kiln.errors import KilnError, ValidationError
+
+COMMANDS = {"export": export_cmd, "run": run_cmd, "inspect": inspect_cmd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln", description="Export transformer checkpoints to validated ONNX "
+                                     "artifacts and run them with a light runtime.")
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except ValidationError as err:
+        print(f"kiln {args.command}: {err}", file=sys.stderr)
+        return 2
+    except KilnError as err:
+        if args.verbose:
+            raise
+        print(f"kiln {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

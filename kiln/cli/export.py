@@ -1,0 +1,29 @@
+"""kiln export MODEL OUT --task T: checkpoint -> validated ONNX artifact."""
+
+from __future__ import annotations
+
+TASKS = ("feature-extraction", "text-classification")
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="export a checkpoint (directory or hub id) to an artifact directory")
+    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("output", help="artifact directory to write (replaced atomically)")
+    p.add_argument("--task", default="feature-extraction", choices=TASKS)
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default 23)")
+    p.add_argument("--batch", metavar="MIN:MAX", help="dynamic batch range (default 1:64)")
+    p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
+    p.add_argument("--keep-failed", action="store_true", help="on validation failure keep the artifact at OUT.failed")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import kiln
+
+    manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
+                           revision=args.revision, keep_failed=args.keep_failed)
+    worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
+    print(f"{args.output}: {manifest['model_type']} {manifest['task']}, {manifest['attention']['nodes']} fused Attention "
+          f"nodes, validated (max abs diff {worst:.2g})")
+    return 0

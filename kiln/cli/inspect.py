@@ -1,0 +1,43 @@
+"""kiln inspect OUT: what an artifact holds (inputs, outputs, ops, fused attention, validation)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="summarise an artifact")
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print kiln.json as is")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from kiln.artifact import load_manifest
+
+    m = load_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    src = m.get("source", {})
+    val = m.get("validation", {})
+    lines = [
+        f"artifact   {args.artifact}  (format {m['format_version']}, kiln {m.get('kiln_version')})",
+        f"source     {src.get('id')}  revision={src.get('revision') or '-'}  weights sha256={str(src.get('weights_sha256'))[:16]}...",
+        f"model      {m.get('model_type')} ({m.get('architecture')}), task {m['task']}, framework {m.get('framework')}",
+        f"graph      {m['model']}, opset {m.get('opset')}, precision {m.get('precision')}",
+        f"attention  {m.get('attention', {}).get('nodes')} fused nodes ({m.get('attention', {}).get('lowering')})",
+        "inputs",
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["inputs"]),
+        "outputs",
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["outputs"]),
+        "dynamic axes  " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in m.get("dynamic_axes", {}).items()),
+        "ops        " + ", ".join(f"{k} {v}" for k, v in sorted(m.get("op_counts", {}).items(), key=lambda kv: -kv[1])),
+        f"validation {'passed' if val.get('passed') else 'FAILED'} on shapes {val.get('shapes')}",
+        *(f"  {name:<18} max abs {e['max_abs']:.3g} (atol {e['atol']:.0e}), max rel {e['max_rel']:.3g}"
+          for name, e in val.get("outputs", {}).items()),
+        *(f"  {k}: {v}" for k, v in val.get("task", {}).items()),
+        f"engines    {len(m.get('engines', []))} TensorRT engine(s)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,60 @@
+"""kiln run OUT TEXT... | --input FILE.jsonl: run an artifact's pipeline, one JSON line per input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from kiln.errors import InputError
+
+
+def add_parser(sub):
+    p = sub.add_parser("run", help="run an artifact on texts; prints one JSON line per input")
+    p.add_argument("artifact", help="artifact directory (or a checkpoint, exported once into the cache)")
+    p.add_argument("texts", nargs="*", help="input texts")
+    p.add_argument("--input", metavar="FILE.jsonl", help='one JSON string or {"text": ..., "text_pair": ...} per line; - for stdin')
+    p.add_argument("--task", help="task (default: the artifact's)")
+    p.add_argument("--pooling", choices=("mean", "cls"), help="feature-extraction: pool token vectors")
+    p.add_argument("--normalize", action="store_true", help="feature-extraction: unit-length pooled vectors")
+    p.add_argument("--top-k", type=int, help="text-classification: the k best labels")
+    p.add_argument("--all-labels", action="store_true", help="text-classification: every label (top_k=None)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.set_defaults(func=run)
+
+
+def read_inputs(args) -> list:
+    items = list(args.texts)
+    if args.input:
+        stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+        with stream:
+            for n, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{args.input} line {n} is not JSON ({err.msg}); write one JSON string or object a line.") from None
+    if not items:
+        raise InputError("No input: give texts as arguments or --input FILE.jsonl.")
+    return items
+
+
+def run(args) -> int:
+    import kiln
+    from kiln.artifact import is_artifact, load_manifest
+
+    task = args.task or (load_manifest(args.artifact)["task"] if is_artifact(args.artifact) else "feature-extraction")
+    pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads)
+    items = read_inputs(args)
+    kwargs = {}
+    if task == "feature-extraction":
+        kwargs = {"pooling": args.pooling, "normalize": args.normalize}
+    elif task == "text-classification":
+        if args.all_labels:
+            kwargs["top_k"] = None
+        elif args.top_k:
+            kwargs["top_k"] = args.top_k
+    for item, result in zip(items, pipe(items, **kwargs)):
+        print(json.dumps({"input": item, "output": result}, ensure_ascii=False))
+    return 0

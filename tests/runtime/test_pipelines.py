@@ -1,0 +1,157 @@
+"""kiln pipelines vs transformers.pipeline on the same weights: same structure, values within 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.errors import ArtifactError, InputError
+
+TEXTS = ["Hello, world! I love Paris.", "the movie was terrible", "a", "paris is the capital city of france and the river runs through it"]
+PAIRS = [{"text": "is paris in france", "text_pair": "paris is the capital city of france"},
+         {"text": "hello", "text_pair": "world"}]
+
+
+def hf_pipeline(task, path):
+    import transformers
+
+    return transformers.pipeline(task, model=str(path), tokenizer=str(path), device="cpu")
+
+
+def assert_same(a, b, atol=1e-4):
+    """Equal nested structure (lists, dicts, keys in order) with floats within atol."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b)
+        for k in b:
+            assert_same(a[k], b[k], atol)
+    elif isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y, atol)
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, abs=atol)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_feature_extraction_matches_transformers(model_type, checkpoints, artifacts):
+    path, _ = checkpoints(model_type, "feature-extraction")
+    ours = kiln.pipeline("feature-extraction", artifacts(model_type, "feature-extraction"))
+    theirs = hf_pipeline("feature-extraction", path)
+    assert_same(ours(TEXTS[0]), theirs(TEXTS[0]))
+    assert_same(ours(TEXTS), theirs(TEXTS))  # batched with padding inside kiln; transformers runs one by one
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_pooled_embeddings(model_type, checkpoints, artifacts):
+    import torch
+    from transformers import AutoTokenizer
+
+    path, model = checkpoints(model_type, "feature-extraction")
+    pipe = kiln.pipeline("feature-extraction", artifacts(model_type, "feature-extraction"))
+    got_mean = np.array(pipe(TEXTS, pooling="mean", normalize=True))
+    got_cls = np.array(pipe(TEXTS, pooling="cls"))
+    enc = AutoTokenizer.from_pretrained(path)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    mean = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).numpy()
+    np.testing.assert_allclose(got_mean, mean, atol=1e-5)
+    np.testing.assert_allclose(got_cls, hidden[:, 0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got_mean, axis=-1), 1.0, atol=1e-6)
+    arrays = pipe(TEXTS, pooling="mean", return_tensors=True)
+    assert isinstance(arrays[0], np.ndarray) and arrays[0].shape == (32,)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 1}, {"top_k": 2}, {"top_k": None}, {"function_to_apply": "sigmoid"},
+                                    {"function_to_apply": "none", "top_k": None}])
+def test_text_classification_matches_transformers(model_type, kwargs, checkpoints, artifacts):
+    path, _ = checkpoints(model_type, "text-classification")
+    ours = kiln.pipeline("text-classification", artifacts(model_type, "text-classification"))
+    theirs = hf_pipeline("text-classification", path)
+    assert_same(ours(TEXTS[1], **kwargs), theirs(TEXTS[1], **kwargs))
+    assert_same(ours(TEXTS, **kwargs), theirs(TEXTS, **kwargs))
+    assert_same(ours(PAIRS, **kwargs), theirs(PAIRS, **kwargs))
+    assert_same(ours(PAIRS[0], **kwargs), theirs(PAIRS[0], **kwargs))
+
+
+@pytest.mark.parametrize("problem_type, extra", [("multi_label_classification", {}), ("regression", {"num_labels": 1})])
+def test_problem_types_choose_the_score_function(problem_type, extra, tmp_path):
+    from conftest import make_checkpoint
+
+    if extra:
+        extra = {"id2label": {0: "SCORE"}, "label2id": {"SCORE": 0}}
+    path, _ = make_checkpoint(tmp_path / "ckpt", "bert", "text-classification", problem_type=problem_type, **extra)
+    kiln.export(str(path), tmp_path / "art", task="text-classification", batch="1:4", seq="1:32")
+    ours = kiln.pipeline("text-classification", tmp_path / "art")
+    theirs = hf_pipeline("text-classification", path)
+    for kwargs in ({}, {"top_k": None}):
+        assert_same(ours(TEXTS[:2], **kwargs), theirs(TEXTS[:2], **kwargs))
+    if problem_type == "multi_label_classification":
+        scores = [d["score"] for d in ours(TEXTS[0], top_k=None)]
+        assert abs(sum(scores) - 1) > 1e-3  # sigmoid, not softmax
+
+
+def test_truncates_long_input_with_a_warning(artifacts, caplog):
+    pipe = kiln.pipeline("feature-extraction", artifacts("bert", "feature-extraction"))
+    long_text = " ".join(["paris"] * 500)
+    with caplog.at_level("WARNING", logger="kiln"):
+        out = pipe(long_text)
+    assert np.array(out).shape == (1, 64, 32)  # the tiny model's maximum
+    assert "Truncated 1 input" in caplog.text
+    with pytest.raises(InputError, match="longer than the model's maximum"):
+        pipe(long_text, truncation=False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    (None, "string or a list of strings"),
+    (42, "string or a list of strings"),
+    (["ok", 3], "item 1 is int"),
+    (b"bytes", "decode it"),
+])
+def test_bad_inputs_give_clear_errors(bad, message, artifacts):
+    pipe = kiln.pipeline("text-classification", artifacts("bert", "text-classification"))
+    with pytest.raises(InputError, match=message):
+        pipe(bad)
+
+
+def test_bad_options(artifacts):
+    fe = kiln.pipeline("feature-extraction", artifacts("bert", "feature-extraction"))
+    with pytest.raises(InputError, match="pooling"):
+        fe("x", pooling="max")
+    with pytest.raises(InputError, match="needs a pooling"):
+        fe("x", normalize=True)
+    tc = kiln.pipeline("text-classification", artifacts("bert", "text-classification"))
+    with pytest.raises(InputError, match="function_to_apply"):
+        tc("x", function_to_apply="relu")
+    with pytest.raises(InputError, match="top_k"):
+        tc("x", top_k=0)
+    with pytest.raises(InputError, match="Unknown task"):
+        kiln.pipeline("summarization", artifacts("bert", "feature-extraction"))
+
+
+def test_empty_string_is_a_valid_input(checkpoints, artifacts):
+    path, _ = checkpoints("bert", "text-classification")
+    ours = kiln.pipeline("text-classification", artifacts("bert", "text-classification"))
+    assert_same(ours(""), hf_pipeline("text-classification", path)(""))
+
+
+def test_task_mismatch_names_the_artifact_task(artifacts):
+    with pytest.raises(ArtifactError, match="exported for 'feature-extraction'"):
+        kiln.pipeline("text-classification", artifacts("bert", "feature-extraction"))
+
+
+def test_pipeline_from_a_plain_checkpoint_exports_once_into_the_cache(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    path, _ = checkpoints("bert", "text-classification")
+    first = kiln.pipeline("text-classification", str(path))
+    cached = list((tmp_path / "cache" / "artifacts").iterdir())
+    assert [p for p in cached if p.is_dir()] == [first.path]
+    mtime = (first.path / "kiln.json").stat().st_mtime_ns
+    second = kiln.pipeline("text-classification", str(path))
+    assert second.path == first.path and (first.path / "kiln.json").stat().st_mtime_ns == mtime
+    assert_same(second(TEXTS), hf_pipeline("text-classification", path)(TEXTS))
