@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 
 from kiln.errors import KilnError  # noqa: E402
 
+TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
+         "image-classification")
+
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):
     """The PyTorch reference model for ``task`` (needs ``kiln[torch]``)."""
@@ -47,4 +50,4 @@ def pipeline(task: str, model, *, revision: str | None = None, device: str = "cp
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 
-__all__ = ["KilnError", "export", "from_pretrained", "pipeline", "__version__"]
+__all__ = ["KilnError", "TASKS", "export", "from_pretrained", "pipeline", "__version__"]

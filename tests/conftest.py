@@ -45,32 +45,41 @@ def roberta_tokenizer():
     return RobertaTokenizerFast(vocab=model["vocab"], merges=merges, model_max_length=64)
 
 
+LABELS = {
+    "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+    "question-answering": ["LABEL_0", "LABEL_1"],
+}
+AUTO_CLASSES = {"feature-extraction": "AutoModel", "text-classification": "AutoModelForSequenceClassification",
+                "token-classification": "AutoModelForTokenClassification",
+                "question-answering": "AutoModelForQuestionAnswering", "fill-mask": "AutoModelForMaskedLM"}
+
+
 def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extraction", seed: int = 0, **config_overrides):
-    """Save a tiny random transformers model + its fast tokenizer into ``path``; returns (path, transformers model)."""
+    """Save a tiny random transformers model + its fast tokenizer into ``path``; returns (path, transformers model).
+
+    model_type: bert, roberta, xlm-roberta (with a byte-level BPE tokenizer: enough to test the model), distilbert."""
     import torch
     import transformers
 
-    tokenizer = bert_tokenizer() if model_type == "bert" else roberta_tokenizer()
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=37, max_position_embeddings=66 if model_type == "roberta" else 64,
-                  id2label={0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"}, label2id={"NEGATIVE": 0, "NEUTRAL": 1, "POSITIVE": 2})
-    if model_type == "roberta":
+    roberta_like = model_type in ("roberta", "xlm-roberta")
+    tokenizer = roberta_tokenizer() if roberta_like else bert_tokenizer()
+    labels = LABELS.get(task, ["NEGATIVE", "NEUTRAL", "POSITIVE"])
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=66 if roberta_like else 64,
+                  id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    if model_type == "distilbert":
+        common.update(dim=32, n_layers=2, n_heads=4, hidden_dim=37, pad_token_id=tokenizer.pad_token_id)
+    else:
+        common.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    if roberta_like:
         common.update(type_vocab_size=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2)
     common.update(config_overrides)
-    config_cls = transformers.BertConfig if model_type == "bert" else transformers.RobertaConfig
-    config = config_cls(**common)
-    model_cls = {
-        ("bert", "feature-extraction"): transformers.BertModel,
-        ("bert", "text-classification"): transformers.BertForSequenceClassification,
-        ("roberta", "feature-extraction"): transformers.RobertaModel,
-        ("roberta", "text-classification"): transformers.RobertaForSequenceClassification,
-    }[(model_type, task)]
+    config = transformers.AutoConfig.for_model(model_type, **common)
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
     # Random init leaves LayerNorm at identity and biases at 0; perturb them so the test exercises every weight.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.endswith("bias"):
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)

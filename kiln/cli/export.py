@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-TASKS = ("feature-extraction", "text-classification")
+from kiln import TASKS
 
 
 def add_parser(sub):
@@ -15,6 +15,8 @@ def add_parser(sub):
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     p.add_argument("--keep-failed", action="store_true", help="on validation failure keep the artifact at OUT.failed")
+    p.add_argument("--output-hidden-states", action="store_true", help="add hidden_states.{i} graph outputs")
+    p.add_argument("--output-attentions", action="store_true", help="add attentions.{i} graph outputs (probabilities)")
     p.set_defaults(func=run)
 
 
@@ -22,7 +24,8 @@ def run(args) -> int:
     import kiln
 
     manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
-                           revision=args.revision, keep_failed=args.keep_failed)
+                           revision=args.revision, keep_failed=args.keep_failed,
+                           output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions)
     worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
     print(f"{args.output}: {manifest['model_type']} {manifest['task']}, {manifest['attention']['nodes']} fused Attention "
           f"nodes, validated (max abs diff {worst:.2g})")

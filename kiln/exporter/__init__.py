@@ -35,7 +35,8 @@ class _Steps:
 
 
 def export(model, output, task: str = "feature-extraction", *, opset: int = DEFAULT_OPSET, batch: str | None = None,
-           seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True) -> dict:
+           seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True,
+           output_hidden_states: bool = False, output_attentions: bool = False) -> dict:
     """Export ``model`` (directory or hub id) for ``task`` into the artifact directory ``output``; returns kiln.json.
 
     Raises ValidationError (with the numbers) if the graph disagrees with the reference; then nothing is written
@@ -43,7 +44,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     """
     import onnx
 
-    from kiln.exporter.specs import AxisRange, bert_spec
+    from kiln.exporter.specs import AxisRange, spec_for
     from kiln.exporter.trace_torch import trace
     from kiln.exporter.validate import describe_failure, validate
     from kiln.graphs import registry
@@ -61,9 +62,9 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     steps(f"Loading the PyTorch reference ({raw['model_type']}, {task})")
     reference = arch.build(raw, task, read_state_dict(checkpoint.weight_files)).eval()
     try:
-        spec = bert_spec(reference.config, task, has_pooler=getattr(reference, "pooler", None) is not None,
-                         batch=AxisRange.parse(batch, AxisRange(1, 64), "batch"),
-                         seq=AxisRange.parse(seq, AxisRange(1, reference.config.max_sequence_length), "seq"))
+        ranges = {"batch": AxisRange.parse(batch, None, "batch"), "seq": AxisRange.parse(seq, None, "seq")}
+        spec = spec_for(registry.package_for(raw), reference, task, **ranges, hidden_states=output_hidden_states,
+                        attentions=output_attentions)
     except ValueError as err:
         raise InputError(str(err)) from None
 
@@ -77,7 +78,8 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
             raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
                               "The attention was not captured as one op; check the opset and torch version.")
 
-        steps(f"Validating against the reference on shapes {', '.join(f'{b}x{t}' for b, t in _shapes(spec))}")
+        steps("Validating against the reference on shapes "
+              + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
         report = validate(reference, spec, onnx_path)
 
         steps("Writing the artifact")
@@ -94,19 +96,13 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     return manifest
 
 
-def _shapes(spec):
-    from kiln.exporter.validate import validation_shapes
-
-    return validation_shapes(spec)
-
-
 def _copy_tokenizer(source: Path, target: Path) -> list[str]:
     copied = []
-    for name in hub.TOKENIZER_FILES:
+    for name in (*hub.TOKENIZER_FILES, *hub.PROCESSOR_FILES):
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
             copied.append(name)
-    if "tokenizer.json" not in copied:
+    if "tokenizer.json" not in copied and "preprocessor_config.json" not in copied:
         log.warning("The checkpoint has no tokenizer.json: the artifact can run raw feeds but not text pipelines. "
                     "Save the fast tokenizer (AutoTokenizer(...).save_pretrained) into the checkpoint and re-export.")
     return copied
@@ -132,9 +128,9 @@ def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, toke
         "inputs": [t.to_json() for t in spec.inputs],
         "outputs": [t.to_json() for t in spec.outputs],
         "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in spec.axes.items()},
-        "max_sequence_length": spec.axes["sequence"].max,
+        "max_sequence_length": spec.axes["sequence"].max if "sequence" in spec.axes else None,
         "op_counts": dict(sorted(ops.items())),
-        "tokenizer_files": tokenizer_files,
+        "preprocessing_files": tokenizer_files,
         "validation": report,
         "engines": [],
         "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,

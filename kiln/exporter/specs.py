@@ -1,8 +1,9 @@
-"""What each architecture x task exports: inputs, outputs with named dynamic axes, dummy inputs and tolerances."""
+"""What each architecture x task exports: inputs, outputs with named dynamic axes, example feeds and tolerances."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -34,48 +35,88 @@ class AxisRange:
             raise ValueError(f"--{name} {text}: need 1 <= MIN <= MAX.")
         return cls(lo, hi)
 
+    def clamp(self, value: int) -> int:
+        return min(max(value, self.min), self.max)
+
+
+# (batch, sequence) pairs the exporter validates on: one row, odd lengths, padded batches, a single token.
+VALIDATION_SIZES = ({"batch": 1, "sequence": 7}, {"batch": 2, "sequence": 16}, {"batch": 3, "sequence": 33},
+                    {"batch": 1, "sequence": 1})
+
 
 @dataclass(frozen=True)
 class ExportSpec:
     task: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    axes: dict = field(default_factory=dict)  # axis name -> AxisRange
+    axes: dict  # axis name -> AxisRange
+    make_feed: Callable  # (sizes: dict axis -> int, rng) -> {input name: array}
     atol: float = 1e-4  # per-output max abs difference allowed, fp32
-    vocab_size: int = 2
-    pad_token_id: int = 0
+    extra: dict = field(default_factory=dict)  # task facts the validator needs (e.g. mask_token_id)
 
-    def dummy_inputs(self, batch: int, seq: int, rng: np.random.Generator, pad_rows: bool = True) -> dict:
-        """Random token ids with some rows right-padded, as a tokenizer would produce them."""
+    def example_sizes(self) -> dict[str, int]:
+        """A shape to trace at: inside the ranges and not 0/1 where possible (torch.export specialises on those)."""
+        preferred = {"batch": 2, "sequence": 8}
+        return {name: r.clamp(preferred.get(name, 2)) for name, r in self.axes.items()}
+
+    def validation_sizes(self) -> list[dict[str, int]]:
+        sizes = [{k: self.axes[k].clamp(v) for k, v in s.items() if k in self.axes} for s in VALIDATION_SIZES]
+        return [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in sizes)]
+
+
+def text_feed(vocab_size: int, pad_token_id: int, names: list[str]):
+    """Random token ids with every other row right-padded, as a tokenizer would produce them."""
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        batch, seq = sizes["batch"], sizes["sequence"]
         lengths = np.full(batch, seq)
-        if pad_rows and batch > 1:
+        if batch > 1:
             lengths[1::2] = rng.integers(1, seq + 1, size=len(lengths[1::2]))
-        ids = rng.integers(0, self.vocab_size, size=(batch, seq))
-        ids[ids == self.pad_token_id] = (self.pad_token_id + 1) % self.vocab_size
+        ids = rng.integers(0, vocab_size, size=(batch, seq))
+        ids[ids == pad_token_id] = (pad_token_id + 1) % vocab_size
         mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-        ids = np.where(mask == 1, ids, self.pad_token_id).astype(np.int64)
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if any(t.name == "token_type_ids" for t in self.inputs):
-            feed["token_type_ids"] = np.zeros_like(ids)
-        return feed
+        feed = {"input_ids": np.where(mask == 1, ids, pad_token_id).astype(np.int64), "attention_mask": mask,
+                "token_type_ids": np.zeros((batch, seq), dtype=np.int64)}
+        return {name: feed[name] for name in names}
+
+    return make
 
 
-def bert_spec(config, task: str, has_pooler: bool, batch: AxisRange | None = None, seq: AxisRange | None = None) -> ExportSpec:
+def bert_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+              hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    config = model.config
     B, T = "batch", "sequence"
     inputs = [TensorSpec("input_ids", "int64", (B, T)), TensorSpec("attention_mask", "int64", (B, T))]
     if config.type_vocab_size > 1:  # RoBERTa has one token type, and its tokenizer returns no token_type_ids
         inputs.append(TensorSpec("token_type_ids", "int64", (B, T)))
-    if task == "feature-extraction":
-        outputs = [TensorSpec("last_hidden_state", "float32", (B, T, config.hidden_size))]
-        if has_pooler:
-            outputs.append(TensorSpec("pooler_output", "float32", (B, config.hidden_size)))
-    elif task == "text-classification":
-        outputs = [TensorSpec("logits", "float32", (B, config.num_labels))]
-    else:  # registry.check_task guards this; keep the message in case a caller skips it
-        raise ValueError(f"no export spec for task {task!r}")
+    C = config.hidden_size
+    outputs = {
+        "feature-extraction": [TensorSpec("last_hidden_state", "float32", (B, T, C))]
+        + ([TensorSpec("pooler_output", "float32", (B, C))] if getattr(model, "pooler", None) is not None else []),
+        "text-classification": [TensorSpec("logits", "float32", (B, config.num_labels))],
+        "token-classification": [TensorSpec("logits", "float32", (B, T, config.num_labels))],
+        "question-answering": [TensorSpec("start_logits", "float32", (B, T)), TensorSpec("end_logits", "float32", (B, T))],
+        "fill-mask": [TensorSpec("logits", "float32", (B, T, config.vocab_size))],
+    }[task]
+    outputs += optional_outputs(config.num_hidden_layers, config.num_attention_heads, C, hidden_states, attentions)
     axes = {B: batch or AxisRange(1, 64), T: seq or AxisRange(1, config.max_sequence_length)}
     if axes[T].max > config.max_sequence_length:
         raise ValueError(f"--seq max {axes[T].max} exceeds the model's maximum sequence length "
                          f"{config.max_sequence_length} (max_position_embeddings).")
-    return ExportSpec(task, tuple(inputs), tuple(outputs), axes, vocab_size=config.vocab_size,
-                      pad_token_id=config.pad_token_id)
+    return ExportSpec(task, tuple(inputs), tuple(outputs), axes,
+                      text_feed(config.vocab_size, config.pad_token_id, [t.name for t in inputs]))
+
+
+def optional_outputs(layers: int, heads: int, hidden: int, hidden_states: bool, attentions: bool,
+                     T: str = "sequence") -> list[TensorSpec]:
+    """transformers' hidden_states (embeddings + each layer) and attentions (each layer's probabilities)."""
+    out = [TensorSpec(f"hidden_states.{i}", "float32", ("batch", T, hidden)) for i in range(layers + 1)] if hidden_states else []
+    out += [TensorSpec(f"attentions.{i}", "float32", ("batch", heads, T, T)) for i in range(layers)] if attentions else []
+    return out
+
+
+SPECS = {"bert": bert_spec}
+
+
+def spec_for(package: str, model, task: str, **options) -> ExportSpec:
+    return SPECS[package](model, task, **options)

@@ -20,30 +20,39 @@ from kiln.errors import ExportError
 from kiln.exporter.specs import ExportSpec
 
 log = logging.getLogger("kiln")
-MIN_OPSET = 23
+from kiln.kernels.attention.onnx import MIN_OPSET  # noqa: E402
 # Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 class _Flat(torch.nn.Module):
-    """Positional inputs in spec order -> a tuple of outputs in spec order (what torch.onnx wants)."""
+    """Positional inputs in spec order -> a tuple of outputs in spec order (what torch.onnx wants). Output names
+    like ``hidden_states.3`` index into the tuples transformers-style models return."""
 
     def __init__(self, model: torch.nn.Module, spec: ExportSpec):
         super().__init__()
         self.model, self.input_names, self.output_names = model, [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+        self.flags = {f"output_{kind}": True for kind in ("hidden_states", "attentions")
+                      if any(n.startswith(kind + ".") for n in self.output_names)}
 
     def forward(self, *args):
-        out = self.model(**dict(zip(self.input_names, args)))
-        return tuple(out[name] for name in self.output_names)
+        out = self.model(**dict(zip(self.input_names, args)), **self.flags)
+        return tuple(pick(out, name) for name in self.output_names)
+
+
+def pick(outputs: dict, name: str):
+    """``outputs["hidden_states"][3]`` for the name ``hidden_states.3``; plain names index the dict."""
+    key, _, index = name.partition(".")
+    return outputs[key][int(index)] if index else outputs[name]
 
 
 def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN_OPSET) -> Path:
     """Write ``path`` (model.onnx) and return it."""
+    from kiln.kernels.attention.onnx import translation_table
+
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old: kiln needs opset >= {MIN_OPSET} for the fused ONNX Attention op.")
-    # Trace at a shape inside the ranges that is not 0/1 (torch.export specialises on those).
-    batch, seq = (min(max(r.min, 2), r.max) for r in (spec.axes["batch"], spec.axes["sequence"]))
-    example = spec.dummy_inputs(batch, max(seq, min(8, spec.axes["sequence"].max)), np.random.default_rng(0))
+    example = spec.make_feed(spec.example_sizes(), np.random.default_rng(0))
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.axes.items()}
     dynamic_shapes = tuple({i: dims[a] for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs)
@@ -55,11 +64,11 @@ def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=(dynamic_shapes,),  # one entry: *args
                 input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-                optimize=True, verbose=False, report=False,
+                custom_translation_table=translation_table(opset), optimize=True, verbose=False, report=False,
             )
     except Exception as err:  # torch.export raises many types; the user needs the gist and the log
-        detail = _summary(err)
-        raise ExportError(f"torch.onnx could not trace the model: {detail}. Run with --verbose for the full log.") from err
+        log.debug("torch.onnx.export failed", exc_info=True)
+        raise ExportError(f"torch.onnx could not trace the model: {_summary(err)}. Run with --verbose for the full log.") from err
     _name_axes(program.model, spec)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)

@@ -45,6 +45,22 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out, None
 
 
+@torch.library.custom_op("kiln::attention_probs", mutates_args=())
+def attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns its probabilities, as ONE op: torch.onnx maps it (through
+    ``kiln.kernels.attention.onnx``) to a single ONNX ``Attention`` node whose ``qk_matmul_output`` (mode 3) carries
+    the probabilities. Eagerly it is the ``eager`` math. mask: bool (B, 1|H, T, S), True = attend."""
+    out, probs = eager(q, k, v, mask, scale, causal=False)
+    return out.contiguous(), probs.contiguous()
+
+
+@attention_probs.register_fake
+def _(q, k, v, mask, scale):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, k.shape[2])
+
+
 ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}
 
 
@@ -52,6 +68,9 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, impl: str = "sdpa
     """Returns ``(out, probs)``; ``probs`` is None unless ``return_probs`` (which always uses the eager math)."""
     if impl not in ATTENTION_FUNCTIONS:
         raise ValueError(f"Unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_FUNCTIONS)}.")
+    if return_probs and mask is not None and not causal and k.shape[1] == q.shape[1]:
+        # One op with two outputs, so an exported graph keeps one fused Attention node per layer.
+        return attention_probs(q, k, v, mask, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     fn = eager if return_probs else ATTENTION_FUNCTIONS[impl]
     out, probs = fn(q, k, v, mask, scale, causal)
     return out, (probs if return_probs else None)

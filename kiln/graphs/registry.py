@@ -10,13 +10,10 @@ from kiln.errors import ConfigError
 ARCHITECTURES: dict[str, str] = {
     "bert": "bert",
     "roberta": "bert",
+    "xlm-roberta": "bert",
+    "distilbert": "bert",
+    "vit": "vit",
 }
-
-# Tasks each package can export.
-TASKS: dict[str, tuple[str, ...]] = {
-    "bert": ("feature-extraction", "text-classification"),
-}
-
 
 def package_for(config: dict) -> str:
     model_type = config.get("model_type")
@@ -35,7 +32,7 @@ def architecture(config: dict):
 
 
 def check_task(config: dict, task: str) -> None:
-    package = package_for(config)
-    if task not in TASKS[package]:
+    tasks = architecture(config).TASKS
+    if task not in tasks:
         raise ConfigError(f"Task {task!r} is not supported for model_type {config['model_type']!r}. "
-                          f"Supported tasks: {', '.join(TASKS[package])}.")
+                          f"Supported tasks: {', '.join(tasks)}.")

@@ -129,7 +129,7 @@ def test_refuses_to_replace_a_directory_that_is_not_an_artifact(checkpoints, tmp
     ({"batch": "8"}, InputError, "MIN:MAX"),
     ({"seq": "4:2"}, InputError, "MIN <= MAX"),
     ({"seq": "1:4096"}, InputError, "maximum sequence length 64"),
-    ({"task": "question-answering"}, kiln.KilnError, "Supported tasks: feature-extraction, text-classification"),
+    ({"task": "image-classification"}, kiln.KilnError, "Supported tasks: feature-extraction, text-classification, token"),
 ])
 def test_bad_export_options(options, error, message, checkpoints, tmp_path):
     path, _ = checkpoints("bert", "feature-extraction")

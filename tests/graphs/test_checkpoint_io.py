@@ -211,9 +211,9 @@ BAD = {
     "heads not dividing": (edit_config(num_attention_heads=5), ConfigError, r"'hidden_size' \(32\) must be divisible by 'num_attention_heads' \(5\)"),
     "layers 10**9": (edit_config(num_hidden_layers=10**9), ConfigError, "'num_hidden_layers' = 1000000000 is implausibly large"),
     "num_labels str": (edit_config(num_labels="abc", id2label=None), ConfigError, "'num_labels' must be a positive integer"),
-    "unknown model_type": (edit_config(model_type="gpt2"), ConfigError, "'gpt2' is not supported.*Supported model types: bert, roberta"),
-    "model_type a list": (edit_config(model_type=["bert"]), ConfigError, r"\['bert'\] is not supported.*bert, roberta"),
-    "no model_type": (edit_config(model_type=None), ConfigError, "no 'model_type'.*bert, roberta"),
+    "unknown model_type": (edit_config(model_type="gpt2"), ConfigError, "'gpt2' is not supported.*Supported model types: bert, distilbert, roberta"),
+    "model_type a list": (edit_config(model_type=["bert"]), ConfigError, r"\['bert'\] is not supported.*bert, distilbert, roberta"),
+    "no model_type": (edit_config(model_type=None), ConfigError, "no 'model_type'.*bert, distilbert, roberta"),
     "no weights": (lambda d: os.remove(d / "model.safetensors"), CheckpointError, "No weights in .*model.safetensors"),
     "garbage safetensors": (lambda d: (d / "model.safetensors").write_bytes(b"\x00garbage" * 8), CheckpointError,
                             "model.safetensors is not a readable safetensors file"),
@@ -249,10 +249,10 @@ def test_task_head_missing_from_base_checkpoint(checkpoints):
 @pytest.mark.parametrize("config", [{"model_type": "bert"}, {"model_type": "roberta"}])
 def test_unsupported_task(checkpoints, config):
     registry.check_task(config, "text-classification")
-    with pytest.raises(ConfigError, match="'token-classification' is not supported.*feature-extraction, text-classification"):
-        registry.check_task(config, "token-classification")
-    with pytest.raises(ConfigError, match="'token-classification' is not supported"):
-        from_pretrained(checkpoints("bert", "feature-extraction")[0], task="token-classification")
+    with pytest.raises(ConfigError, match="'text-generation' is not supported.*feature-extraction, text-classification"):
+        registry.check_task(config, "text-generation")
+    with pytest.raises(ConfigError, match="'image-classification' is not supported"):
+        from_pretrained(checkpoints("bert", "feature-extraction")[0], task="image-classification")
 
 
 def test_paths_that_are_not_checkpoints(checkpoints, tmp_path):

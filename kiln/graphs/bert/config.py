@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
 
+# DistilBERT names the same hyper-parameters differently.
+DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                    "hidden_dim": "intermediate_size", "activation": "hidden_act"}
+ROBERTA_LIKE = ("roberta", "xlm-roberta")
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -39,7 +43,7 @@ class BertConfig:
     @property
     def position_offset(self) -> int:
         # RoBERTa numbers positions from padding_idx + 1 (fairseq's make_positions); BERT from 0.
-        return self.pad_token_id + 1 if self.model_type == "roberta" else 0
+        return self.pad_token_id + 1 if self.model_type in ROBERTA_LIKE else 0
 
     @property
     def max_sequence_length(self) -> int:
@@ -49,6 +53,9 @@ class BertConfig:
     def from_dict(cls, raw: dict) -> "BertConfig":
         known = {name for name in cls.__dataclass_fields__ if name != "raw"}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
+        if raw.get("model_type") == "distilbert":  # no token types, fixed LayerNorm eps
+            values.update({ours: raw[theirs] for theirs, ours in DISTILBERT_NAMES.items() if raw.get(theirs) is not None})
+            values.update(type_vocab_size=0, layer_norm_eps=1e-12)
         if "id2label" in raw and raw["id2label"] is not None:
             try:
                 values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}
@@ -68,7 +75,8 @@ class BertConfig:
                 "max_position_embeddings", "type_vocab_size")
         for name in ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            least = 0 if name == "type_vocab_size" else 1  # DistilBERT has no token type embeddings
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"config.json '{name}' must be a positive integer, got {value!r}.")
             if value > 1 << 24:
                 raise ConfigError(f"config.json '{name}' = {value} is implausibly large; the file looks corrupt.")

@@ -32,11 +32,12 @@ class Embeddings(nn.Module):
         self.config = config
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # DistilBERT has no token type embeddings (type_vocab_size 0).
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.config.model_type == "roberta":
+        if self.config.position_offset:  # RoBERTa, XLM-RoBERTa
             # Padding tokens keep position padding_idx; real tokens count up from padding_idx + 1.
             real = input_ids.ne(self.config.pad_token_id).long()
             return torch.cumsum(real, dim=1) * real + self.config.pad_token_id  # (B, T)
@@ -45,9 +46,9 @@ class Embeddings(nn.Module):
     def forward(self, input_ids, token_type_ids=None, position_ids=None):
         if position_ids is None:
             position_ids = self.position_ids(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.word(input_ids) + self.position(position_ids) + self.token_type(token_type_ids)  # (B, T, C)
+        x = self.word(input_ids) + self.position(position_ids)  # (B, T, C)
+        if self.token_type is not None:
+            x = x + self.token_type(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
         return self.norm(x)
 
 
@@ -136,42 +137,113 @@ class BertModel(SavePretrainedMixin, nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """RoBERTa's head: dense + tanh over the first token, then the projection (BERT uses the pooler instead)."""
+    """Sentence head over the first token: dense + activation, then the projection (RoBERTa: tanh, DistilBERT: relu).
+    BERT itself classifies the pooler output with a single linear layer instead."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, act):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.num_labels)
+        self.act = act
 
     def forward(self, x):
-        return self.out(torch.tanh(self.dense(x[:, 0])))
+        return self.out(self.act(self.dense(x[:, 0])))
 
 
-class BertForSequenceClassification(SavePretrainedMixin, nn.Module):
+class MaskedLMHead(nn.Module):
+    """dense + activation + LayerNorm, then the decoder whose weight is the word embedding matrix (tied)."""
+
+    def __init__(self, config: BertConfig, act):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = act
+
+    def forward(self, x, word_embeddings: torch.Tensor):
+        return F.linear(self.norm(self.act(self.dense(x))), word_embeddings, self.bias)  # (B, T, V)
+
+
+class _TaskModel(SavePretrainedMixin, nn.Module):
+    """An encoder (``self.bert``, whatever the family) plus one task head; returns a dict like transformers."""
+
+    def __init__(self, config: BertConfig, attn_impl: str, pooler: bool = False):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooler=pooler, attn_impl=attn_impl)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
+        result = self.head(out)
+        result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
+        return result
+
+
+class BertForSequenceClassification(_TaskModel):
     """Logits (B, num_labels). What the scores mean (softmax, sigmoid, raw) follows ``config.problem_type``."""
 
     task = "text-classification"
 
     def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
-        super().__init__()
-        self.config = config
-        roberta = config.model_type == "roberta"
-        self.bert = BertModel(config, add_pooler=not roberta, attn_impl=attn_impl)
-        self.classifier = ClassificationHead(config) if roberta else nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
-        if self.bert.pooler is None:  # RoBERTa: the head reads the first token itself
-            logits = self.classifier(out["last_hidden_state"])
+        family = config.model_type
+        super().__init__(config, attn_impl, pooler=family == "bert")
+        if family == "bert":
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         else:
-            logits = self.classifier(out["pooler_output"])
-        result = {"logits": logits}
-        result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
-        return result
+            self.classifier = ClassificationHead(config, F.relu if family == "distilbert" else torch.tanh)
+
+    def head(self, out):
+        if self.bert.pooler is not None:
+            return {"logits": self.classifier(out["pooler_output"])}
+        return {"logits": self.classifier(out["last_hidden_state"])}  # the head reads the first token itself
+
+
+class BertForTokenClassification(_TaskModel):
+    """Per-token logits (B, T, num_labels)."""
+
+    task = "token-classification"
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__(config, attn_impl)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def head(self, out):
+        return {"logits": self.classifier(out["last_hidden_state"])}
+
+
+class BertForQuestionAnswering(_TaskModel):
+    """Start and end logits (B, T) of the answer span."""
+
+    task = "question-answering"
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__(config, attn_impl)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def head(self, out):
+        start, end = self.qa_outputs(out["last_hidden_state"]).unbind(-1)  # (B, T) each
+        return {"start_logits": start, "end_logits": end}
+
+
+class BertForMaskedLM(_TaskModel):
+    """Vocabulary logits (B, T, V) at every position."""
+
+    task = "fill-mask"
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__(config, attn_impl)
+        # RoBERTa's head always uses exact GELU; BERT and DistilBERT use the config's activation.
+        self.lm_head = MaskedLMHead(config, ACT["gelu"] if config.position_offset else ACT[config.hidden_act])
+
+    def head(self, out):
+        return {"logits": self.lm_head(out["last_hidden_state"], self.bert.embeddings.word.weight)}
 
 
 TASK_MODELS = {
     "feature-extraction": BertModel,
     "text-classification": BertForSequenceClassification,
+    "token-classification": BertForTokenClassification,
+    "question-answering": BertForQuestionAnswering,
+    "fill-mask": BertForMaskedLM,
 }

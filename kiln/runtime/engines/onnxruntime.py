@@ -47,6 +47,8 @@ class OnnxRuntimeEngine:
             raise ArtifactError(f"No ONNX model at {path}. Re-export the artifact.")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Errors only: onnxruntime warns about shape-inference details of outputs it then produces correctly.
+        options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from kiln.errors import InputError
-from kiln.runtime.pipelines.feature_extraction import FeatureExtractionPipeline
-from kiln.runtime.pipelines.text_classification import TextClassificationPipeline
+import importlib
 
-PIPELINES = {p.task: p for p in (FeatureExtractionPipeline, TextClassificationPipeline)}
+from kiln.errors import InputError
+
+# task -> "module:Class", imported on first use so that e.g. text pipelines never import Pillow.
+PIPELINES = {
+    "feature-extraction": "feature_extraction:FeatureExtractionPipeline",
+    "text-classification": "text_classification:TextClassificationPipeline",
+    "token-classification": "token_classification:TokenClassificationPipeline",
+    "question-answering": "question_answering:QuestionAnsweringPipeline",
+    "fill-mask": "fill_mask:FillMaskPipeline",
+    "image-classification": "image_classification:ImageClassificationPipeline",
+}
+
+
+def pipeline_class(task: str):
+    if task not in PIPELINES:
+        raise InputError(f"Unknown task {task!r}; kiln's pipelines: {', '.join(sorted(PIPELINES))}.")
+    module, name = PIPELINES[task].split(":")
+    return getattr(importlib.import_module(f"kiln.runtime.pipelines.{module}"), name)
 
 
 def pipeline(task: str, artifact, **kwargs):
-    if task not in PIPELINES:
-        raise InputError(f"Unknown task {task!r}; kiln's pipelines: {', '.join(sorted(PIPELINES))}.")
-    return PIPELINES[task](artifact, **kwargs)
+    return pipeline_class(task)(artifact, **kwargs)
 
 
-__all__ = ["PIPELINES", "pipeline", "FeatureExtractionPipeline", "TextClassificationPipeline"]
+__all__ = ["PIPELINES", "pipeline", "pipeline_class"]

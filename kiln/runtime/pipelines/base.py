@@ -27,10 +27,14 @@ class Pipeline:
         self.config = _read_json(self.path / "config.json")
         self.engine = engine or open_engine(self.path / self.manifest["model"], device=device, threads=threads)
         self.input_names = [i.name for i in self.engine.inputs()]
-        self.tokenizer = Tokenizer.from_dir(self.path, max_length=self.manifest.get("max_sequence_length"))
+        self.load_preprocessor()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.batch_size = batch_size
+
+    def load_preprocessor(self) -> None:
+        """Text pipelines tokenize; an image pipeline overrides this to load its image processor."""
+        self.tokenizer = Tokenizer.from_dir(self.path, max_length=self.manifest.get("max_sequence_length"))
 
     def __call__(self, inputs, **kwargs):
         single, items = self._items(inputs)

@@ -1,0 +1,33 @@
+"""The ONNX forms of kiln's attention: translations used by the exporter and the opset rules they follow.
+
+Opset 23 introduced the standard ``Attention`` op (opset 24 revised it). Its inputs are Q, K, V (4-D: B, H, T, D),
+an optional ``attn_mask`` (bool, True = attend, or additive float; onnxruntime requires the query axis of the mask to
+equal T, so masks are expanded, not broadcast, along it), optional past key/value; its outputs are Y, present
+key/value, and ``qk_matmul_output`` whose content ``qk_matmul_output_mode`` selects (3 = after softmax: the
+probabilities transformers returns as ``attentions``).
+"""
+
+from __future__ import annotations
+
+MIN_OPSET = 23
+QK_OUTPUT_AFTER_SOFTMAX = 3
+
+
+def attention_probs_translation(opset: int = MIN_OPSET):
+    """torch.onnx translation of ``torch.ops.kiln.attention_probs``: one Attention node returning (Y, probs)."""
+    from onnxscript import opset23
+
+    def attention_probs(q, k, v, mask, scale: float):
+        y, _, _, probs = opset23.Attention(q, k, v, mask, scale=scale, qk_matmul_output_mode=QK_OUTPUT_AFTER_SOFTMAX)
+        return y, probs
+
+    return attention_probs
+
+
+def translation_table(opset: int = MIN_OPSET) -> dict:
+    """custom_translation_table entries for torch.onnx.export (needs torch; kiln.graphs registers the ops)."""
+    import torch
+
+    import kiln.graphs.attention  # noqa: F401  registers torch.ops.kiln.*
+
+    return {torch.ops.kiln.attention_probs.default: attention_probs_translation(opset)}
