@@ -11,4 +11,18 @@ def open_engine(path, device: str = "cpu", threads: int | None = None) -> Engine
     return OnnxRuntimeEngine(path, device=device, threads=threads)
 
 
-__all__ = ["Engine", "TensorInfo", "open_engine"]
+def group_outputs(outputs: dict) -> dict:
+    """Regroup ``hidden_states.{i}`` / ``attentions.{i}`` engine outputs into tuples, as transformers returns them."""
+    grouped, indexed = {}, {}
+    for name, value in outputs.items():
+        key, _, index = name.partition(".")
+        if index.isdigit():
+            indexed.setdefault(key, {})[int(index)] = value
+        else:
+            grouped[name] = value
+    for key, items in indexed.items():
+        grouped[key] = tuple(items[i] for i in sorted(items))
+    return grouped
+
+
+__all__ = ["Engine", "TensorInfo", "group_outputs", "open_engine"]
