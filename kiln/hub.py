@@ -26,7 +26,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "added_tokens.json",
 )
-PROCESSOR_FILES = ("preprocessor_config.json",)
+PROCESSOR_FILES = ("preprocessor_config.json", "generation_config.json")
 # What a snapshot download needs; never the other frameworks' weight files.
 _ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
                    "preprocessor_config.json", "generation_config.json"]

@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, module in COMMANDS.items():
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kiln's own progress at INFO; other libraries (onnx-ir, httpx, ...) only at WARNING unless --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("kiln").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args) or 0
     except ValidationError as err:

@@ -39,9 +39,11 @@ class AxisRange:
         return min(max(value, self.min), self.max)
 
 
-# (batch, sequence) pairs the exporter validates on: one row, odd lengths, padded batches, a single token.
-VALIDATION_SIZES = ({"batch": 1, "sequence": 7}, {"batch": 2, "sequence": 16}, {"batch": 3, "sequence": 33},
-                    {"batch": 1, "sequence": 1})
+# Shapes the exporter validates on: one row, odd lengths, padded batches, a single token, and for decoders a
+# prefill after a cached prefix and a decode step over a longer cache. Axes a graph lacks are dropped.
+VALIDATION_SIZES = ({"batch": 1, "sequence": 7, "past_sequence": 0}, {"batch": 2, "sequence": 16, "past_sequence": 5},
+                    {"batch": 3, "sequence": 33, "past_sequence": 0}, {"batch": 1, "sequence": 1, "past_sequence": 0},
+                    {"batch": 3, "sequence": 1, "past_sequence": 20})
 
 
 @dataclass(frozen=True)
@@ -108,15 +110,46 @@ def bert_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange |
 
 
 def optional_outputs(layers: int, heads: int, hidden: int, hidden_states: bool, attentions: bool,
-                     T: str = "sequence") -> list[TensorSpec]:
+                     T: str | int = "sequence") -> list[TensorSpec]:
     """transformers' hidden_states (embeddings + each layer) and attentions (each layer's probabilities)."""
     out = [TensorSpec(f"hidden_states.{i}", "float32", ("batch", T, hidden)) for i in range(layers + 1)] if hidden_states else []
     out += [TensorSpec(f"attentions.{i}", "float32", ("batch", heads, T, T)) for i in range(layers)] if attentions else []
     return out
 
 
-SPECS = {"bert": bert_spec}
+def image_feed(channels: int, height: int, width: int):
+    """Random normal pixel values, the scale of a normalized image."""
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        return {"pixel_values": rng.standard_normal((sizes["batch"], channels, height, width), dtype=np.float32)}
+
+    return make
+
+
+def vit_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+             hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    config = model.config
+    if seq is not None:
+        raise ValueError(f"--seq does not apply to ViT: its sequence is fixed at {config.sequence_length} tokens by "
+                         f"image_size {list(config.image_size)} and patch_size {list(config.patch_size)}. Leave --seq out.")
+    B, (Hi, Wi), T, C = "batch", config.image_size, config.sequence_length, config.hidden_size
+    inputs = [TensorSpec("pixel_values", "float32", (B, config.num_channels, Hi, Wi))]  # only the batch is dynamic
+    outputs = {
+        "feature-extraction": [TensorSpec("last_hidden_state", "float32", (B, T, C))]
+        + ([TensorSpec("pooler_output", "float32", (B, config.pooler_size))] if getattr(model, "pooler", None) is not None else []),
+        "image-classification": [TensorSpec("logits", "float32", (B, config.num_labels))],
+    }[task]
+    outputs += optional_outputs(config.num_hidden_layers, config.num_attention_heads, C, hidden_states, attentions, T=T)
+    return ExportSpec(task, tuple(inputs), tuple(outputs), {B: batch or AxisRange(1, 64)},
+                      image_feed(config.num_channels, Hi, Wi))
+
+
+SPECS = {"bert": bert_spec, "vit": vit_spec}
 
 
 def spec_for(package: str, model, task: str, **options) -> ExportSpec:
+    if task == "text-generation":
+        from kiln.exporter.decoder import decoder_spec
+
+        return decoder_spec(model, task, **options)
     return SPECS[package](model, task, **options)

@@ -36,12 +36,30 @@ class _Flat(torch.nn.Module):
                       if any(n.startswith(kind + ".") for n in self.output_names)}
 
     def forward(self, *args):
-        out = self.model(**dict(zip(self.input_names, args)), **self.flags)
+        out = self.model(**model_inputs(self.input_names, args), **self.flags)
         return tuple(pick(out, name) for name in self.output_names)
 
 
+def model_inputs(names: list[str], values) -> dict:
+    """Flat graph inputs -> model keyword arguments; ``past_key_values.{i}.key/value`` become a list of pairs."""
+    kwargs, past = {}, {}
+    for name, value in zip(names, values):
+        if name.startswith("past_key_values."):
+            _, i, kind = name.split(".")
+            past.setdefault(int(i), {})[kind] = value
+        else:
+            kwargs[name] = value
+    if past:
+        kwargs["past_key_values"] = [(past[i]["key"], past[i]["value"]) for i in sorted(past)]
+    return kwargs
+
+
 def pick(outputs: dict, name: str):
-    """``outputs["hidden_states"][3]`` for the name ``hidden_states.3``; plain names index the dict."""
+    """``outputs["hidden_states"][3]`` for ``hidden_states.3``, ``outputs["present_key_values"][0][1]`` for
+    ``present.0.value``; plain names index the dict."""
+    if name.startswith("present."):
+        _, i, kind = name.split(".")
+        return outputs["present_key_values"][int(i)][0 if kind == "key" else 1]
     key, _, index = name.partition(".")
     return outputs[key][int(index)] if index else outputs[name]
 
@@ -55,6 +73,8 @@ def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN
     example = spec.make_feed(spec.example_sizes(), np.random.default_rng(0))
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
     dims = {name: torch.export.Dim(name, min=r.min, max=r.max) for name, r in spec.axes.items()}
+    # Axes that are sums of others (total_sequence = past_sequence + sequence): let torch.export derive them.
+    dims.update({name: torch.export.Dim.AUTO for name in spec.extra.get("derived_axes", {})})
     dynamic_shapes = tuple({i: dims[a] for i, a in enumerate(t.axes) if isinstance(a, str)} for t in spec.inputs)
     wrapper = _Flat(model, spec).eval()
     captured = io.StringIO()

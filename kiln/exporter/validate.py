@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from kiln.exporter.specs import ExportSpec
-from kiln.exporter.trace_torch import pick
+from kiln.exporter.trace_torch import model_inputs, pick
 from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
 MIN_COSINE = 0.9999
@@ -22,7 +22,8 @@ def _same_argmax(name: str):
     def check(ref, got, feed):
         a, b = ref[name].argmax(-1), got[name].argmax(-1)
         mask = feed.get("attention_mask")
-        valid = mask.astype(bool) if mask is not None and a.ndim == 2 else np.ones(a.shape, bool)
+        # Valid positions of per-token outputs; a decoder's mask also covers the past, so take its last T columns.
+        valid = mask[:, -a.shape[1]:].astype(bool) if mask is not None and a.ndim == 2 else np.ones(a.shape, bool)
         return "label_agreement" if a.ndim == 1 else "token_agreement", (a == b)[valid], 1.0
 
     return check
@@ -43,7 +44,8 @@ def _same_span(ref, got, feed):
 
 
 def _cosine(ref, got, feed):
-    w = feed["attention_mask"][..., None].astype(np.float32)
+    mask = feed.get("attention_mask")  # images have none: every token counts
+    w = (mask if mask is not None else np.ones(ref["last_hidden_state"].shape[:2]))[..., None].astype(np.float32)
     a = (ref["last_hidden_state"] * w).sum(1) / w.sum(1)  # mean-pooled (B, C)
     b = (got["last_hidden_state"] * w).sum(1) / w.sum(1)
     return "min_cosine", (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)), MIN_COSINE
@@ -56,6 +58,7 @@ TASK_CHECKS = {
     "token-classification": _same_argmax("logits"),
     "fill-mask": _same_argmax("logits"),
     "question-answering": _same_span,
+    "text-generation": _same_argmax("logits"),
 }
 
 
@@ -70,7 +73,7 @@ def validate(model: torch.nn.Module, spec: ExportSpec, onnx_path, seed: int = 0)
     for size in sizes:
         feed = spec.make_feed(size, rng)
         with torch.no_grad():
-            out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}, **flags)
+            out = model(**model_inputs(list(feed), [torch.from_numpy(v) for v in feed.values()]), **flags)
         ref = {name: pick(out, name).numpy() for name in stats}
         got = engine.run(feed)
         for name, entry in stats.items():

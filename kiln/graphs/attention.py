@@ -61,6 +61,27 @@ def _(q, k, v, mask, scale):
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, k.shape[2])
 
 
+@torch.library.custom_op("kiln::attention_kv", mutates_args=())
+def attention_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, past_key: torch.Tensor,
+                 past_value: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoder attention with a KV cache, as ONE op: exported as one ONNX ``Attention`` node with ``past_key`` /
+    ``past_value`` inputs and ``present_key`` / ``present_value`` outputs (opset 23+; onnxruntime runs it on CPU,
+    grouped-query heads included). q (B, H, T, D); k, v (B, Hkv, T, D); past (B, Hkv, P, D), P may be 0;
+    mask bool (B, 1, T, P + T), True = attend, causality already folded in. Returns out (B, H, T, D) and the
+    presents (B, Hkv, P + T, D)."""
+    present_key = torch.cat([past_key, k], dim=2)
+    present_value = torch.cat([past_value, v], dim=2)
+    out, _ = sdpa(q, present_key, present_value, mask, scale, causal=False)
+    return out.contiguous(), present_key, present_value
+
+
+@attention_kv.register_fake
+def _(q, k, v, mask, past_key, past_value, scale):
+    B, Hkv, P, D = past_key.shape
+    S = P + k.shape[2]
+    return q.new_empty(q.shape[:3] + (v.shape[-1],)), k.new_empty(B, Hkv, S, D), v.new_empty(B, Hkv, S, v.shape[-1])
+
+
 ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}
 
 

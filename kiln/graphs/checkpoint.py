@@ -46,6 +46,26 @@ def read_state_dict(files) -> dict[str, torch.Tensor]:
     return state
 
 
+def rename(state: dict, rules: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """Rename ``.weight``/``.bias`` keys by (from prefix, to prefix) rules, where '{i}' stands for a layer index.
+    Returns (renamed, unmatched keys). Each architecture's weights.py holds its rules as one table."""
+    import re
+
+    compiled = [(re.compile("^" + re.escape(a).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), b) for a, b in rules]
+    out, unmatched = {}, []
+    for key, value in state.items():
+        for pattern, target in compiled:
+            m = pattern.match(key)
+            if m:
+                *index, kind = m.groups()
+                name = target.replace("{i}", index[0]) if index else target
+                out[f"{name}.{kind}"] = value
+                break
+        else:
+            unmatched.append(key)
+    return out, unmatched
+
+
 def load_weights(model: torch.nn.Module, state: dict, hf_name) -> None:
     """Copy a kiln-named state into ``model``, naming any missing tensor or shape mismatch (in HF names)."""
     expected = model.state_dict()

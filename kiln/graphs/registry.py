@@ -13,6 +13,9 @@ ARCHITECTURES: dict[str, str] = {
     "xlm-roberta": "bert",
     "distilbert": "bert",
     "vit": "vit",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
 }
 
 def package_for(config: dict) -> str:

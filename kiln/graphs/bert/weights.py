@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from kiln.graphs.bert.config import BertConfig
+from kiln.graphs.checkpoint import rename
 
 # kiln parameter prefix -> Hugging Face prefix (relative to the base model); each gets .weight and .bias.
 TABLE = [
@@ -75,23 +76,6 @@ def _rules(config: BertConfig, task: str) -> list[tuple[str, str]]:
     return [("bert." + k, base + h) for k, h in BASE_TABLE[family]] + HEADS[(family, task)]
 
 
-def _rename(state: dict, rules: list[tuple[str, str]]) -> tuple[dict, list[str]]:
-    """Rename keys by (from, to) prefix rules, where '{i}' stands for a layer index. Returns (renamed, unmatched)."""
-    compiled = [(re.compile("^" + re.escape(a).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), b) for a, b in rules]
-    out, unmatched = {}, []
-    for key, value in state.items():
-        for pattern, target in compiled:
-            m = pattern.match(key)
-            if m:
-                *index, kind = m.groups()
-                name = target.replace("{i}", index[0]) if index else target
-                out[f"{name}.{kind}"] = value
-                break
-        else:
-            unmatched.append(key)
-    return out, unmatched
-
-
 def hf_to_kiln(hf_state: dict, config: BertConfig, task: str) -> tuple[dict, list[str]]:
     """Rename a Hugging Face state dict to kiln names. Returns (state, HF keys kiln does not use)."""
     fixed = {}
@@ -108,13 +92,13 @@ def hf_to_kiln(hf_state: dict, config: BertConfig, task: str) -> tuple[dict, lis
     elif task == "feature-extraction" and nested:
         # A task checkpoint used for its encoder only.
         rules = [(k, prefix + h) for k, h in rules]
-    state, unused = _rename(fixed, [(h, k) for k, h in rules])
+    state, unused = rename(fixed, [(h, k) for k, h in rules])
     return state, [k for k in unused if not IGNORED.search(k)]
 
 
 def kiln_to_hf(state: dict, config: BertConfig, task: str) -> dict:
     """The inverse: kiln names to the keys transformers writes for the same model class."""
-    out, unmatched = _rename(state, _rules(config, task))
+    out, unmatched = rename(state, _rules(config, task))
     if unmatched:
         raise KeyError(f"no Hugging Face name for kiln parameters {unmatched}")
     return out

@@ -24,10 +24,22 @@ def attention_probs_translation(opset: int = MIN_OPSET):
     return attention_probs
 
 
+def attention_kv_translation(opset: int = MIN_OPSET):
+    """torch.onnx translation of ``torch.ops.kiln.attention_kv``: one Attention node with past in, present out."""
+    from onnxscript import opset23
+
+    def attention_kv(q, k, v, mask, past_key, past_value, scale: float):
+        y, present_key, present_value, _ = opset23.Attention(q, k, v, mask, past_key, past_value, scale=scale)
+        return y, present_key, present_value
+
+    return attention_kv
+
+
 def translation_table(opset: int = MIN_OPSET) -> dict:
     """custom_translation_table entries for torch.onnx.export (needs torch; kiln.graphs registers the ops)."""
     import torch
 
     import kiln.graphs.attention  # noqa: F401  registers torch.ops.kiln.*
 
-    return {torch.ops.kiln.attention_probs.default: attention_probs_translation(opset)}
+    return {torch.ops.kiln.attention_probs.default: attention_probs_translation(opset),
+            torch.ops.kiln.attention_kv.default: attention_kv_translation(opset)}

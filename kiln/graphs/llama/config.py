@@ -1,0 +1,108 @@
+"""LLaMA-family configuration: Llama, Mistral, Qwen2 and SmolLM checkpoints, read from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from kiln.errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "llama3")
+# Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/SmolLM follow `attention_bias` (default off).
+QKV_BIAS_ALWAYS = ("qwen2",)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def dim(self) -> int:  # per-head size; may differ from hidden_size // heads (explicit head_dim)
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.model_type in QKV_BIAS_ALWAYS
+
+    @property
+    def o_bias(self) -> bool:
+        return self.attention_bias and self.model_type not in QKV_BIAS_ALWAYS
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LlamaConfig":
+        known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "rope")}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        if raw.get("model_type") in ("mistral", "qwen2") and not raw.get("use_sliding_window", raw.get("model_type") == "mistral"):
+            values.pop("sliding_window", None)  # Qwen2 lists a window it does not use unless use_sliding_window
+        values["rope"] = _rope(raw)
+        config = cls(**values, raw=dict(raw))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config.json '{name}' must be a positive integer, got {value!r}.")
+            if value > 1 << 24:
+                raise ConfigError(f"config.json '{name}' = {value} is implausibly large; the file looks corrupt.")
+        if not isinstance(self.kv_heads, int) or self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
+            raise ConfigError(f"config.json 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
+                              f"'num_key_value_heads' ({self.num_key_value_heads}).")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"config.json 'hidden_size' ({self.hidden_size}) must be divisible by "
+                              f"'num_attention_heads' ({self.num_attention_heads}), or give 'head_dim'.")
+        if self.dim % 2:
+            raise ConfigError(f"The head dimension ({self.dim}) must be even for rotary embeddings.")
+        if self.hidden_act not in ("silu", "swish"):
+            raise ConfigError(f"config.json 'hidden_act' {self.hidden_act!r} is not supported; LLaMA-family models use 'silu'.")
+        if not 0 < self.rms_norm_eps < 1:
+            raise ConfigError(f"config.json 'rms_norm_eps' must be a small positive number, got {self.rms_norm_eps!r}.")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _rope(raw: dict) -> dict:
+    """The RoPE parameters, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params.setdefault("rope_theta", raw.get("rope_theta", params.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"RoPE scaling {rope_type!r} is not supported; kiln implements {', '.join(ROPE_TYPES)}.")
+    params["rope_type"] = rope_type
+    if rope_type != "default" and "factor" not in params:
+        raise ConfigError(f"RoPE scaling {rope_type!r} needs a 'factor' in config.json's rope_scaling.")
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in params:
+                raise ConfigError(f"llama3 RoPE scaling needs {key!r} in config.json's rope_scaling.")
+    if not isinstance(params["rope_theta"], (int, float)) or not math.isfinite(params["rope_theta"]) or params["rope_theta"] <= 0:
+        raise ConfigError(f"config.json 'rope_theta' must be a positive number, got {params['rope_theta']!r}.")
+    return params

@@ -1,0 +1,170 @@
+"""LLaMA family in PyTorch (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
+and a KV cache. Readable top to bottom; parameter names are kiln's own, ``weights.py`` maps them.
+
+Shapes: B batch, T new tokens, P cached tokens, S = P + T, C hidden, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kiln.graphs.attention import attention, attention_kv
+from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.llama.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # exported as one RMSNormalization node
+
+
+def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """RoPE frequencies (D/2,), with linear or llama3 scaling."""
+    rope, D = config.rope, config.dim
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    if rope["rope_type"] == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif rope["rope_type"] == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        context = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = torch.where(wavelen > context / low, inv_freq / factor,
+                               torch.where(wavelen < context / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return inv_freq
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin  # x (B, H, T, D); cos/sin (B, 1, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, attn_impl: str):
+        super().__init__()
+        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.kv_heads, config.dim, attn_impl
+        self.q = nn.Linear(config.hidden_size, self.H * self.D, bias=config.qkv_bias)
+        self.k = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
+        self.v = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
+        self.o = nn.Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, mask, past=None, return_probs=False):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.H, self.D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scale = 1.0 / math.sqrt(self.D)
+        if return_probs:  # the readable eager math; not a single exported node
+            k_all = torch.cat([past[0], k], dim=2) if past is not None else k
+            v_all = torch.cat([past[1], v], dim=2) if past is not None else v
+            y, probs = attention(q, k_all, v_all, mask=mask, scale=scale, impl="eager", return_probs=True)
+            present = (k_all, v_all)
+        elif past is not None:  # one op -> one ONNX Attention node with past/present
+            y, *present = attention_kv(q, k, v, mask, past[0], past[1], scale)
+            probs = None
+        else:
+            (y, probs), present = attention(q, k, v, mask=mask, scale=scale, impl=self.attn_impl), (k, v)
+        y = y.transpose(1, 2).reshape(B, T, self.H * self.D)  # (B, T, H*D)
+        return self.o(y), tuple(present), probs
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Layer(nn.Module):
+    """Pre-norm block."""
+
+    def __init__(self, config: LlamaConfig, attn_impl: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, attn_impl)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, past=None, return_probs=False):
+        a, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, return_probs)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), present, probs
+
+
+def decoder_mask(attention_mask, T: int, sliding_window: int | None = None):
+    """(B, S) padding mask over past + new tokens -> bool (B, 1, T, S): causal (query i sits at P + i), padding,
+    and the sliding window. Rows with nothing to attend to (left-padding queries) attend to every key instead: their
+    outputs are never used, and an all-masked row would put NaN into the cache."""
+    B, S = attention_mask.shape
+    keep = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(diagonal=S - T)  # (T, S)
+    if sliding_window is not None:
+        keep = keep & ~torch.ones_like(keep).tril(diagonal=S - T - sliding_window)
+    keep = keep[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    return keep | ~keep.any(dim=-1, keepdim=True)
+
+
+class LlamaForCausalLM(SavePretrainedMixin, nn.Module):
+    """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, Hkv, S, D)); with
+    ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and ``attentions``."""
+
+    task = "text-generation"
+
+    def __init__(self, config: LlamaConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, attn_impl) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                output_hidden_states=False, output_attentions=False):
+        B, T = input_ids.shape
+        P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:  # as transformers' forward: positions continue from the cache (generation passes them)
+            position_ids = torch.arange(P, P + T, device=input_ids.device)[None].expand(B, T)
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+        cos, sin = emb.cos(), emb.sin()
+        mask = decoder_mask(attention_mask, T, self.config.sliding_window)
+        x = self.embed(input_ids)  # (B, T, C)
+        hidden_states, attentions, presents = [x], [], []
+        for i, layer in enumerate(self.layers):
+            past = past_key_values[i] if past_key_values is not None else None
+            x, present, probs = layer(x, cos, sin, mask, past, output_attentions)
+            hidden_states.append(x)
+            attentions.append(probs)
+            presents.append(present)
+        x = self.norm(x)
+        hidden_states[-1] = x  # transformers reports the final hidden state after the norm
+        logits = F.linear(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)  # (B, T, V)
+        out = {"logits": logits, "present_key_values": tuple(presents)}
+        if output_hidden_states:
+            out["hidden_states"] = tuple(hidden_states)
+        if output_attentions:
+            out["attentions"] = tuple(attentions)
+        return out
