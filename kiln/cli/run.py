@@ -16,8 +16,15 @@ def add_parser(sub):
     p.add_argument("--task", help="task (default: the artifact's)")
     p.add_argument("--pooling", choices=("mean", "cls"), help="feature-extraction: pool token vectors")
     p.add_argument("--normalize", action="store_true", help="feature-extraction: unit-length pooled vectors")
-    p.add_argument("--top-k", type=int, help="text-classification: the k best labels")
+    p.add_argument("--top-k", type=int,
+                   help="text-classification: the k best labels; question-answering: answers; fill-mask: tokens")
+    p.add_argument("--question", help="question-answering: the question (with --context); --input takes "
+                   '{"question": ..., "context": ...} lines')
+    p.add_argument("--context", help="question-answering: the context to answer from")
     p.add_argument("--all-labels", action="store_true", help="text-classification: every label (top_k=None)")
+    p.add_argument("--aggregation-strategy", choices=("none", "simple", "first", "average", "max"),
+                   help="token-classification: group tokens into words and entities")
+    p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.set_defaults(func=run)
@@ -25,6 +32,10 @@ def add_parser(sub):
 
 def read_inputs(args) -> list:
     items = list(args.texts)
+    if args.question is not None or args.context is not None:
+        if args.question is None or args.context is None:
+            raise InputError("--question and --context go together.")
+        items.append({"question": args.question, "context": args.context})
     if args.input:
         stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
         with stream:
@@ -55,6 +66,15 @@ def run(args) -> int:
             kwargs["top_k"] = None
         elif args.top_k:
             kwargs["top_k"] = args.top_k
-    for item, result in zip(items, pipe(items, **kwargs)):
+    elif task in ("question-answering", "fill-mask") and args.top_k:
+        kwargs["top_k"] = args.top_k
+    if task == "token-classification" and args.aggregation_strategy:
+        kwargs["aggregation_strategy"] = args.aggregation_strategy
+    if task == "fill-mask" and args.targets:
+        kwargs["targets"] = args.targets
+    results = pipe(items, **kwargs)
+    if task in ("question-answering", "fill-mask") and len(items) == 1:
+        results = [results]  # a one-item list gives that item's result, not a list of one (as transformers)
+    for item, result in zip(items, results):
         print(json.dumps({"input": item, "output": result}, ensure_ascii=False))
     return 0

@@ -131,12 +131,14 @@ def vit_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | 
     config = model.config
     if seq is not None:
         raise ValueError(f"--seq does not apply to ViT: its sequence is fixed at {config.sequence_length} tokens by "
-                         f"image_size {list(config.image_size)} and patch_size {list(config.patch_size)}. Leave --seq out.")
+                         f"image_size {list(config.image_size)} and patch_size {list(config.patch_size)}. "
+                         "Leave --seq out.")
     B, (Hi, Wi), T, C = "batch", config.image_size, config.sequence_length, config.hidden_size
     inputs = [TensorSpec("pixel_values", "float32", (B, config.num_channels, Hi, Wi))]  # only the batch is dynamic
+    has_pooler = getattr(model, "pooler", None) is not None
+    pooled = [TensorSpec("pooler_output", "float32", (B, config.pooler_size))] if has_pooler else []
     outputs = {
-        "feature-extraction": [TensorSpec("last_hidden_state", "float32", (B, T, C))]
-        + ([TensorSpec("pooler_output", "float32", (B, config.pooler_size))] if getattr(model, "pooler", None) is not None else []),
+        "feature-extraction": [TensorSpec("last_hidden_state", "float32", (B, T, C)), *pooled],
         "image-classification": [TensorSpec("logits", "float32", (B, config.num_labels))],
     }[task]
     outputs += optional_outputs(config.num_hidden_layers, config.num_attention_heads, C, hidden_states, attentions, T=T)

@@ -36,9 +36,28 @@ class Batch:
         return {name: getattr(self, name) for name in names}
 
 
+@dataclass
+class Windows(Batch):
+    """Text pairs split into overlapping windows (transformers' ``return_overflowing_tokens=True``): one row per
+    window, ``example[row]`` is the pair it came from. Per-row lists cover the real tokens only, not the padding."""
+
+    example: np.ndarray  # (N,) index of the pair each window belongs to
+    sequence_ids: list[list[int | None]]  # per window, per token: 0 first text, 1 second text, None special
+    word_ids: list[list[int | None]]  # per window, per token: word index within its own text, None special
+    padding_left: bool = False
+
+    def tokens(self, row: int) -> slice:
+        """Where the real tokens of ``row`` sit in the padded arrays."""
+        n, T = len(self.offsets[row]), self.input_ids.shape[1]
+        return slice(T - n, T) if self.padding_left else slice(0, n)
+
+
 class Tokenizer:
-    def __init__(self, tokenizer, *, max_length: int, padding_side: str = "right", pad_token: str | None = None):
+    def __init__(self, tokenizer, *, max_length: int, padding_side: str = "right", pad_token: str | None = None,
+                 special_tokens: dict[str, str] | None = None, clean_up_tokenization_spaces: bool = False):
         self._tok = tokenizer
+        self.special_tokens = dict(special_tokens or {})  # e.g. {"mask_token": "[MASK]", "unk_token": "[UNK]"}
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.max_length = max_length
         self.padding_side = padding_side
         self._tok.no_padding()
@@ -47,7 +66,8 @@ class Tokenizer:
         self.pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
         if self.pad_id is None:
             self.pad_id = 0
-        self._variants: dict[int, object] = {max_length: tokenizer}
+        # Configured copies keyed by (max_length, stride, strategy); max_length None = no truncation.
+        self._variants: dict[tuple, object] = {(max_length, 0, "longest_first"): tokenizer}
         self._lock = threading.Lock()
 
     @classmethod
@@ -76,18 +96,27 @@ class Tokenizer:
         if isinstance(pad_token, dict):  # AddedToken serialised
             pad_token = pad_token.get("content")
         return cls(tok, max_length=min(limits) if limits else 512, padding_side=config.get("padding_side", "right"),
-                   pad_token=pad_token)
+                   pad_token=pad_token, special_tokens=_special_tokens(directory, config),
+                   clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
     def _with_max_length(self, max_length: int):
+        return self._variant(max_length)
+
+    def _variant(self, max_length: int | None, stride: int = 0, strategy: str = "longest_first"):
+        """A copy of the tokenizer configured once for these truncation settings; never mutated afterwards."""
+        key = (max_length, stride, strategy)
         with self._lock:
-            if max_length not in self._variants:
+            if key not in self._variants:
                 from tokenizers import Tokenizer as HFTokenizer
 
                 tok = HFTokenizer.from_str(self._tok.to_str())
                 tok.no_padding()
-                tok.enable_truncation(max_length)
-                self._variants[max_length] = tok
-            return self._variants[max_length]
+                if max_length is None:
+                    tok.no_truncation()
+                else:
+                    tok.enable_truncation(max_length, stride=stride, strategy=strategy)
+                self._variants[key] = tok
+            return self._variants[key]
 
     def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None) -> Batch:
         texts = check_texts(texts)
@@ -107,6 +136,46 @@ class Tokenizer:
             log.warning("Truncated %d input(s) to %d tokens (the model's maximum).", sum(truncated), limit)
         return self._pad(encodings, truncated)
 
+    def windows(self, pairs: list[tuple[str, str]], *, max_length: int, stride: int, split: int = 1,
+                names: tuple[str, str] = ("text", "text_pair")) -> Windows:
+        """Encode text pairs; a pair longer than ``max_length`` tokens becomes several windows in which text ``split``
+        (0 or 1) is cut into pieces overlapping by ``stride`` tokens and the other text is repeated whole, exactly as
+        transformers' ``truncation="only_second"`` (or ``"only_first"``) with ``stride`` and overflowing tokens.
+        ``names`` name the two texts in errors."""
+        if max_length > self.max_length:
+            raise InputError(f"max_length={max_length} is more than the model's maximum of {self.max_length} tokens.")
+        whole = self._variant(None).encode_batch(pairs, add_special_tokens=True)
+        long = [i for i, e in enumerate(whole) if len(e.ids) > max_length]
+        for i in long:  # tokenizers fails (or panics) when the kept text leaves no room for windows: say why instead
+            kept = sum(1 for s in whole[i].sequence_ids if s != split)  # the whole text plus special tokens
+            if kept >= max_length:
+                wider = f" or raise the window up to the model's maximum of {self.max_length}" \
+                    if max_length < self.max_length else ""
+                raise InputError(f"The {names[1 - split]} is {kept} tokens long with special tokens, which leaves no "
+                                 f"room for the {names[split]} in a window of {max_length} tokens. Shorten the "
+                                 f"{names[1 - split]}{wider}.")
+            if max_length - kept <= stride:
+                raise InputError(
+                    f"The {names[1 - split]} takes {kept} of the {max_length} tokens of a window (with special "
+                    f"tokens), leaving {max_length - kept} for the {names[split]}: windows need more than the "
+                    f"overlap stride={stride}. Shorten the {names[1 - split]} or lower the stride.")
+        strategy = "only_second" if split == 1 else "only_first"
+        # Only the pairs that overflow are encoded again, now cut: the rest is identical either way.
+        cut = iter(self._variant(max_length, stride, strategy).encode_batch([pairs[i] for i in long]) if long else [])
+        encodings, example = [], []
+        for i, e in enumerate(whole):
+            if len(e.ids) > max_length:
+                first = next(cut)
+                parts = [first, *first.overflowing]
+            else:
+                parts = [e]
+            encodings += parts
+            example += [i] * len(parts)
+        batch = self._pad(encodings, [len(whole[i].ids) > max_length for i in example])
+        return Windows(**vars(batch), example=np.array(example, dtype=np.int64),
+                       sequence_ids=[list(e.sequence_ids) for e in encodings],
+                       word_ids=[list(e.word_ids) for e in encodings], padding_left=self.padding_side == "left")
+
     def _pad(self, encodings, truncated) -> Batch:
         B, T = len(encodings), max(len(e.ids) for e in encodings)
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
@@ -122,8 +191,84 @@ class Tokenizer:
             offsets.append([tuple(o) for o in e.offsets])
         return Batch(ids, mask, types, offsets, special, truncated)
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool | None = None) -> str:
+        """``clean_up_tokenization_spaces=None`` follows tokenizer_config.json, as transformers' decode does."""
+        text = self._tok.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
+        # transformers skips the clean-up for BPE models: it was written for WordPiece and eats real spaces in BPE text.
+        if clean and type(self._tok.model).__name__ != "BPE":
+            text = clean_up_tokenization(text)
+        return text
+
+    # Read-only views of the vocabulary and special tokens (the underlying tokenizer is never mutated).
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, id_: int) -> str | None:
+        return self._tok.id_to_token(int(id_))
+
+    def encode_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Join tokens into text with the tokenizer's decoder (``##`` pieces, byte-level ``Ġ``), as transformers
+        does."""
+        decoder = self._tok.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
+
+    @property
+    def continuing_subword_prefix(self) -> str | None:
+        """``##`` for WordPiece; None (or "") where tokens do not mark word continuations."""
+        return getattr(self._tok.model, "continuing_subword_prefix", None)
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.special_tokens.get("mask_token")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.token_to_id(self.mask_token) if self.mask_token else None
+
+    @property
+    def unk_token_id(self) -> int | None:
+        unk = self.special_tokens.get("unk_token") or getattr(self._tok.model, "unk_token", None)
+        return self.token_to_id(unk) if unk else None
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: drop the spaces decoding puts before punctuation and contractions."""
+    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                     (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(old, new)
+    return text
+
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _special_tokens(directory: Path, config: dict) -> dict[str, str]:
+    """Special tokens by role from tokenizer_config.json, else special_tokens_map.json (older checkpoints)."""
+    sources = [config]
+    map_path = directory / "special_tokens_map.json"
+    if map_path.is_file():
+        try:
+            sources.append(json.loads(map_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{map_path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
+    found = {}
+    for name in _SPECIAL:
+        for source in sources:
+            value = source.get(name)
+            if isinstance(value, dict):  # AddedToken serialised
+                value = value.get("content")
+            if isinstance(value, str):
+                found[name] = value
+                break
+    return found
 
 
 def check_texts(texts, what: str = "input") -> list[str]:

@@ -1,0 +1,80 @@
+"""image-classification: labels and scores as transformers.pipeline("image-classification") returns them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.errors import ArtifactError, InputError
+from kiln.runtime.image_processor import FILE, ImageProcessor
+from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.text_classification import FUNCTIONS, sigmoid, softmax
+
+DEFAULT_TOP_K = 5
+
+
+class ImageClassificationPipeline(Pipeline):
+    """Inputs: a file path (str or pathlib.Path), a PIL image, a numpy array, or a list of those (see
+    ``kiln.runtime.image_processor`` for what each may hold). Returns per image the ``top_k`` best labels
+    ``[{"label", "score"}, ...]``, best first; a list of such lists for a list input.
+
+    As in transformers: ``top_k`` defaults to 5, ``top_k=None`` also means 5, and a ``top_k`` above the number of
+    labels returns every label. ``function_to_apply`` ("softmax", "sigmoid", "none") defaults by ``problem_type``
+    and the number of labels. Unlike transformers, ``top_k`` must be a positive integer (transformers returns [] for 0).
+    """
+
+    task = "image-classification"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.id2label = {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
+        self.problem_type = self.config.get("problem_type")
+
+    def load_preprocessor(self) -> None:
+        self.image_processor = ImageProcessor.from_dir(self.path)
+        pixel_values = next((i for i in self.engine.inputs() if i.name == "pixel_values"), None)
+        if pixel_values is None:
+            raise ArtifactError(f"{self.path} has no 'pixel_values' input; it is not an image model. Re-export it.")
+        self.image_shape = tuple(pixel_values.shape[1:])  # (Ch, H, W), fixed at export
+
+    def _items(self, inputs) -> tuple[bool, list]:
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise InputError("The input list is empty; give at least one image.")
+            return False, list(inputs)
+        return True, [inputs]
+
+    def default_function(self, num_labels: int) -> str:
+        # Copied from text_classification.TextClassificationPipeline.default_function: transformers' rule for both.
+        if self.problem_type == "regression":
+            return "none"
+        if self.problem_type == "multi_label_classification" or num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+    def preprocess(self, items, top_k=DEFAULT_TOP_K, function_to_apply=None, **kwargs):
+        _check_options(top_k, function_to_apply)  # before the images are read and the model runs
+        batch = self.image_processor(items)
+        if batch.pixel_values.shape[1:] != self.image_shape:
+            raise InputError(f"{FILE} makes images of shape {batch.pixel_values.shape[1:]} (Ch, H, W) but the model "
+                             f"takes {self.image_shape}. Set 'size' (or 'crop_size') there to the model's image size "
+                             "and re-export.")
+        return batch
+
+    def postprocess(self, model_inputs, outputs, top_k=DEFAULT_TOP_K, function_to_apply=None, **kwargs):
+        logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
+        function = (function_to_apply or self.default_function(logits.shape[-1])).lower()
+        scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
+        k = min(DEFAULT_TOP_K if top_k is None else top_k, logits.shape[-1])
+        results = []
+        for row in scores:
+            labelled = ({"label": self.id2label.get(i, f"LABEL_{i}"), "score": float(s)} for i, s in enumerate(row))
+            ranked = sorted(labelled, key=lambda d: d["score"], reverse=True)  # stable: ties keep label order
+            results.append(ranked[:k])
+        return results
+
+
+def _check_options(top_k, function) -> None:
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
+    if function is not None and (not isinstance(function, str) or function.lower() not in FUNCTIONS):
+        raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function!r}.")
