@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from kiln.errors import KilnError  # noqa: E402
 
 TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
-         "image-classification")
+         "image-classification", "text-generation")
 
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):

@@ -13,3 +13,12 @@ if ! cmp -s pyproject.toml "$stamp"; then
   .venv/bin/python -m pip install --quiet torch==2.13.0 -e ".[torch,test]"
   cp pyproject.toml "$stamp"
 fi
+
+# transformers 5 removed the question-answering pipeline: its tests compare kiln against transformers 4.57 run from
+# a separate venv (tests/runtime/hf457_qa.py) and skip without it. Reinstalled only when these pins change.
+oracle=(torch==2.13.0 "transformers==4.57.*")
+if [ "$(cat .venv-hf457/.kiln-oracle 2>/dev/null)" != "${oracle[*]}" ]; then
+  [ -x .venv-hf457/bin/python ] || "${PYTHON:-python3}" -m venv .venv-hf457
+  .venv-hf457/bin/python -m pip install --quiet "${oracle[@]}"
+  echo "${oracle[*]}" > .venv-hf457/.kiln-oracle
+fi

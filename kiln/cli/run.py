@@ -25,6 +25,13 @@ def add_parser(sub):
     p.add_argument("--aggregation-strategy", choices=("none", "simple", "first", "average", "max"),
                    help="token-classification: group tokens into words and entities")
     p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
+    p.add_argument("--max-new-tokens", type=int, help="text-generation: tokens to generate (default: the artifact's "
+                   "generation_config.json, else 20)")
+    p.add_argument("--stream", action="store_true", help="text-generation: print text as it is generated")
+    p.add_argument("--sample", action="store_true", help="text-generation: sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="text-generation: sampling temperature")
+    p.add_argument("--top-p", type=float, help="text-generation: nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, help="text-generation: seed for reproducible sampling")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.set_defaults(func=run)
@@ -72,9 +79,26 @@ def run(args) -> int:
         kwargs["aggregation_strategy"] = args.aggregation_strategy
     if task == "fill-mask" and args.targets:
         kwargs["targets"] = args.targets
+    if task == "text-generation":
+        kwargs = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "top_p": args.top_p,
+                                    "temperature": args.temperature, "seed": args.seed,
+                                    "do_sample": True if args.sample else None}.items() if v is not None}
+        if args.stream:
+            return stream(pipe, items, kwargs)
     results = pipe(items, **kwargs)
     if task in ("question-answering", "fill-mask") and len(items) == 1:
         results = [results]  # a one-item list gives that item's result, not a list of one (as transformers)
     for item, result in zip(items, results):
         print(json.dumps({"input": item, "output": result}, ensure_ascii=False))
+    return 0
+
+
+def stream(pipe, items: list, kwargs: dict) -> int:
+    """Print each prompt's continuation as it is generated (plain text, one prompt after another)."""
+    for item in items:
+        if isinstance(item, str):
+            print(item, end="", flush=True)
+        for piece in pipe.stream(item, **kwargs):
+            print(piece, end="", flush=True)
+        print(flush=True)
     return 0

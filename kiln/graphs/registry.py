@@ -16,6 +16,7 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "gpt2": "gpt2",
 }
 
 def package_for(config: dict) -> str:

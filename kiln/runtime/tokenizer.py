@@ -118,7 +118,9 @@ class Tokenizer:
                 self._variants[key] = tok
             return self._variants[key]
 
-    def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None) -> Batch:
+    def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None,
+                 add_special_tokens: bool = True, padding_side: str | None = None) -> Batch:
+        """``padding_side`` overrides tokenizer_config.json's (decoder-only generation pads on the left)."""
         texts = check_texts(texts)
         if pairs is not None:  # one text_pair (or None) per text
             pairs = [None if p is None else check_texts(p, what="text_pair")[0] for p in pairs]
@@ -127,14 +129,14 @@ class Tokenizer:
         limit = min(max_length or self.max_length, self.max_length)
         tok = self._with_max_length(limit if truncation else self.max_length)
         items = [t if p is None else (t, p) for t, p in zip(texts, pairs)] if pairs is not None else texts
-        encodings = tok.encode_batch(items, add_special_tokens=True)
+        encodings = tok.encode_batch(items, add_special_tokens=add_special_tokens)
         truncated = [bool(e.overflowing) for e in encodings]
         if any(truncated):
             if not truncation:
                 raise InputError(f"An input is longer than the model's maximum of {self.max_length} tokens. "
                                  "Shorten it or call with truncation=True.")
             log.warning("Truncated %d input(s) to %d tokens (the model's maximum).", sum(truncated), limit)
-        return self._pad(encodings, truncated)
+        return self._pad(encodings, truncated, padding_side)
 
     def windows(self, pairs: list[tuple[str, str]], *, max_length: int, stride: int, split: int = 1,
                 names: tuple[str, str] = ("text", "text_pair")) -> Windows:
@@ -176,7 +178,8 @@ class Tokenizer:
                        sequence_ids=[list(e.sequence_ids) for e in encodings],
                        word_ids=[list(e.word_ids) for e in encodings], padding_left=self.padding_side == "left")
 
-    def _pad(self, encodings, truncated) -> Batch:
+    def _pad(self, encodings, truncated, padding_side: str | None = None) -> Batch:
+        left = (padding_side or self.padding_side) == "left"
         B, T = len(encodings), max(len(e.ids) for e in encodings)
         ids = np.full((B, T), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, T), dtype=np.int64)
@@ -185,7 +188,7 @@ class Tokenizer:
         offsets = []
         for b, e in enumerate(encodings):
             n = len(e.ids)
-            where = slice(T - n, T) if self.padding_side == "left" else slice(0, n)
+            where = slice(T - n, T) if left else slice(0, n)
             ids[b, where], mask[b, where], types[b, where] = e.ids, e.attention_mask, e.type_ids
             special[b, where] = e.special_tokens_mask
             offsets.append([tuple(o) for o in e.offsets])

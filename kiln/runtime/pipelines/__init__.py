@@ -14,6 +14,7 @@ PIPELINES = {
     "question-answering": "question_answering:QuestionAnsweringPipeline",
     "fill-mask": "fill_mask:FillMaskPipeline",
     "image-classification": "image_classification:ImageClassificationPipeline",
+    "text-generation": "text_generation:TextGenerationPipeline",
 }
 
 

@@ -1,0 +1,86 @@
+"""The decode loop over a kiln decoder graph: prefill and decode in one graph, the KV cache fed back in place.
+
+The graph takes ``past_key_values.{i}.key/value`` and returns ``present.{i}.key/value`` (past + new). With
+onnxruntime the presents stay OrtValues bound as the next step's pasts (IO binding), so the cache never round-trips
+through numpy; only the last position's logits are read back. Sampling and stopping are in ``generation.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from kiln.errors import InputError
+from kiln.runtime.generation import GenerationConfig, StopChecker, process_logits, select_next
+
+
+class DecoderSession:
+    """Wraps an engine whose graph has the decoder inputs/outputs of ``kiln.exporter.decoder``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        infos = {i.name: i for i in engine.inputs()}
+        self.past_names = [n for n in infos if n.startswith("past_key_values.")]
+        if not self.past_names or "position_ids" not in infos:
+            raise InputError("This artifact is not a kiln decoder (no past_key_values inputs); export it with "
+                             "--task text-generation.")
+        self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
+        shape = infos[self.past_names[0]].shape  # (batch, kv_heads, past_sequence, head_dim)
+        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.dtype = np.dtype(infos[self.past_names[0]].dtype)
+        session = getattr(engine, "session", None)
+        self._binding = session.io_binding() if session is not None else None
+
+    def empty_cache(self, batch: int) -> dict:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+        return {name: empty for name in self.past_names}
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
+        """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step)."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self._binding is None:  # engines without IO binding: plain arrays in and out
+            out = self.engine.run({**feed, **cache})
+            return out["logits"][:, -1].astype(np.float32), {p: out[q] for p, q in zip(self.past_names, self.present_names)}
+        import onnxruntime as ort
+
+        binding = self._binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        for name, value in cache.items():
+            binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value))
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cpu")
+        self.engine.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # OrtValues in bind order: logits, then presents
+        logits = outputs[0].numpy()[:, -1].astype(np.float32)
+        return logits, dict(zip(self.past_names, outputs[1:]))
+
+
+def generate(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig,
+             decode: Callable[[list[int]], str] | None = None, on_tokens: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Generate up to ``config.max_new_tokens`` for left-padded prompts (B, T). Returns the new tokens (B, N), rows
+    that finished early filled with the pad token. ``on_tokens`` sees each step's tokens (B,) as they come."""
+    B, T = input_ids.shape
+    rng = np.random.default_rng(config.seed)
+    stopper = StopChecker(config, batch=B, decode=decode)
+    mask = attention_mask.astype(np.int64)
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # left-padded rows start at position 0
+    generated, new_tokens = input_ids.astype(np.int64), []
+    step_ids, step_pos, cache = generated, positions, session.empty_cache(B)
+    for _ in range(config.max_new_tokens):
+        logits, cache = session.step(step_ids, mask, step_pos, cache)
+        scores = process_logits(logits, generated, config, attention_mask=mask)
+        tokens = stopper.fill(select_next(scores, config, rng))  # finished rows only pad
+        new_tokens.append(tokens)
+        generated = np.concatenate([generated, tokens[:, None]], axis=1)
+        if on_tokens is not None:
+            on_tokens(tokens)
+        if stopper.update(tokens).all():
+            break
+        step_ids, step_pos = tokens[:, None], step_pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+    return np.stack(new_tokens, axis=1) if new_tokens else np.zeros((B, 0), dtype=np.int64)

@@ -1,0 +1,96 @@
+"""The LLaMA family's one-graph decoder export: one Attention node per layer, Optimum's input/output names, and in
+onnxruntime a run with the KV cache equals a run without it, for grouped-query (Llama, 2 kv heads) and multi-query
+(Qwen2, 1 kv head) attention."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln.artifact import load_manifest
+from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+LAYERS, HEADS, DIM, VOCAB = 2, 4, 8, 100
+MODELS = {"llama-gqa": ("llama", 2), "qwen2-mqa": ("qwen2", 1)}  # name -> (model_type, num_key_value_heads)
+
+
+def make_checkpoint(path, model_type: str, kv_heads: int):
+    config = transformers.AutoConfig.for_model(
+        model_type, hidden_size=HEADS * DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=kv_heads, intermediate_size=37, vocab_size=VOCAB, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init leaves the norms at 1 and biases at 0: perturb them
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    model_type, kv_heads = MODELS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    theirs = make_checkpoint(root / "checkpoint", model_type, kv_heads)
+    kiln.export(str(root / "checkpoint"), root / "artifact", task="text-generation", batch="1:4")
+    return root / "artifact", theirs, kv_heads
+
+
+def left_padded(lengths, T: int, seed: int = 0):
+    """(ids, mask, position_ids) as batched generation pads: on the left, positions counting real tokens only."""
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(T)[None, :] >= T - np.array(lengths)[:, None]).astype(np.int64)  # (B, T)
+    ids = np.where(mask == 1, rng.integers(3, VOCAB, size=mask.shape), 0).astype(np.int64)
+    return ids, mask, np.clip(mask.cumsum(-1) - 1, 0, None)
+
+
+def ort_feed(ids, mask, pos, kv_heads: int, past: dict | None = None) -> dict:
+    """A graph feed; with ``past`` (a previous run's outputs) its presents become the past, else the past is empty."""
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            empty = np.zeros((ids.shape[0], kv_heads, 0, DIM), np.float32)  # (B, Hkv, P=0, D)
+            feed[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"] if past else empty
+    return feed
+
+
+def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
+    artifact, _, kv_heads = exported
+    assert load_manifest(artifact)["validation"]["passed"]
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    assert Counter(n.op_type for n in graph.node)["Attention"] == LAYERS
+    kinds = ("key", "value")
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
+                                             *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+    assert [o.name for o in graph.output] == ["logits", *(f"present.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+
+
+def test_onnxruntime_cache_equals_no_cache(exported):
+    artifact, theirs, kv_heads = exported
+    engine = OnnxRuntimeEngine(artifact / "model.onnx")
+    ids, mask, pos = left_padded([7, 4], 7)
+    full = engine.run(ort_feed(ids, mask, pos, kv_heads))
+    with torch.no_grad():  # the graph without a cache agrees with transformers at the real tokens
+        want = theirs(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      position_ids=torch.from_numpy(pos)).logits.numpy()
+    assert np.abs(full["logits"] - want)[mask == 1].max() < 1e-4
+    # Prefix, then the last token with the prefix's presents as the past.
+    prefix = engine.run(ort_feed(ids[:, :-1], mask[:, :-1], pos[:, :-1], kv_heads))
+    step = engine.run(ort_feed(ids[:, -1:], mask, pos[:, -1:], kv_heads, past=prefix))
+    assert step["present.0.key"].shape == (2, kv_heads, 7, DIM)  # (B, Hkv, S, D)
+    np.testing.assert_allclose(step["logits"][:, -1], full["logits"][:, -1], atol=1e-4)
+    # A second decode step on top of the first cache.
+    ids2 = np.array([[5], [6]], dtype=np.int64)
+    mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    pos2 = pos[:, -1:] + 1
+    step2 = engine.run(ort_feed(ids2, mask2, pos2, kv_heads, past=step))
+    full2 = engine.run(ort_feed(np.concatenate([ids, ids2], 1), mask2, np.concatenate([pos, pos2], 1), kv_heads))
+    np.testing.assert_allclose(step2["logits"][:, -1], full2["logits"][:, -1], atol=1e-4)
