@@ -25,6 +25,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "tokenizer.model",
     "added_tokens.json",
+    "chat_template.jinja",  # transformers 5 saves the chat template beside tokenizer_config.json
 )
 PROCESSOR_FILES = ("preprocessor_config.json", "generation_config.json")
 # What a snapshot download needs; never the other frameworks' weight files.
@@ -40,9 +41,13 @@ class Checkpoint:
     path: Path
     revision: str | None = None
     weight_files: tuple[Path, ...] = field(default=())
+    # A llama.cpp GGUF file: config, weights and tokenizer all come from it (``path`` is the directory holding it).
+    gguf: Path | None = None
 
     @property
     def weight_format(self) -> str:
+        if self.gguf is not None:
+            return "gguf"
         return "pytorch" if self.weight_files and self.weight_files[0].suffix == ".bin" else "safetensors"
 
 
@@ -51,17 +56,36 @@ def _offline() -> bool:
 
 
 def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Checkpoint:
-    """Resolve a local directory or a hub id to a local directory holding ``config.json`` and weights."""
+    """Resolve a local directory or a hub id to a local directory holding ``config.json`` and weights, or a GGUF
+    file (or a directory holding exactly one ``.gguf`` and no config.json) to a checkpoint read from that file."""
     source = str(path_or_id)
     local = Path(source).expanduser()
     if local.is_dir():
+        ggufs = sorted(local.glob("*.gguf"))
+        if ggufs and not (local / "config.json").is_file():
+            if len(ggufs) > 1:
+                shown = ", ".join(p.name for p in ggufs[:4])
+                raise CheckpointError(f"{source} holds {len(ggufs)} GGUF files ({shown}) and no config.json; "
+                                      "give the path of the one to use.")
+            return _gguf_checkpoint(source, ggufs[0], revision)
         read_config(local)  # config problems first: they say more than a missing weights file
         return Checkpoint(source, local.resolve(), revision, find_weights(local))
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        return _gguf_checkpoint(source, local, revision)
     if local.exists():
-        raise CheckpointError(f"{source} is a file; give the checkpoint directory that holds config.json and the weights.")
+        raise CheckpointError(f"{source} is a file; give the checkpoint directory that holds config.json and the "
+                              "weights, or a .gguf file.")
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
         raise CheckpointError(f"No checkpoint directory at {source!r}. Check the path.")
     return _download(source, revision)
+
+
+def _gguf_checkpoint(source: str, file: Path, revision: str | None) -> Checkpoint:
+    from kiln import gguf
+
+    file = file.resolve()
+    gguf.read_config(file)  # a file that is not GGUF, is cut off, or holds another architecture fails here
+    return Checkpoint(source, file.parent, revision, (file,), gguf=file)
 
 
 def _download(repo_id: str, revision: str | None) -> Checkpoint:
@@ -128,8 +152,15 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
     )
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    """Read ``config.json`` as a dict, with errors that name the file."""
+def read_config(directory: Checkpoint | str | os.PathLike) -> dict:
+    """Read ``config.json`` as a dict, with errors that name the file. Given a Checkpoint or a ``.gguf`` file, a GGUF
+    checkpoint's config is derived from the file's metadata instead (``kiln.gguf.read_config``)."""
+    if isinstance(directory, Checkpoint):
+        directory = directory.gguf or directory.path
+    if Path(directory).suffix.lower() == ".gguf" and Path(directory).is_file():
+        from kiln import gguf
+
+        return gguf.read_config(directory)
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConfigError(f"No config.json in {directory}. A checkpoint directory needs config.json next to its weights.")

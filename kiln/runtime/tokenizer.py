@@ -120,12 +120,16 @@ class Tokenizer:
 
     def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None,
                  add_special_tokens: bool = True, padding_side: str | None = None) -> Batch:
-        """``padding_side`` overrides tokenizer_config.json's (decoder-only generation pads on the left)."""
+        """``truncation``: True cuts to the model's maximum with a warning, False makes that an error, None applies no
+        limit. ``padding_side`` overrides tokenizer_config.json's (decoder-only generation pads on the left)."""
         texts = check_texts(texts)
         if pairs is not None:  # one text_pair (or None) per text
             pairs = [None if p is None else check_texts(p, what="text_pair")[0] for p in pairs]
             if len(pairs) != len(texts):
                 raise InputError(f"Got {len(texts)} texts but {len(pairs)} text pairs; give one pair per text.")
+        if truncation is None:  # no limit at all: the caller (text generation) fits the tokens itself
+            encodings = self._variant(None).encode_batch(texts, add_special_tokens=add_special_tokens)
+            return self._pad(encodings, [False] * len(encodings), padding_side)
         limit = min(max_length or self.max_length, self.max_length)
         tok = self._with_max_length(limit if truncation else self.max_length)
         items = [t if p is None else (t, p) for t, p in zip(texts, pairs)] if pairs is not None else texts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,6 +12,7 @@ from kiln.runtime.decoding import DecoderSession, generate
 from kiln.runtime.generation import GenerationConfig, StreamDecoder, chat_template_from, render_chat
 from kiln.runtime.pipelines.base import Pipeline
 
+log = logging.getLogger("kiln")
 # Keyword arguments that are generation options (everything else is a pipeline option).
 GENERATION_OPTIONS = set(GenerationConfig.__dataclass_fields__)
 
@@ -46,15 +48,16 @@ class TextGenerationPipeline(Pipeline):
         return_full_text = kwargs.pop("return_full_text", True)
         # As transformers: plain prompts get the tokenizer's special tokens (e.g. BOS); rendered chats already hold them.
         add_special_tokens = kwargs.pop("add_special_tokens", None)
+        truncation = kwargs.pop("truncation", False)
         if kwargs:
             raise InputError(f"Unknown text-generation option(s) {sorted(kwargs)}; generation options are "
-                             f"{sorted(GENERATION_OPTIONS)}, plus return_full_text and add_special_tokens.")
+                             f"{sorted(GENERATION_OPTIONS)}, plus return_full_text, add_special_tokens and truncation.")
         results = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
             prompts = [self._prompt(item) for item in chunk]
             special = add_special_tokens if add_special_tokens is not None else not _is_chat(chunk[0])
-            batch = self._encode(prompts, special, config)
+            batch = self._encode(prompts, special, config, truncation)
             new = generate(self.decoder, batch.input_ids, batch.attention_mask, config, decode=self._decode_new)
             for item, prompt, tokens in zip(chunk, prompts, new):
                 text = self._decode_new(_strip_pad(tokens, config))
@@ -94,14 +97,20 @@ class TextGenerationPipeline(Pipeline):
                              f"{type(item).__name__}.")
         return item
 
-    def _encode(self, prompts: list[str], add_special_tokens: bool, config: GenerationConfig):
+    def _encode(self, prompts: list[str], add_special_tokens: bool, config: GenerationConfig, truncation: bool = False):
         if any(p == "" for p in prompts):
             raise InputError("An empty prompt gives the model nothing to continue; give some text.")
-        batch = self.tokenizer(prompts, truncation=False, add_special_tokens=add_special_tokens, padding_side="left")
-        if self.context and batch.input_ids.shape[1] + config.max_new_tokens > self.context:
-            raise InputError(f"The prompt ({batch.input_ids.shape[1]} tokens) plus max_new_tokens "
-                             f"({config.max_new_tokens}) exceeds the model's context window of {self.context} tokens. "
-                             "Shorten the prompt or lower max_new_tokens.")
+        batch = self.tokenizer(prompts, truncation=None, add_special_tokens=add_special_tokens, padding_side="left")
+        T = batch.input_ids.shape[1]
+        if self.context and T + config.max_new_tokens > self.context:
+            keep = self.context - config.max_new_tokens
+            if not truncation or keep < 1:
+                raise InputError(f"The prompt ({T} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
+                                 f"model's context window of {self.context} tokens. Shorten the prompt, lower "
+                                 "max_new_tokens, or pass truncation=True to keep the prompt's last tokens.")
+            # Left-padded rows end together: keeping the last columns keeps each prompt's most recent tokens.
+            log.warning("Truncated the prompt from %d to its last %d tokens to fit the context window.", T, keep)
+            batch.input_ids, batch.attention_mask = batch.input_ids[:, -keep:], batch.attention_mask[:, -keep:]
         return batch
 
     def _decode_new(self, ids) -> str:

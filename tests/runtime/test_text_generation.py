@@ -1,0 +1,149 @@
+"""text-generation pipeline vs transformers.pipeline / generate: same tokens, same text, same output structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln.errors import InputError
+
+PROMPTS = ["hello world", "the river runs through paris and london", "a"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+VARIANTS = {
+    "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "llama-gqa": ("llama", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64)),
+    "qwen2-mqa": ("qwen2", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=1, max_position_embeddings=64)),
+}
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """Tiny random decoders with a byte-level BPE tokenizer and a ChatML template, exported once per module."""
+    from conftest import roberta_tokenizer
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            model_type, sizes = VARIANTS[name]
+            tokenizer = roberta_tokenizer()
+            tokenizer.chat_template = CHATML
+            config = transformers.AutoConfig.for_model(model_type, vocab_size=len(tokenizer), initializer_range=0.3,
+                                                       bos_token_id=0, pad_token_id=1, eos_token_id=2, **sizes)
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+            ckpt = tmp_path_factory.mktemp(name)
+            model.save_pretrained(ckpt)
+            tokenizer.save_pretrained(ckpt)
+            out = tmp_path_factory.mktemp("art") / name
+            kiln.export(str(ckpt), out, task="text-generation", batch="1:4")
+            made[name] = (ckpt, out, model)
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_greedy_matches_transformers_pipeline(name, decoders):
+    ckpt, out, _ = decoders(name)
+    ours = kiln.pipeline("text-generation", out)
+    theirs = transformers.pipeline("text-generation", model=str(ckpt), tokenizer=str(ckpt))
+    for prompt in PROMPTS[:2]:
+        assert ours(prompt, max_new_tokens=12) == theirs(prompt, max_new_tokens=12, do_sample=False)
+    # one batch, left-padded inside kiln; transformers runs the prompts one by one
+    assert ours(PROMPTS, max_new_tokens=10) == theirs(PROMPTS, max_new_tokens=10, do_sample=False)
+    assert ours(PROMPTS[0], max_new_tokens=8, return_full_text=False) == theirs(
+        PROMPTS[0], max_new_tokens=8, return_full_text=False, do_sample=False)
+
+
+def test_tokens_match_generate_with_left_padding_and_repetition_penalty(decoders):
+    from kiln.runtime.decoding import generate
+
+    ckpt, out, model = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    batch = pipe.tokenizer(PROMPTS, padding_side="left")
+    config = pipe.defaults.merge(max_new_tokens=10, repetition_penalty=1.3)
+    ours = generate(pipe.decoder, batch.input_ids, batch.attention_mask, config)
+    theirs = model.generate(input_ids=torch.from_numpy(batch.input_ids), attention_mask=torch.from_numpy(batch.attention_mask),
+                            max_new_tokens=10, do_sample=False, repetition_penalty=1.3)
+    np.testing.assert_array_equal(ours, theirs[:, batch.input_ids.shape[1]:].numpy())
+
+
+def test_chat_is_rendered_with_the_template(decoders):
+    ckpt, out, _ = decoders("llama-gqa")
+    chat = [{"role": "user", "content": "hello world"}]
+    ours = kiln.pipeline("text-generation", out)(chat, max_new_tokens=6)
+    theirs = transformers.pipeline("text-generation", model=str(ckpt), tokenizer=str(ckpt))(chat, max_new_tokens=6, do_sample=False)
+    assert ours == theirs and ours[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def test_stream_yields_the_same_text(decoders):
+    _, out, _ = decoders("gpt2")
+    pipe = kiln.pipeline("text-generation", out)
+    pieces = list(pipe.stream(PROMPTS[1], max_new_tokens=12))
+    assert len(pieces) > 1
+    assert "".join(pieces) == pipe(PROMPTS[1], max_new_tokens=12, return_full_text=False)[0]["generated_text"]
+
+
+def test_sampling_is_reproducible_with_a_seed(decoders):
+    _, out, _ = decoders("gpt2")
+    pipe = kiln.pipeline("text-generation", out)
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=20, top_p=0.9, temperature=1.5)
+    a = pipe(PROMPTS[0], seed=1, **kwargs)
+    assert a == pipe(PROMPTS[0], seed=1, **kwargs)
+    assert any(pipe(PROMPTS[0], seed=s, **kwargs) != a for s in range(2, 6))
+
+
+def test_eos_and_stop_strings_end_generation(decoders):
+    _, out, _ = decoders("gpt2")
+    pipe = kiln.pipeline("text-generation", out)
+    full = pipe(PROMPTS[0], max_new_tokens=12, return_full_text=False)[0]["generated_text"]
+    stop = full[2:4]
+    stopped = pipe(PROMPTS[0], max_new_tokens=12, return_full_text=False, stop_strings=(stop,))[0]["generated_text"]
+    assert stop in stopped and len(stopped) < len(full) and full.startswith(stopped)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p(""), "empty prompt"),
+    (lambda p: p("hello", max_new_tokens=0), "max_new_tokens"),
+    (lambda p: p("hello", max_new_tokens=-3), "max_new_tokens"),
+    (lambda p: p("hello", do_sample=True, top_p=1.5), "top_p"),
+    (lambda p: p("hello", do_sample=True, top_p=0.0), "top_p"),
+    (lambda p: p("paris " * 40, max_new_tokens=30), "context window of 64 tokens"),
+    (lambda p: p("hello", max_tokens=5), "Unknown text-generation option"),
+    (lambda p: p(42), "got int"),
+])
+def test_bad_input(call, message, decoders):
+    _, out, _ = decoders("gpt2")
+    with pytest.raises(InputError, match=message):
+        call(kiln.pipeline("text-generation", out))
+
+
+def test_long_prompts_truncate_from_the_left_when_asked(decoders, caplog):
+    _, out, _ = decoders("gpt2")
+    pipe = kiln.pipeline("text-generation", out)
+    long_prompt = "paris " * 40 + "the river"
+    with caplog.at_level("WARNING", logger="kiln"):
+        text = pipe(long_prompt, max_new_tokens=30, truncation=True, return_full_text=False)[0]["generated_text"]
+    assert "to its last 34 tokens" in caplog.text
+    ids = pipe.tokenizer([long_prompt], truncation=None).input_ids[0, -34:]
+    short = pipe.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == pipe(short, max_new_tokens=30, add_special_tokens=False, return_full_text=False)[0]["generated_text"]
+
+
+def test_cli_run_stream(decoders, capsys):
+    from kiln.cli.__main__ import main
+
+    _, out, _ = decoders("gpt2")
+    assert main(["run", str(out), PROMPTS[0], "--max-new-tokens", "6", "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(["run", str(out), PROMPTS[0], "--max-new-tokens", "6"]) == 0
+    import json
+
+    assert streamed.rstrip("\n") == json.loads(capsys.readouterr().out)["output"][0]["generated_text"]
