@@ -34,7 +34,7 @@ def run(args) -> int:
         "dynamic axes  " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in m.get("dynamic_axes", {}).items()),
         "ops        " + ", ".join(f"{k} {v}" for k, v in sorted(m.get("op_counts", {}).items(), key=lambda kv: -kv[1])),
         f"validation {'passed' if val.get('passed') else 'FAILED'} on shapes {val.get('shapes')}",
-        *(f"  {name:<18} max abs {e['max_abs']:.3g} (atol {e['atol']:.0e}), max rel {e['max_rel']:.3g}"
+        *(f"  {name:<18} max abs {e['max_abs']:.3g} (allowed {e.get('allowed', e['atol']):.2g}), max rel {e['max_rel']:.3g}"
           for name, e in val.get("outputs", {}).items()),
         *(f"  {k}: {v}" for k, v in val.get("task", {}).items()),
         f"engines    {len(m.get('engines', []))} TensorRT engine(s)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -54,7 +55,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     started = time.perf_counter()
     steps(f"Resolving {model}")
     checkpoint = hub.resolve(model, revision)
-    raw = hub.read_config(checkpoint.path)
+    raw = hub.read_config(checkpoint)
     registry.check_task(raw, task)
     arch = registry.architecture(raw)
     weights_sha = hub.sha256_files(checkpoint.weight_files)
@@ -83,8 +84,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         report = validate(reference, spec, onnx_path)
 
         steps("Writing the artifact")
-        shutil.copyfile(checkpoint.path / "config.json", tmp / "config.json")
-        copied = _copy_tokenizer(checkpoint.path, tmp)
+        copied = _write_config_and_tokenizer(checkpoint, raw, tmp)
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(tmp, manifest)
@@ -94,6 +94,19 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     steps._finish()
     log.info("Artifact written to %s (validation passed)", output)
     return manifest
+
+
+def _write_config_and_tokenizer(checkpoint, raw: dict, target: Path) -> list[str]:
+    """config.json unchanged, plus the tokenizer files. A GGUF file has neither: write the config derived from its
+    metadata and the tokenizer rebuilt from its vocabulary (or, for tokenizers kiln cannot rebuild, the files found
+    beside it)."""
+    if checkpoint.gguf is None:
+        shutil.copyfile(checkpoint.path / "config.json", target / "config.json")
+        return _copy_tokenizer(checkpoint.path, target)
+    from kiln import gguf
+
+    (target / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    return gguf.write_tokenizer(checkpoint.gguf, target) or _copy_tokenizer(checkpoint.path, target)
 
 
 def _copy_tokenizer(source: Path, target: Path) -> list[str]:

@@ -21,8 +21,9 @@ def cache_root() -> Path:
 
 def cache_key(checkpoint: hub.Checkpoint, task: str, opset: int) -> str:
     digest = hashlib.sha256()
-    for part in (hub.sha256_files(checkpoint.weight_files), (checkpoint.path / "config.json").read_bytes().hex(),
-                 task, str(opset), __version__):
+    # A GGUF checkpoint has no config.json: its config comes from the file, which the weights hash already covers.
+    config = b"" if checkpoint.gguf is not None else (checkpoint.path / "config.json").read_bytes()
+    for part in (hub.sha256_files(checkpoint.weight_files), config.hex(), task, str(opset), __version__):
         digest.update(str(part).encode() + b"\0")
     return digest.hexdigest()[:24]
 
@@ -32,12 +33,12 @@ def cached_export(model, task: str, revision: str | None = None, opset: int | No
 
     opset = opset or DEFAULT_OPSET
     checkpoint = hub.resolve(model, revision)
-    hub.read_config(checkpoint.path)  # a clear error before hashing
+    hub.read_config(checkpoint)  # a clear error before hashing
     target = cache_root() / cache_key(checkpoint, task, opset)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Two processes asking for the same checkpoint export it once; the second waits and reuses the result.
     with FileLock(str(target) + ".lock"):
         if not is_artifact(target):
             log.info("Exporting %s for %s into the cache at %s", model, task, target)
-            export(str(checkpoint.path), target, task=task, opset=opset)
+            export(str(checkpoint.gguf or checkpoint.path), target, task=task, opset=opset)
     return target

@@ -53,7 +53,8 @@ class ExportSpec:
     outputs: tuple[TensorSpec, ...]
     axes: dict  # axis name -> AxisRange
     make_feed: Callable  # (sizes: dict axis -> int, rng) -> {input name: array}
-    atol: float = 1e-4  # per-output max abs difference allowed, fp32
+    atol: float = 1e-4  # per-output difference allowed: atol + rtol * max |reference|, fp32
+    rtol: float = 1e-4
     extra: dict = field(default_factory=dict)  # task facts the validator needs (e.g. mask_token_id)
 
     def example_sizes(self) -> dict[str, int]:

@@ -65,7 +65,10 @@ TASK_CHECKS = {
 def validate(model: torch.nn.Module, spec: ExportSpec, onnx_path, seed: int = 0) -> dict:
     engine = OnnxRuntimeEngine(onnx_path, device="cpu")
     rng = np.random.default_rng(seed)
-    stats = {o.name: {"max_abs": 0.0, "max_rel": 0.0, "atol": spec.atol} for o in spec.outputs}
+    # Allowed difference per output: atol + rtol * (largest reference magnitude). fp32 error grows with depth and with
+    # the size of the values (a 30-layer decoder's logits reach ~40), so a flat atol would reject sound graphs.
+    stats = {o.name: {"max_abs": 0.0, "max_rel": 0.0, "max_ref": 0.0, "atol": spec.atol, "rtol": spec.rtol}
+             for o in spec.outputs}
     check = TASK_CHECKS[spec.task]
     flags = {f"output_{k}": True for k in ("hidden_states", "attentions") if any(n.startswith(k + ".") for n in stats)}
     values, metric, gate = [], None, None
@@ -81,20 +84,24 @@ def validate(model: torch.nn.Module, spec: ExportSpec, onnx_path, seed: int = 0)
             if r.shape != g.shape:
                 raise AssertionError(f"output {name}: engine shape {g.shape} != reference {r.shape}")
             diff = float(np.abs(r - g).max()) if r.size else 0.0
+            magnitude = float(np.abs(r).max()) if r.size else 0.0
             entry["max_abs"] = max(entry["max_abs"], diff)
-            entry["max_rel"] = max(entry["max_rel"], diff / max(float(np.abs(r).max()), 1e-12))
+            entry["max_rel"] = max(entry["max_rel"], diff / max(magnitude, 1e-12))
+            entry["max_ref"] = max(entry["max_ref"], magnitude)
         metric, agreement, gate = check(ref, got, feed)
         values.append(np.asarray(agreement, dtype=np.float64).ravel())
     engine.close()
     values = np.concatenate(values)
     value = float(values.min()) if metric == "min_cosine" else float(values.mean())
     report = {"shapes": [list(s.values()) for s in sizes], "outputs": stats, "task": {metric: value, "gate": gate}}
-    report["passed"] = bool(value >= gate and all(e["max_abs"] <= e["atol"] for e in stats.values()))
+    for entry in stats.values():
+        entry["allowed"] = entry["atol"] + entry["rtol"] * entry["max_ref"]
+    report["passed"] = bool(value >= gate and all(e["max_abs"] <= e["allowed"] for e in stats.values()))
     return report
 
 
 def describe_failure(report: dict) -> str:
-    lines = [f"{name}: max abs diff {e['max_abs']:.3g} (allowed {e['atol']:.3g}), max rel {e['max_rel']:.3g}"
+    lines = [f"{name}: max abs diff {e['max_abs']:.3g} (allowed {e['allowed']:.3g}), max rel {e['max_rel']:.3g}"
              for name, e in report["outputs"].items()]
     lines += [f"{k}: {v}" for k, v in report["task"].items()]
     return "; ".join(lines)

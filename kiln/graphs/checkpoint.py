@@ -1,8 +1,8 @@
 """Reading and writing Hugging Face checkpoints for the PyTorch references.
 
-``kiln.hub`` locates the files; this module reads the tensors (safetensors, or ``pytorch_model.bin`` through
-``torch.load(weights_only=True)`` only), checks every tensor against the model, and writes ``save_pretrained`` output
-that transformers loads back.
+``kiln.hub`` locates the files; this module reads the tensors (safetensors, ``pytorch_model.bin`` through
+``torch.load(weights_only=True)`` only, or a GGUF file through ``kiln.gguf``), checks every tensor against the model,
+and writes ``save_pretrained`` output that transformers loads back.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ def read_state_dict(files) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
         path = Path(path)
-        if path.suffix == ".bin":
+        if path.suffix.lower() == ".gguf":  # llama.cpp file: dequantized to float32, HF names, Q/K rows in HF order
+            from kiln import gguf
+
+            part = {name: torch.from_numpy(array) for name, array in gguf.read_tensors(path).items()}
+        elif path.suffix == ".bin":
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # torch raises a zoo of pickle/zip errors; all mean the same here
@@ -121,7 +125,7 @@ def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str 
     from kiln.graphs import registry
 
     checkpoint = hub.resolve(path_or_id, revision)
-    raw = hub.read_config(checkpoint.path)
+    raw = hub.read_config(checkpoint)
     registry.check_task(raw, task)
     arch = registry.architecture(raw)
     state = read_state_dict(checkpoint.weight_files)

@@ -1,0 +1,322 @@
+"""GGUF (llama.cpp) checkpoints -> a Hugging Face style config dict, HF-named float32 tensors and a fast tokenizer.
+
+A GGUF file is config, weights and tokenizer in one: metadata keys (``llama.block_count``, ``tokenizer.ggml.tokens``)
+and tensors under llama.cpp's names (``blk.0.attn_q.weight``), often block-quantized (Q4_1, Q8_0, ...). kiln reads it
+into what a Hugging Face checkpoint directory would hold, so the references and the exporter need not know GGUF:
+quantized weights are dequantized to float32 (the exported graph is fp32 like any other).
+
+Light like ``kiln.hub``: numpy, ``gguf`` and ``tokenizers`` are imported lazily, never torch or transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+from kiln.errors import CheckpointError, require
+
+log = logging.getLogger("kiln")
+
+# general.architecture -> HF model_type. Mistral GGUFs also say "llama" (llama.cpp runs them as one architecture).
+ARCHITECTURES = {"llama": "llama"}
+# llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
+TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def _reader(path: str | os.PathLike):
+    """The parsed file, cached: parsing a real vocabulary's metadata takes seconds, and resolve, config, weights and
+    tokenizer each need it. Keyed by size and mtime, so a rewritten file is read again."""
+    require("gguf", "gguf", "Reading a GGUF checkpoint")
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"Could not read the GGUF file {path}: {err}. Check the path.") from err
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {magic!r}, a GGUF file with b'GGUF'. Point "
+                              "kiln at a .gguf file written by llama.cpp, or at a Hugging Face checkpoint directory.")
+    return _open(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int, size: int):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError, IndexError, KeyError ... for any malformed or cut-off file
+        raise CheckpointError(f"{path} is a GGUF file that cannot be parsed ({type(err).__name__}: {err}). It is "
+                              "probably truncated or corrupt: download it again.") from err
+
+
+def _get(reader, key: str, default=None):
+    """A metadata value as Python (str, int, float, bool or a list of them). Parsed here rather than with
+    ``ReaderField.contents()``, which older gguf releases lack."""
+    from gguf import GGUFValueType
+
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+
+    def one(part, kind):
+        return part.tobytes().decode("utf-8") if kind == GGUFValueType.STRING else part.tolist()[0]
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        return [one(field.parts[i], field.types[-1]) for i in field.data]
+    return one(field.parts[-1], field.types[0])
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A Hugging Face style ``config.json`` dict (transformers' LlamaConfig keys) from the file's metadata."""
+    reader, path = _reader(path), Path(path)
+    arch = _get(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path.name} holds a GGUF model of architecture {arch!r} (general.architecture); kiln "
+                              f"reads GGUF files of architecture {', '.join(map(repr, ARCHITECTURES))} only. Export "
+                              "the original Hugging Face checkpoint instead.")
+    names = {t.name for t in reader.tensors}
+
+    def need(key: str):
+        value = _get(reader, f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer values: kiln's references need them equal across layers
+            if len(set(value)) != 1:
+                raise CheckpointError(f"{path.name}: '{arch}.{key}' varies per layer ({value[:6]}...); kiln's {arch} "
+                                      "reference needs one value for all layers.")
+            value = value[0]
+        if value is None:
+            raise CheckpointError(f"{path.name} lacks the GGUF metadata key '{arch}.{key}'. The file is incomplete; "
+                                  "convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py.")
+        return value
+
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    kv_heads = need("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
+    head_dim = _get(reader, f"{arch}.attention.key_length") or hidden // heads
+    rotary = _get(reader, f"{arch}.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise CheckpointError(f"{path.name} rotates {rotary} of {head_dim} dimensions per head (partial RoPE); kiln's "
+                              f"{arch} reference rotates all of them.")
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(f"{path.name} carries per-frequency RoPE factors (tensor 'rope_freqs.weight', llama3 "
+                              "scaling); kiln cannot read those from GGUF yet. Export the original checkpoint instead.")
+    rope = {"rope_type": "default", "rope_theta": _f32(_get(reader, f"{arch}.rope.freq_base", 10000.0))}
+    scaling = _get(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=_f32(need("rope.scaling.factor")))
+    elif scaling != "none":
+        raise CheckpointError(f"{path.name} uses RoPE scaling {scaling!r} ('{arch}.rope.scaling.type'); kiln reads "
+                              "'linear' or none from GGUF.")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = _get(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None) or (
+        int(embed.shape[-1]) if embed is not None else None)
+    config = {
+        "model_type": ARCHITECTURES[arch],
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": _get(reader, f"{arch}.context_length", 2048),
+        "rms_norm_eps": _f32(_get(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "tie_word_embeddings": "output.weight" not in names,  # llama.cpp drops a tied head: token_embd serves as both
+        "torch_dtype": "float32",
+    }
+    for role in ("bos", "eos", "pad"):
+        token_id = _get(reader, f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id")
+        if token_id is not None:
+            config[f"{role}_token_id"] = token_id
+    return config
+
+
+def _f32(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
+def _unpermute(w, n_head: int):
+    """Undo llama.cpp's Q/K row order. Its converter (convert_hf_to_gguf.py, LlamaModel.permute) interleaves each
+    head's two rotary halves into (re, im) pairs for ggml's RoPE: reshape(n_head, 2, D/2, ...).swapaxes(1, 2).
+    HF's rotate_half, which kiln's reference follows, wants the halves: (n_head, D/2, 2, ...) -> (n_head, 2, D/2, ...)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(name: str) -> str:
+    """llama.cpp tensor name -> HF name; an unknown name comes back unchanged (the builder reports it as unused)."""
+    stem, _, kind = name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+        target = TENSORS.get(f"blk.{{i}}.{'.'.join(parts[2:])}")
+        return f"{target.replace('{i}', parts[1])}.{kind}" if target else name
+    return f"{TENSORS[stem]}.{kind}" if stem in TENSORS else name
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """Every tensor, dequantized to float32 numpy, under its Hugging Face name, Q/K rows in HF order."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    config = read_config(path)
+    reader, path = _reader(path), Path(path)
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    state = {}
+    for tensor in reader.tensors:
+        kind = GGMLQuantizationType(tensor.tensor_type)
+        try:
+            data = dequantize(tensor.data, kind)
+        except NotImplementedError as err:
+            raise CheckpointError(f"Tensor {tensor.name!r} in {path.name} is stored as {kind.name}, which the "
+                                  f"installed gguf package cannot dequantize ({err}). Upgrade it (pip install -U gguf) "
+                                  "or convert the model with another quantization type.") from None
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+        data = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+        if not data.flags.writeable:  # F32 tensors view the read-only file mapping; torch wants memory of its own
+            data = data.copy()
+        role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") and tensor.name.count(".") >= 3 else None
+        if role in heads:
+            data = _unpermute(data, heads[role])
+        state[hf_name(tensor.name)] = data
+    return state
+
+
+def tensor_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors the file stores in each type (F32, Q4_1, ...): what ``kiln inspect`` and reports show."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType
+
+    return dict(Counter(GGMLQuantizationType(t.tensor_type).name for t in _reader(path).tensors))
+
+
+# Pre-tokenizer splits for byte-level vocabularies, by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp names).
+# Copied from transformers.integrations.gguf.gguf_tokenizer_mapping (_LLAMA3_SPLIT, qwen2's PRETOKENIZE_REGEX).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+          "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_GPT2_PRE = (None, "default", "gpt2", "gpt-2")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def build_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer (``tokenizers.Tokenizer``) for a byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2),
+    or None for other tokenizer models (SentencePiece 'llama', 'bert', ...), which kiln does not rebuild yet."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    reader, path = _reader(path), Path(path)
+    kind, pre = _get(reader, "tokenizer.ggml.model"), _get(reader, "tokenizer.ggml.pre")
+    if kind != "gpt2":
+        log.warning("%s: kiln rebuilds only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') from GGUF, not %r.",
+                    path.name, kind)
+        return None
+    tokens, types = _get(reader, "tokenizer.ggml.tokens"), _get(reader, "tokenizer.ggml.token_type") or []
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling)
+    # llama.cpp stores byte-level tokens in GPT-2's byte alphabet already; respell any that are not (raw UTF-8 text).
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges") or []]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if pre == "smollm":  # as SmolLM's own tokenizer.json: each digit alone, then GPT-2's split (llama.cpp: "\p{N}")
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif pre in SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        if pre not in _GPT2_PRE:
+            log.warning("%s: pre-tokenizer %r is unknown to kiln; splitting text as GPT-2 does, which may tokenize "
+                        "some text differently from llama.cpp.", path.name, pre)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # Whole-token matching for control tokens (<|im_start|>) and user-defined ones (<think>), as llama.cpp does;
+    # a "control" token outside the byte alphabet is a llama.cpp mislabel and stays an ordinary vocabulary entry.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                            if ty == _CONTROL and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    added = {}  # role -> (token, id) that llama.cpp puts around every text (tokenizer.ggml.add_bos_token ...)
+    for role in ("bos", "eos"):
+        token_id = _get(reader, f"tokenizer.ggml.{role}_token_id")
+        if _get(reader, f"tokenizer.ggml.add_{role}_token", False) and token_id in range(len(tokens)):
+            added[role] = (tokens[token_id], token_id)
+    if added:
+        single = [f"{added['bos'][0]}:0"] if "bos" in added else []
+        single += ["$A:0"] + ([f"{added['eos'][0]}:0"] if "eos" in added else [])
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(added.values()))
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _special(reader, role: str) -> str | None:
+    key = {"unk": "unknown", "pad": "padding"}.get(role, role)
+    token_id, tokens = _get(reader, f"tokenizer.ggml.{key}_token_id"), reader.fields.get("tokenizer.ggml.tokens")
+    if token_id is None or tokens is None or not 0 <= token_id < len(tokens.data):
+        return None
+    return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8")
+
+
+def tokenizer_config(path: str | os.PathLike) -> dict:
+    """``tokenizer_config.json``: special tokens by role, BOS/EOS flags, the chat template, the context length."""
+    reader = _reader(path)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": bool(_get(reader, "tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(_get(reader, "tokenizer.ggml.add_eos_token", False))}
+    for role in ("bos", "eos", "unk", "pad"):
+        if (token := _special(reader, role)) is not None:
+            config[f"{role}_token"] = token
+    arch = _get(reader, "general.architecture")
+    if (context := _get(reader, f"{arch}.context_length")) is not None:
+        config["model_max_length"] = context
+    if (template := _get(reader, "tokenizer.chat_template")) is not None:
+        config["chat_template"] = template
+    return config
+
+
+def write_tokenizer(path: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
+    """Write tokenizer.json + tokenizer_config.json derived from the file into ``directory``; returns the names
+    written ([] when the tokenizer model is one kiln cannot rebuild: the caller looks elsewhere)."""
+    tok = build_tokenizer(path)
+    if tok is None:
+        return []
+    directory = Path(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    text = json.dumps(tokenizer_config(path), indent=2, ensure_ascii=False) + "\n"
+    (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+    return ["tokenizer.json", "tokenizer_config.json"]

