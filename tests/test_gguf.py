@@ -310,3 +310,22 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
     # does not, which agrees here only because the vocabulary has no multi-digit tokens.
     assert ours.encode("2025").tokens == ["2", "0", "2", "5"]
     assert kiln_gguf.tokenizer_config(path)["chat_template"] == theirs.chat_template
+
+
+@pytest.mark.slow
+def test_smollm2_artifact_generates_transformers_tokens(smollm2, tmp_path):
+    """The exported SmolLM2 artifact, run by the torch-free pipeline, gives transformers' greedy tokens."""
+    import kiln
+
+    path, _, theirs, tokenizer = smollm2
+    out = tmp_path / "smollm2"
+    manifest = kiln.export(str(path), out, task="text-generation", batch="1:2", seq="1:128")
+    assert manifest["attention"]["nodes"] == 30 and manifest["validation"]["passed"]
+    pipe = kiln.pipeline("text-generation", out)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        text = pipe(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+        assert text == tokenizer.decode(expected, skip_special_tokens=True), prompt

@@ -1,0 +1,127 @@
+"""LLaMA-family reference vs transformers on tiny random configs that exercise each flag, with the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln.errors import ConfigError
+
+SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64)
+VARIANTS = {
+    "llama-gqa": ("llama", dict(num_key_value_heads=2)),
+    "llama-mqa-theta": ("llama", dict(num_key_value_heads=1, rope_theta=500000.0)),
+    "llama-linear-rope": ("llama", dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama3-rope": ("llama", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-bias-head_dim-tied": ("llama", dict(attention_bias=True, head_dim=16, tie_word_embeddings=True)),
+    "llama-untied": ("llama", dict(tie_word_embeddings=False)),
+    "qwen2-bias": ("qwen2", dict(num_key_value_heads=2)),
+    "mistral-sliding-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            model_type, flags = VARIANTS[name]
+            config = transformers.AutoConfig.for_model(model_type, **SIZES, **flags, initializer_range=0.3,
+                                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
+            torch.manual_seed(0)
+            theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+            path = tmp_path_factory.mktemp(name)
+            theirs.save_pretrained(path)
+            made[name] = (path, theirs, kiln.from_pretrained(str(path), task="text-generation"))
+        return made[name]
+
+    return get
+
+
+def left_padded(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    ids[mask == 0] = 2
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_hidden_states_and_cache_match_transformers(name, models):
+    _, theirs, ours = models(name)
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        a = ours(ids, mask, pos, output_hidden_states=True)
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        valid = mask.bool()
+        torch.testing.assert_close(a["logits"][valid], b.logits[valid], atol=1e-4, rtol=0)
+        for x, y in zip(a["hidden_states"], b.hidden_states):
+            torch.testing.assert_close(x[valid], y[valid], atol=1e-4, rtol=0)
+        # The cache: a prefix, then one token at a time, equals the full forward.
+        prefix = ours(ids[:, :6], mask[:, :6], pos[:, :6])
+        past, steps = prefix["present_key_values"], []
+        for t in range(6, 10):
+            out = ours(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past_key_values=past)
+            past = out["present_key_values"]
+            steps.append(out["logits"])
+        later = valid[:, 6:]  # padded query positions have no defined output
+        torch.testing.assert_close(torch.cat(steps, 1)[later], a["logits"][:, 6:][later], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_greedy_tokens_match_generate(name, models):
+    """A plain greedy loop over the reference and its cache gives transformers.generate's tokens, batched or not."""
+    _, theirs, ours = models(name)
+    ids, mask, _ = left_padded(seed=1)
+    for rows in (slice(0, 1), slice(0, 3)):
+        i, m = ids[rows], mask[rows]
+        expected = theirs.generate(input_ids=i, attention_mask=m, max_new_tokens=8, do_sample=False)[:, i.shape[1]:]
+        with torch.no_grad():
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            out = ours(i, m, pos)
+            tokens = []
+            for _ in range(8):
+                nxt = out["logits"][:, -1].argmax(-1, keepdim=True)
+                tokens.append(nxt)
+                m = torch.cat([m, torch.ones_like(nxt)], 1)
+                pos = pos[:, -1:] + 1
+                out = ours(nxt, m, pos, past_key_values=out["present_key_values"])
+        got = torch.cat(tokens, 1)
+        for row_got, row_expected in zip(got.tolist(), expected.tolist()):
+            end = row_expected.index(1) + 1 if 1 in row_expected else 8  # after EOS (id 1) transformers pads
+            assert row_got[:end] == row_expected[:end], name
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-bias-head_dim-tied"])
+def test_save_pretrained_round_trip(name, models, tmp_path):
+    _, theirs, ours = models(name)
+    ours.save_pretrained(tmp_path)
+    back = type(theirs).from_pretrained(tmp_path).eval()
+    ids, mask, pos = left_padded()
+    valid = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask, position_ids=pos).logits[valid],
+                                   ours(ids, mask, pos)["logits"][valid], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": 3}, "multiple of 'num_key_value_heads'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
+    ({"hidden_act": "gelu"}, "'hidden_act' 'gelu' is not supported"),
+    ({"num_hidden_layers": 0}, "'num_hidden_layers' must be a positive integer"),
+])
+def test_bad_configs(change, message):
+    from kiln.graphs.llama.config import LlamaConfig
+
+    raw = {"model_type": "llama", **SIZES, **change}
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig.from_dict(raw)
