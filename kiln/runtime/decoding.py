@@ -7,6 +7,7 @@ through numpy; only the last position's logits are read back. Sampling and stopp
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -29,8 +30,9 @@ class DecoderSession:
         shape = infos[self.past_names[0]].shape  # (batch, kv_heads, past_sequence, head_dim)
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.dtype = np.dtype(infos[self.past_names[0]].dtype)
-        session = getattr(engine, "session", None)
-        self._binding = session.io_binding() if session is not None else None
+        # IO binding objects hold per-call state: one per thread, so a pipeline can serve several threads at once.
+        self.io_binding = getattr(engine, "session", None) is not None
+        self._local = threading.local()
 
     def empty_cache(self, batch: int) -> dict:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
@@ -39,12 +41,14 @@ class DecoderSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
         """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step)."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if self._binding is None:  # engines without IO binding: plain arrays in and out
+        if not self.io_binding:  # engines without IO binding: plain arrays in and out
             out = self.engine.run({**feed, **cache})
             return out["logits"][:, -1].astype(np.float32), {p: out[q] for p, q in zip(self.past_names, self.present_names)}
         import onnxruntime as ort
 
-        binding = self._binding
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = self.engine.session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
         for name, value in feed.items():

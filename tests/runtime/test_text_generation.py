@@ -147,3 +147,27 @@ def test_cli_run_stream(decoders, capsys):
     import json
 
     assert streamed.rstrip("\n") == json.loads(capsys.readouterr().out)["output"][0]["generated_text"]
+
+
+def test_one_pipeline_serves_many_threads(decoders):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, out, _ = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    prompts = [PROMPTS[i % 3] for i in range(24)]
+    serial = [pipe(p, max_new_tokens=6) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda p: pipe(p, max_new_tokens=6), prompts)) == serial
+
+
+def test_io_binding_and_plain_feeds_agree(decoders):
+    from kiln.runtime.decoding import DecoderSession, generate
+
+    _, out, _ = decoders("qwen2-mqa")
+    pipe = kiln.pipeline("text-generation", out)
+    batch = pipe.tokenizer(PROMPTS, padding_side="left")
+    config = pipe.defaults.merge(max_new_tokens=8)
+    plain = DecoderSession(pipe.engine)
+    plain.io_binding = False
+    np.testing.assert_array_equal(generate(pipe.decoder, batch.input_ids, batch.attention_mask, config),
+                                  generate(plain, batch.input_ids, batch.attention_mask, config))
