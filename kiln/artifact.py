@@ -62,6 +62,43 @@ def artifact_file(directory: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file of an artifact except the manifest itself, by relative path."""
+    import hashlib
+
+    root = Path(directory)
+    hashes = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        hashes[path.relative_to(root).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def verify(directory: str | os.PathLike) -> None:
+    """Check the artifact's files against the sha256 recorded in kiln.json; refuse a tampered or incomplete one."""
+    manifest = load_manifest(directory)
+    recorded = manifest.get("files")
+    if not recorded:
+        raise ArtifactError(f"{directory}/{MANIFEST} records no file hashes to verify against (exported by an older "
+                            "kiln). Re-export the artifact.")
+    actual = file_hashes(directory)
+    for name, digest in recorded.items():
+        artifact_file(directory, name)
+        if name not in actual:
+            raise ArtifactError(f"{directory}: {name} is listed in {MANIFEST} but missing. Re-export the artifact.")
+        if actual[name] != digest:
+            raise ArtifactError(f"{directory}: {name} does not match the sha256 in {MANIFEST}: the artifact was "
+                                "modified or corrupted after export. Re-export it or restore it from a trusted copy.")
+    extra = sorted(set(actual) - set(recorded) - {"engines"})
+    extra = [name for name in extra if not name.startswith("engines/")]
+    if extra:
+        raise ArtifactError(f"{directory} holds files that were not exported with it: {', '.join(extra)}. Remove them "
+                            "or re-export the artifact.")
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
     manifest = {"format_version": FORMAT_VERSION, **manifest}
     Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")

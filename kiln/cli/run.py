@@ -32,6 +32,8 @@ def add_parser(sub):
     p.add_argument("--temperature", type=float, help="text-generation: sampling temperature")
     p.add_argument("--top-p", type=float, help="text-generation: nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, help="text-generation: seed for reproducible sampling")
+    p.add_argument("--verify", action="store_true", help="check every artifact file against the sha256 in kiln.json "
+                   "first; refuse a tampered artifact")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.set_defaults(func=run)
@@ -63,7 +65,7 @@ def run(args) -> int:
     from kiln.artifact import is_artifact, load_manifest
 
     task = args.task or (load_manifest(args.artifact)["task"] if is_artifact(args.artifact) else "feature-extraction")
-    pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads)
+    pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads, verify=args.verify)
     items = read_inputs(args)
     kwargs = {}
     if task == "feature-extraction":

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from kiln import __version__, hub
-from kiln.artifact import MODEL_FILE, atomic_directory, write_manifest
+from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, write_manifest
 from kiln.errors import ExportError, InputError, ValidationError
 
 log = logging.getLogger("kiln")
@@ -87,6 +87,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         copied = _write_config_and_tokenizer(checkpoint, raw, tmp)
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
+        manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
         write_manifest(tmp, manifest)
         if not report["passed"]:
             where = f" The failed artifact is kept at {Path(output)}.failed." if keep_failed else ""

@@ -66,3 +66,35 @@ def test_engine_checks_the_feed(copy):
     assert out["logits"].shape == (1, 3)
     with pytest.raises(InputError, match="Unknown device"):
         OnnxRuntimeEngine(copy / "model.onnx", device="tpu")
+
+
+def test_verify_accepts_the_exported_artifact_and_refuses_tampering(copy, capsys):
+    from kiln.artifact import verify
+    from kiln.cli.__main__ import main
+
+    verify(copy)
+    assert set(load_manifest(copy)["files"]) >= {"model.onnx", "config.json", "tokenizer.json"}
+    assert main(["run", str(copy), "hello", "--verify"]) == 0
+    capsys.readouterr()
+
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the weights
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.onnx does not match the sha256"):
+        kiln.pipeline("text-classification", copy, verify=True)
+    assert main(["run", str(copy), "hello", "--verify"]) == 1
+    assert "does not match the sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: (p / "vocab_extra.txt").write_text("x"), "not exported with it: vocab_extra.txt"),
+    (lambda p: (p / "tokenizer.json").unlink(), "tokenizer.json is listed in kiln.json but missing"),
+    (lambda p: edit_manifest(p, files={"../outside": "0" * 64}), "outside the artifact"),
+    (lambda p: edit_manifest(p, files={}), "records no file hashes"),
+])
+def test_verify_names_what_is_wrong(change, message, copy):
+    from kiln.artifact import verify
+
+    change(copy)
+    with pytest.raises(ArtifactError, match=message):
+        verify(copy)

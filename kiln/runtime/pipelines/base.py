@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.artifact import load_manifest
+from kiln.artifact import verify as verify_artifact
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.engines import open_engine
 from kiln.runtime.tokenizer import Tokenizer, check_texts
@@ -18,8 +19,10 @@ class Pipeline:
     task: str = ""
 
     def __init__(self, artifact: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                 batch_size: int = 8, engine=None):
+                 batch_size: int = 8, engine=None, verify: bool = False):
         self.path = Path(artifact)
+        if verify:  # sha256 of every file against kiln.json, before anything is loaded
+            verify_artifact(self.path)
         self.manifest = load_manifest(self.path)
         if self.manifest["task"] != self.task:
             raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}, not {self.task!r}. "
