@@ -176,12 +176,12 @@ def section(rows: list[dict], command: str, rounds: int, machine: list[str]) -> 
     ])
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, heading: str = SECTION) -> None:
     if not path.is_file():
         path.write_text(f"# kiln benchmark results\n\n{text}")
         return
     lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         body = "".join(lines).rstrip("\n")
         path.write_text(f"{body}\n\n{text}")
