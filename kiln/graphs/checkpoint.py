@@ -86,6 +86,18 @@ def load_weights(model: torch.nn.Module, state: dict, hf_name) -> None:
     model.load_state_dict({n: state[n].to(torch.float32) for n in expected}, strict=True)
 
 
+def attach_weights(model: torch.nn.Module, weights, state: dict, unused: list[str], task: str) -> torch.nn.Module:
+    """The tail of every architecture's ``build``: warn about checkpoint tensors kiln does not use, load the
+    kiln-named ``state`` (errors name tensors by their Hugging Face names, via ``weights.kiln_to_hf``)."""
+    if unused:
+        log.warning("Unused checkpoint tensors: %s", ", ".join(unused[:8]))
+    names = weights.kiln_to_hf({k: None for k in model.state_dict()}, model.config, task)
+    hf_name = dict(zip(model.state_dict(), names))
+    load_weights(model, state, lambda n: hf_name.get(n, n))
+    model.task = task
+    return model
+
+
 def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, architecture: str) -> Path:
     """Write config.json + model.safetensors atomically; the result loads with transformers' from_pretrained."""
     from safetensors.torch import save_file

@@ -10,10 +10,8 @@ TASKS = ("image-classification", "feature-extraction")
 
 def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa"):
     """The torch reference for ``task`` with the checkpoint's weights loaded and checked."""
-    import logging
-
     from kiln.errors import ConfigError
-    from kiln.graphs.checkpoint import load_weights
+    from kiln.graphs.checkpoint import attach_weights
     from kiln.graphs.vit.model_torch import TASK_MODELS, ViTModel
 
     config = ViTConfig.from_dict(raw_config)
@@ -25,10 +23,4 @@ def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa"):
             raise ConfigError("config.json has no labels (empty 'id2label'); image-classification needs at least one. "
                               "Export with --task feature-extraction for the image embeddings instead.")
         model = TASK_MODELS[task](config, attn_impl=attn_impl)
-    if unused:
-        logging.getLogger("kiln").warning("Unused checkpoint tensors: %s", ", ".join(unused[:8]))
-    names = weights.kiln_to_hf({k: None for k in model.state_dict()}, config, task)
-    hf_name = dict(zip(model.state_dict(), names)).get
-    load_weights(model, state, lambda n: hf_name(n, n))
-    model.task = task
-    return model
+    return attach_weights(model, weights, state, unused, task)
