@@ -15,6 +15,10 @@ def add_parser(sub):
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     p.add_argument("--keep-failed", action="store_true", help="on validation failure keep the artifact at OUT.failed")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "int4"),
+                   help="int8: dynamic per-channel int8 MatMuls; int4: weight-only int4 (MatMulNBits, for decoders); "
+                   "refused below its accuracy gate against fp32")
+    p.add_argument("--force-precision", action="store_true", help="write a reduced precision even below its gate")
     p.add_argument("--output-hidden-states", action="store_true", help="add hidden_states.{i} graph outputs")
     p.add_argument("--output-attentions", action="store_true", help="add attentions.{i} graph outputs (probabilities)")
     p.set_defaults(func=run)
@@ -25,7 +29,8 @@ def run(args) -> int:
 
     manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
                            revision=args.revision, keep_failed=args.keep_failed,
-                           output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions)
+                           output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions,
+                           precision=args.precision, force_precision=args.force_precision)
     worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
     print(f"{args.output}: {manifest['model_type']} {manifest['task']}, {manifest['attention']['nodes']} fused Attention "
           f"nodes, validated (max abs diff {worst:.2g})")

@@ -37,6 +37,9 @@ def run(args) -> int:
         *(f"  {name:<18} max abs {e['max_abs']:.3g} (allowed {e.get('allowed', e['atol']):.2g}), max rel {e['max_rel']:.3g}"
           for name, e in val.get("outputs", {}).items()),
         *(f"  {k}: {v}" for k, v in val.get("task", {}).items()),
+        *([f"accuracy   {m['precision']} vs fp32 on {m['accuracy'].get('inputs')} inputs: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["accuracy"].items() if k != "inputs")]
+          if m.get("accuracy") else []),
         f"engines    {len(m.get('engines', []))} TensorRT engine(s)",
     ]
     print("\n".join(lines))

@@ -37,12 +37,19 @@ class _Steps:
 
 def export(model, output, task: str = "feature-extraction", *, opset: int = DEFAULT_OPSET, batch: str | None = None,
            seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True,
-           output_hidden_states: bool = False, output_attentions: bool = False) -> dict:
+           output_hidden_states: bool = False, output_attentions: bool = False, precision: str = "fp32",
+           force_precision: bool = False) -> dict:
     """Export ``model`` (directory or hub id) for ``task`` into the artifact directory ``output``; returns kiln.json.
 
-    Raises ValidationError (with the numbers) if the graph disagrees with the reference; then nothing is written
-    unless ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection.
+    Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
+    ``precision`` (int8, int4) falls below its accuracy gate and ``force_precision`` is not set; then nothing is
+    written unless ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection.
     """
+    from kiln.exporter.passes.quantize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is not supported for ONNX export; choose one of "
+                         f"{', '.join(PRECISIONS)}.")
     import onnx
 
     from kiln.exporter.specs import AxisRange, spec_for
@@ -51,7 +58,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     from kiln.graphs import registry
     from kiln.graphs.checkpoint import read_state_dict
 
-    steps = _Steps(5)
+    steps = _Steps(5 if precision == "fp32" else 6)
     started = time.perf_counter()
     steps(f"Resolving {model}")
     checkpoint = hub.resolve(model, revision)
@@ -83,18 +90,45 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
               + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
         report = validate(reference, spec, onnx_path)
 
-        steps("Writing the artifact")
         copied = _write_config_and_tokenizer(checkpoint, raw, tmp)
+        accuracy = None
+        if precision != "fp32" and report["passed"]:
+            steps(f"Quantizing to {precision} and measuring its accuracy against the fp32 reference")
+            accuracy, ops = _reduce_precision(reference, spec, tmp, precision)
+        steps("Writing the artifact")
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied)
+        manifest.update(precision=precision, accuracy=accuracy)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
         write_manifest(tmp, manifest)
+        where = f" The failed artifact is kept at {Path(output)}.failed." if keep_failed else ""
         if not report["passed"]:
-            where = f" The failed artifact is kept at {Path(output)}.failed." if keep_failed else ""
             raise ValidationError(f"Validation failed: {describe_failure(report)}.{where}", report)
+        if accuracy is not None and not accuracy["passed"] and not force_precision:
+            metric = next(iter(accuracy))
+            raise ValidationError(f"{precision} is below its accuracy gate: {metric} {accuracy[metric]:.4f} < "
+                                  f"{accuracy['gate']} against the fp32 reference. Keep fp32, or pass "
+                                  f"--force-precision to write it anyway.{where}", accuracy)
     steps._finish()
     log.info("Artifact written to %s (validation passed)", output)
     return manifest
+
+
+def _reduce_precision(reference, spec, directory: Path, precision: str):
+    """Replace model.onnx by its ``precision`` version; returns (accuracy figures, op counts of the new graph)."""
+    import os
+
+    import onnx
+
+    from kiln.exporter.passes.quantize import accuracy, quantize
+
+    fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
+    quantize(fp32, reduced, precision)
+    os.replace(reduced, fp32)
+    ops = Counter(node.op_type for node in onnx.load(str(fp32), load_external_data=False).graph.node)
+    figures = accuracy(reference, spec, fp32, directory)
+    log.info("      %s", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    return figures, ops
 
 
 def _write_config_and_tokenizer(checkpoint, raw: dict, target: Path) -> list[str]:

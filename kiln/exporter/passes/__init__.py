@@ -1,0 +1,1 @@
+"""Graph passes over exported ONNX models, one per file: match a known node, build its replacement, commit."""
