@@ -180,3 +180,16 @@ def vit_artifacts(vit_checkpoints, tmp_path_factory):
         return cache[task]
 
     return get
+
+
+def pytest_runtest_setup(item):
+    """`gpu` tests need an NVIDIA GPU: skipped here (CI machines have none), run where torch sees CUDA."""
+    if item.get_closest_marker("gpu") is not None:
+        try:
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            has_cuda = False
+        if not has_cuda:
+            pytest.skip("needs an NVIDIA GPU (torch.cuda.is_available() is False)")
