@@ -34,6 +34,16 @@ def export(model, output, task: str = "feature-extraction", **options):
     return _export(model, output, task=task, **options)
 
 
+def build(artifact, precision: str = "fp32", profile=None, timing_cache=None, version_compatible: bool = False, *,
+          force: bool = False) -> dict:
+    """Build (or reuse) a TensorRT engine for an artifact on this GPU; returns its kiln.json entry. Needs
+    ``kiln[tensorrt]`` and TensorRT from NVIDIA. See ``kiln build -h``."""
+    from kiln.exporter.tensorrt import build as _build
+
+    return _build(artifact, precision=precision, profile=profile, timing_cache=timing_cache,
+                  version_compatible=version_compatible, force=force)
+
+
 def pipeline(task: str, model, *, revision: str | None = None, device: str = "cpu", threads: int | None = None, **kwargs):
     """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache)."""
     from pathlib import Path
@@ -50,4 +60,4 @@ def pipeline(task: str, model, *, revision: str | None = None, device: str = "cp
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 
-__all__ = ["KilnError", "TASKS", "export", "from_pretrained", "pipeline", "__version__"]
+__all__ = ["KilnError", "TASKS", "build", "export", "from_pretrained", "pipeline", "__version__"]

@@ -35,14 +35,19 @@ class InputError(KilnError, ValueError):
     """A pipeline or engine was called with input it cannot take."""
 
 
+class ClosedError(KilnError):
+    """A ``kiln.runtime.Batcher`` was called after ``close()``, or closed before a queued request could run."""
+
+
 class MissingDependencyError(KilnError, ImportError):
     """An optional extra is needed for this step."""
 
-    def __init__(self, module: str, extra: str, purpose: str):
+    def __init__(self, module: str, extra: str, purpose: str, hint: str = ""):
         super().__init__(
             f"{purpose} needs the '{module}' package, which is not installed. "
             f"Install it with: pip install 'kiln[{extra}]'"
             + (" torch==2.13.0" if extra == "torch" else "")
+            + (f". {hint}" if hint else "")
         )
         self.module = module
         self.extra = extra

@@ -1,1 +1,1 @@
-"""The kiln CLI (``kiln export | run | inspect``)."""
+"""The kiln CLI (``kiln export | build | run | inspect``)."""

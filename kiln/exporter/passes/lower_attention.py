@@ -6,9 +6,10 @@ past), so it becomes ``Concat(past, new)`` for each present plus the kiln plugin
 (:mod:`kiln.kernels.attention.trt_plugin`). The plugin takes per-row key ranges instead of a mask; they are read off
 the mask's last query row (first attended key, number of attended keys), computed once per mask and shared by every
 layer. That is exact for kiln's decoder masks (causality folded into left padding, the way kiln batches prompts): the
-last query row sees every valid key of its row. Query rows that see nothing (left-padding queries) get zeros, as the spec says, where the
-exported mask let them attend everything; their outputs are never read. A sliding window is not expressible, so the
-pass leaves such nodes alone (the caller says so: the window is a config fact the graph does not show).
+last query row sees every valid key of its row. Query rows that see nothing (left-padding queries) get zeros, as the
+spec says, where the exported mask let them attend everything; what they produce lands only at padded positions,
+which every real query masks out. A sliding window is not expressible, so the pass leaves such nodes alone (the
+caller says so: the window is a config fact the graph does not show).
 
 ``decompose`` replaces each plugin node by standard ONNX (the mask rebuilt from the ranges, ``Attention`` without a
 cache, fully masked rows zeroed) so that onnxruntime can check a lowered graph against the original.

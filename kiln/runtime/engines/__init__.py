@@ -1,14 +1,10 @@
-"""Engines run an artifact's graph. ``open_engine`` picks one for a device."""
+"""Engines run an artifact's graph. ``open_engine`` picks one for a device (``select.py``: onnxruntime, or a TensorRT
+plan from ``kiln build`` when ``device`` is ``auto`` or ``tensorrt``)."""
 
 from __future__ import annotations
 
 from kiln.runtime.engines.base import Engine, TensorInfo
-
-
-def open_engine(path, device: str = "cpu", threads: int | None = None) -> Engine:
-    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
-
-    return OnnxRuntimeEngine(path, device=device, threads=threads)
+from kiln.runtime.engines.select import open_engine
 
 
 def group_outputs(outputs: dict) -> dict:

@@ -1,0 +1,203 @@
+"""lower_for_tensorrt / decompose on graphs exported from kiln's own references: node counts after lowering, and in
+onnxruntime the lowered graph (plugin nodes replaced by their reference decomposition) equals the exported one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+from onnx import helper
+
+import kiln
+from kiln.errors import ExportError
+from kiln.exporter.decoder import decoder_feed
+from kiln.exporter.passes.lower_attention import decompose, lower_for_tensorrt
+from kiln.exporter.tensorrt import _fp32_islands, _lower, precision_plan
+from kiln.kernels.attention import trt_plugin
+
+LAYERS, HEADS, KV_HEADS, DIM, VOCAB = 2, 4, 2, 16, 100  # head dim 16: the smallest the kernel takes
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """A tiny grouped-query Llama, exported with kiln: (artifact dir, feed maker)."""
+    root = tmp_path_factory.mktemp("llama-trt")
+    config = transformers.AutoConfig.for_model(
+        "llama", hidden_size=HEADS * DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, intermediate_size=37, vocab_size=VOCAB, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(root / "checkpoint")
+    kiln.export(str(root / "checkpoint"), root / "artifact", task="text-generation", batch="1:4")
+    return root / "artifact"
+
+
+def load(artifact) -> ir.Model:
+    return ir.load(str(artifact / "model.onnx"))
+
+
+def ops(model: ir.Model) -> Counter:
+    return Counter((n.domain, n.op_type) for n in model.graph)
+
+
+def session(model: ir.Model) -> ort.InferenceSession:
+    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
+
+
+def make_feed(names, sizes, seed=0):
+    class Config:
+        num_hidden_layers, kv_heads, dim, vocab_size = LAYERS, KV_HEADS, DIM, VOCAB
+
+    return decoder_feed(Config, names)(sizes, np.random.default_rng(seed))
+
+
+def test_decoder_attention_becomes_concat_and_the_plugin(decoder):
+    model = load(decoder)
+    before = ops(model)
+    counts = lower_for_tensorrt(model, aot=True)
+    after = ops(model)
+    assert counts == {"kept": 0, "plugin": LAYERS, "skipped": 0}
+    assert after[("", "Attention")] == 0 and after[("kiln", "attention_kv")] == LAYERS
+    assert after[("", "Concat")] == before[("", "Concat")] + 2 * LAYERS  # a present key and value per layer
+    # the key ranges are computed once, from the mask every layer shares
+    assert after[("", "ArgMax")] == 1 and after[("", "ReduceSum")] == before[("", "ReduceSum")] + 1
+    assert model.opset_imports["kiln"] == 1
+    plugin = next(n for n in model.graph if n.domain == "kiln")
+    assert plugin.attributes["aot"].value == 1 and plugin.attributes["plugin_namespace"].value == "kiln"
+    assert (plugin.attributes["num_heads"].value, plugin.attributes["kv_heads"].value) == (HEADS, KV_HEADS)
+    assert plugin.attributes["scale"].value == pytest.approx(DIM ** -0.5)
+    # graph outputs keep their names, now produced by the Concats
+    assert [v.name for v in model.graph.outputs] == [v.name for v in load(decoder).graph.outputs]
+    assert model.graph.outputs[1].producer().op_type == "Concat"
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+@pytest.mark.parametrize("sizes", [{"batch": 1, "sequence": 7, "past_sequence": 0},  # prefill
+                                   {"batch": 3, "sequence": 1, "past_sequence": 20},  # decode, padded rows
+                                   {"batch": 2, "sequence": 16, "past_sequence": 5},  # prefill after a prefix
+                                   {"batch": 1, "sequence": 1, "past_sequence": 0}])
+def test_lowered_then_decomposed_equals_the_export(decoder, sizes):
+    original = session(load(decoder))
+    lowered = load(decoder)
+    lower_for_tensorrt(lowered)
+    assert decompose(lowered) == LAYERS and "kiln" not in lowered.opset_imports
+    names = [i.name for i in original.get_inputs()]
+    feed = make_feed(names, sizes)
+    want, got = original.run(None, feed), session(lowered).run(None, feed)
+    for name, a, b in zip([o.name for o in original.get_outputs()], want, got, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_left_padded_queries_differ_only_where_nothing_is_read(decoder):
+    """Rows of left-padding queries see no key: the kernel gives zeros where the export averaged every key. Logits
+    and caches at real tokens are unchanged."""
+    original = session(load(decoder))
+    lowered = load(decoder)
+    lower_for_tensorrt(lowered)
+    decompose(lowered)
+    names = [i.name for i in original.get_inputs()]
+    feed = make_feed(names, {"batch": 2, "sequence": 12, "past_sequence": 0})
+    feed["attention_mask"][1, :7] = 0
+    feed["position_ids"] = np.clip(feed["attention_mask"].cumsum(-1) - 1, 0, None)
+    want, got = original.run(None, feed), session(lowered).run(None, feed)
+    real = feed["attention_mask"].astype(bool)  # (B, S), S == T here
+    np.testing.assert_allclose(got[0][real], want[0][real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(want[1:], got[1:], strict=True):  # presents (B, Hkv, S, D): compare real positions
+        np.testing.assert_allclose(b.transpose(0, 2, 1, 3)[real], a.transpose(0, 2, 1, 3)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_is_a_logged_bail_out(decoder, caplog):
+    model = load(decoder)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        counts = lower_for_tensorrt(model, sliding_window=8)
+    assert counts == {"kept": 0, "plugin": 0, "skipped": LAYERS}
+    assert ops(model)[("", "Attention")] == LAYERS and "kiln" not in model.opset_imports
+    assert caplog.text.count("sliding-window") == LAYERS
+
+
+def test_encoder_attention_stays_for_tensorrt(artifacts):
+    model = load(artifacts("bert", "feature-extraction"))
+    before = ops(model)
+    assert lower_for_tensorrt(model) == {"kept": 2, "plugin": 0, "skipped": 0}
+    assert ops(model) == before
+
+
+def synthetic_decoder_attention(head_dim: int) -> ir.Model:
+    """One opset-23 Attention node with past inputs and present outputs, of a given head dim."""
+    f32 = onnx.TensorProto.FLOAT
+    shapes = {"q": ["B", 4, "T", head_dim], "k": ["B", 2, "T", head_dim], "v": ["B", 2, "T", head_dim],
+              "pk": ["B", 2, "P", head_dim], "pv": ["B", 2, "P", head_dim]}
+    inputs = [helper.make_tensor_value_info(n, f32, s) for n, s in shapes.items()]
+    inputs.insert(3, helper.make_tensor_value_info("mask", onnx.TensorProto.BOOL, ["B", 1, "T", "S"]))
+    node = helper.make_node("Attention", ["q", "k", "v", "mask", "pk", "pv"], ["y", "prk", "prv"], name="attn")
+    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("y", "prk", "prv")]
+    graph = helper.make_graph([node], "g", inputs, outputs)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+
+
+def test_head_dim_the_kernel_cannot_take_is_a_logged_bail_out(caplog):
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        assert lower_for_tensorrt(synthetic_decoder_attention(8))["skipped"] == 1
+    assert "head dim 8 is not a power of two in [16, 256]" in caplog.text
+    model = synthetic_decoder_attention(32)
+    assert lower_for_tensorrt(model)["plugin"] == 1
+    plugin = next(n for n in model.graph if n.op_type == trt_plugin.PLUGIN_NAME)
+    assert plugin.attributes["scale"].value == pytest.approx(32 ** -0.5)  # the node had no scale: 1/sqrt(D)
+    assert "aot" not in plugin.attributes
+
+
+def test_build_lowers_into_a_temporary_graph_and_checks_the_tensorrt_version(decoder, tmp_path):
+    """kiln build's graph step (no TensorRT needed): the artifact's model.onnx stays as exported; the lowered copy
+    carries the plugin nodes with aot=1 on TensorRT >= 10.9, and no aot attribute before."""
+    manifest = json.loads((decoder / "kiln.json").read_text())
+    for version, aot, expected in (("10.14.1.48", True, 1), ("10.7.0.23", None, None)):
+        lowered, counts = _lower(decoder, manifest, tmp_path, version, aot)
+        assert counts == {"kept": 0, "plugin": LAYERS, "skipped": 0}
+        plugin = next(n for n in ir.load(str(lowered)).graph if n.domain == "kiln")
+        assert (plugin.attributes["aot"].value if "aot" in plugin.attributes else None) == expected
+    assert ops(load(decoder))[("", "Attention")] == LAYERS  # the artifact is untouched
+    with pytest.raises(ExportError, match="decoders need TensorRT >= 10.6"):
+        _lower(decoder, manifest, tmp_path, "10.5.0", None)
+
+
+def test_build_refuses_a_sliding_window_decoder(decoder, tmp_path):
+    artifact = tmp_path / "mistral-like"
+    shutil.copytree(decoder, artifact)
+    config = json.loads((artifact / "config.json").read_text())
+    (artifact / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 16}))
+    with pytest.raises(ExportError, match="2 decoder attention node\\(s\\) could not be lowered"):
+        _lower(artifact, json.loads((artifact / "kiln.json").read_text()), tmp_path, "10.14.1", True)
+
+
+def test_encoders_need_tensorrt_10_14_for_onnx_attention(artifacts, tmp_path):
+    artifact = artifacts("bert", "feature-extraction")
+    manifest = json.loads((artifact / "kiln.json").read_text())
+    assert _lower(artifact, manifest, tmp_path, "10.14.1", True)[1] == {"kept": 2, "plugin": 0, "skipped": 0}
+    with pytest.raises(ExportError, match="cannot parse the ONNX Attention op \\(TensorRT >= 10.14 can\\)"):
+        _lower(artifact, manifest, tmp_path, "10.13.0", True)
+
+
+def test_fp16_keeps_normalization_softmax_and_reductions_in_fp32():
+    """TensorRT 10's weakly typed path: the precision plan pins those layer types to fp32 (a fake network)."""
+    class Layer:
+        def __init__(self, kind):
+            self.type, self.num_outputs, self.precision, self.outputs = SimpleNamespace(name=kind), 1, None, {}
+
+        def set_output_type(self, index, dtype):
+            self.outputs[index] = dtype
+
+    layers = [Layer(kind) for kind in ("MATRIX_MULTIPLY", "NORMALIZATION", "SOFTMAX", "REDUCE", "ELEMENTWISE")]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    _fp32_islands(SimpleNamespace(float32="fp32"), precision_plan("fp16"))(network)
+    assert [layer.precision for layer in layers] == [None, "fp32", "fp32", "fp32", None]
+    assert [layer.outputs for layer in layers][1:4] == [{0: "fp32"}] * 3
