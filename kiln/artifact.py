@@ -7,9 +7,12 @@ artifact; the runtime reads it with :func:`load_manifest`. No heavy imports here
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -34,7 +37,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting 100k deep
         raise ArtifactError(f"{path} is not valid JSON ({err}). Re-export the artifact.") from err
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} must hold a JSON object. Re-export the artifact.")
@@ -47,14 +50,47 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     for key in ("task", "model", "inputs", "outputs"):
         if key not in manifest:
             raise ArtifactError(f"{path} lacks the '{key}' entry. Re-export the artifact.")
+    _check_types(path, manifest)
     model = artifact_file(directory, manifest["model"])
     if not model.is_file():
         raise ArtifactError(f"{directory} names {manifest['model']} in {MANIFEST} but the file is missing. Re-export it.")
     return manifest
 
 
+def _check_types(path: Path, manifest: dict) -> None:
+    """The entries the runtime reads, checked once here so that a damaged or hostile manifest fails with its name
+    rather than with a TypeError deep in a pipeline."""
+
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ArtifactError(f"{path} has a malformed '{key}' entry ({what} expected, found "
+                                f"{manifest.get(key)!r:.200}). Re-export the artifact.")
+
+    def count(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    need(isinstance(manifest["task"], str), "task", "a task name")
+    need(isinstance(manifest["model"], str) and manifest["model"] != "", "model", "a file name")
+    for key in ("inputs", "outputs"):
+        need(isinstance(manifest[key], list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                     for t in manifest[key]), key, "a list of {name, dtype, shape}")
+    axes = manifest.get("dynamic_axes", {})
+    need(isinstance(axes, dict) and all(
+        isinstance(r, dict) and count(r.get("min"), 0) and count(r.get("max"), 0) and r["min"] <= r["max"]
+        for r in axes.values()), "dynamic_axes", "axis name -> {min, max} with 0 <= min <= max")
+    need(manifest.get("max_sequence_length") is None or count(manifest["max_sequence_length"], 1),
+         "max_sequence_length", "a positive integer or null")
+    files = manifest.get("files", {})
+    need(files is None or isinstance(files, dict) and all(isinstance(v, str) for v in files.values()), "files",
+         "file name -> sha256")
+    need(isinstance(manifest.get("engines", []), list), "engines", "a list")
+
+
 def artifact_file(directory: str | os.PathLike, name: str) -> Path:
     """A file named by the manifest, refusing names that escape the artifact directory."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ArtifactError(f"{MANIFEST} in {directory} names {name!r:.200} as a file, which is not a valid file name. "
+                            "Re-export the artifact.")
     root = Path(directory).resolve()
     path = (root / name).resolve()
     if root != path and root not in path.parents:
@@ -109,9 +145,11 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True, keep_
     """Yield a temp directory beside ``target``; on success it replaces ``target`` in (nearly) one rename.
 
     On an exception the temp directory is removed (or, with ``keep_failed``, moved to ``<target>.failed``) and
-    ``target`` is left as it was. An existing ``target`` that is not a kiln artifact is never replaced.
+    ``target`` is left as it was. An existing ``target`` that is not a kiln artifact is never replaced. What earlier
+    exports killed mid-way left beside ``target`` is cleaned up first (:func:`clean_leftovers`).
     """
     target = Path(target).resolve()
+    clean_leftovers(target)  # first: it may put back an artifact a kill left aside
     if target.exists():
         if not target.is_dir():
             raise ArtifactError(f"{target} exists and is a file. Choose another output directory.")
@@ -120,7 +158,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True, keep_
         if not overwrite and is_artifact(target):
             raise ArtifactError(f"{target} already holds an artifact. Pass --force to replace it.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
     try:
         yield tmp
     except BaseException:
@@ -131,11 +169,46 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = True, keep_
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap: the old artifact moves aside first so that `target` is only ever absent, never half-written.
+    # Swap: the old artifact moves aside first so that `target` is only ever absent, never half-written. A kill
+    # between the two renames leaves it in `.<name>.old-*/a`, which the next export puts back (clean_leftovers).
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_owner()}-", dir=target.parent))
         os.replace(target, old / "a")
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner() -> str:
+    """Who made a temp directory, in its name: a later export removes it once that process is gone."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Remove what exports killed mid-way left beside ``target``: their temp directories (never artifacts: they get
+    kiln.json last) and, where a kill fell between the swap's two renames, put the previous artifact back at
+    ``target``. Only directories whose process is gone are touched, and only this host's: a PID from another host
+    (a shared filesystem) says nothing about that process. Returns the directories removed."""
+    target = Path(target)
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-(\d+)@(.+)-[a-z0-9_]{8}")
+    host, removed = socket.gethostname(), []
+    for entry in sorted(target.parent.glob(glob.escape(f".{target.name}.") + "*")):
+        match = pattern.fullmatch(entry.name)
+        if not match or match[3] != host or not entry.is_dir() or _alive(int(match[2])):
+            continue
+        if match[1] == "old" and not target.exists() and is_artifact(entry / "a"):
+            os.replace(entry / "a", target)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -60,11 +61,109 @@ def _reader(path: str | os.PathLike):
 def _open(path: str, mtime_ns: int, size: int):
     import gguf
 
+    check_sizes(path, size)
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # gguf raises ValueError, IndexError, KeyError ... for any malformed or cut-off file
         raise CheckpointError(f"{path} is a GGUF file that cannot be parsed ({type(err).__name__}: {err}). It is "
                               "probably truncated or corrupt: download it again.") from err
+
+
+# GGUF value type -> bytes, for the fixed-size types; 8 is a string (u64 length + bytes), 9 an array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def check_sizes(path: str | os.PathLike, size: int) -> None:
+    """Check every count, length and tensor extent the header claims against the file size, before gguf's reader
+    parses it: that reader walks an array element by element, reading past the end as empty, so a bit flip that
+    claims 2**62 elements spins for ever and fills memory. Walks the header only (a real vocabulary: ~0.1 s)."""
+    import mmap
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    broken = f"{path} is a GGUF file that cannot be parsed:"
+    if size < 24:
+        raise CheckpointError(f"{broken} {size} bytes are too few for a GGUF header. It is probably truncated: "
+                              "download it again.")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos = 4  # after the magic
+        # As gguf's reader: a version with its low half zero was written on a machine of the other byte order.
+        order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
+
+        def need(n: int, what: str) -> None:
+            if n > size - pos:
+                raise CheckpointError(f"{broken} it claims {what} ({n} bytes from byte {pos}) beyond the end of the "
+                                      f"file ({size} bytes). It is probably truncated or corrupt: download it again.")
+
+        def read(fmt: str, what: str) -> int:
+            nonlocal pos
+            need(struct.calcsize(fmt), what)
+            (value,) = struct.unpack_from(order + fmt, data, pos)
+            pos += struct.calcsize(fmt)
+            return value
+
+        def skip(kind: int, what: str, depth: int = 0) -> None:
+            nonlocal pos
+            if kind in _SCALAR_BYTES:
+                need(_SCALAR_BYTES[kind], what)
+                pos += _SCALAR_BYTES[kind]
+            elif kind == _STRING:
+                length = read("Q", f"the length of {what}")
+                need(length, what)
+                pos += length
+            elif kind == _ARRAY and depth < 2:
+                item, count = read("I", f"the item type of {what}"), read("Q", f"the length of {what}")
+                least = _SCALAR_BYTES.get(item, 8 if item == _STRING else 12)  # bytes per item, at least
+                need(count * least, f"{count} items of {what}")
+                if item in _SCALAR_BYTES:
+                    pos += count * least
+                else:
+                    for _ in range(count):
+                        skip(item, what, depth + 1)
+            else:
+                raise CheckpointError(f"{broken} {what} has the unknown GGUF value type {kind}. It is corrupt or "
+                                      "from a newer GGUF version: download it again, or upgrade the gguf package.")
+
+        if read("I", "the version") not in (2, 3):
+            return  # gguf's reader names the unsupported version
+        tensors, entries = read("Q", "the tensor count"), read("Q", "the metadata count")
+        alignment = 32
+        for _ in range(entries):
+            key_length = read("Q", "a metadata key length")
+            need(key_length, "a metadata key")
+            key = bytes(data[pos:pos + key_length])
+            pos += key_length
+            kind = read("I", "a metadata value type")
+            if key == b"general.alignment" and kind == 4:
+                alignment = read("I", "general.alignment")
+            else:
+                skip(kind, f"metadata value {key[:64]!r}")
+        need(tensors * 24, f"{tensors} tensor descriptions")  # name length, dims, type, offset: 24 bytes at least
+        extents = []
+        for _ in range(tensors):
+            skip(_STRING, "a tensor name")
+            dims = read("I", "a tensor's dimension count")
+            need(8 * dims, f"{dims} tensor dimensions")
+            shape = struct.unpack_from(f"{order}{dims}Q", data, pos)
+            pos += 8 * dims
+            kind, offset = read("I", "a tensor type"), read("Q", "a tensor offset")
+            extents.append((shape, kind, offset))
+        if alignment <= 0 or alignment & (alignment - 1):
+            return  # gguf's reader refuses the alignment
+        start = -(-pos // alignment) * alignment
+        for shape, kind, offset in extents:
+            try:
+                block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                continue  # gguf's reader names the unknown tensor type
+            elements = math.prod(shape)
+            end = start + offset + elements * type_bytes // block
+            if end > size:
+                raise CheckpointError(f"{broken} a tensor of shape {list(shape)} ends at byte {end}, beyond the end "
+                                      f"of the file ({size} bytes). It is probably truncated or corrupt: download it "
+                                      "again.")
 
 
 def _get(reader, key: str, default=None):
@@ -79,22 +178,51 @@ def _get(reader, key: str, default=None):
     def one(part, kind):
         return part.tobytes().decode("utf-8") if kind == GGUFValueType.STRING else part.tolist()[0]
 
-    if field.types[0] == GGUFValueType.ARRAY:
-        return [one(field.parts[i], field.types[-1]) for i in field.data]
-    return one(field.parts[-1], field.types[0])
+    try:
+        if field.types[0] == GGUFValueType.ARRAY:
+            return [one(field.parts[i], field.types[-1]) for i in field.data]
+        return one(field.parts[-1], field.types[0])
+    except UnicodeDecodeError:
+        raise CheckpointError(f"GGUF metadata '{key}' holds text that is not valid UTF-8: the file is corrupt. "
+                              "Download it again.") from None
+
+
+# What each metadata value must be; a corrupt or unusual file otherwise fails later with a bare TypeError.
+_KINDS = {
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24, "a positive integer"),
+    "id": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31, "a token id"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a number"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "texts": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
+    "ints": (lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v),
+             "a list of integers"),
+}
+
+
+def _typed(reader, path: Path, key: str, kind: str, default=None):
+    """A metadata value checked against ``kind`` (see _KINDS); ``default`` when the key is absent."""
+    value = _get(reader, key)
+    if value is None:
+        return default
+    ok, what = _KINDS[kind]
+    if not ok(value):
+        raise CheckpointError(f"{path.name}: GGUF metadata '{key}' must be {what}, found {value!r:.100}. The file is "
+                              "corrupt or was written by an unusual converter; convert the checkpoint again with "
+                              "llama.cpp's convert_hf_to_gguf.py.")
+    return value
 
 
 def read_config(path: str | os.PathLike) -> dict:
     """A Hugging Face style ``config.json`` dict (transformers' LlamaConfig keys) from the file's metadata."""
     reader, path = _reader(path), Path(path)
     arch = _get(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{path.name} holds a GGUF model of architecture {arch!r} (general.architecture); kiln "
-                              f"reads GGUF files of architecture {', '.join(map(repr, ARCHITECTURES))} only. Export "
-                              "the original Hugging Face checkpoint instead.")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path.name} holds a GGUF model of architecture {arch!r:.100} (general.architecture); "
+                              f"kiln reads GGUF files of architecture {', '.join(map(repr, ARCHITECTURES))} only. "
+                              "Export the original Hugging Face checkpoint instead.")
     names = {t.name for t in reader.tensors}
 
-    def need(key: str):
+    def need(key: str, kind: str = "count"):
         value = _get(reader, f"{arch}.{key}")
         if isinstance(value, list):  # per-layer values: kiln's references need them equal across layers
             if len(set(value)) != 1:
@@ -104,29 +232,33 @@ def read_config(path: str | os.PathLike) -> dict:
         if value is None:
             raise CheckpointError(f"{path.name} lacks the GGUF metadata key '{arch}.{key}'. The file is incomplete; "
                                   "convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py.")
+        ok, what = _KINDS[kind]
+        if not ok(value):
+            raise CheckpointError(f"{path.name}: GGUF metadata '{arch}.{key}' must be {what}, found {value!r:.100}. "
+                                  "The file is corrupt: convert the checkpoint again.")
         return value
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
     kv_heads = need("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
-    head_dim = _get(reader, f"{arch}.attention.key_length") or hidden // heads
-    rotary = _get(reader, f"{arch}.rope.dimension_count", head_dim)
+    head_dim = _typed(reader, path, f"{arch}.attention.key_length", "count") or hidden // heads
+    rotary = _typed(reader, path, f"{arch}.rope.dimension_count", "count", head_dim)
     if rotary != head_dim:
         raise CheckpointError(f"{path.name} rotates {rotary} of {head_dim} dimensions per head (partial RoPE); kiln's "
                               f"{arch} reference rotates all of them.")
     if "rope_freqs.weight" in names:
         raise CheckpointError(f"{path.name} carries per-frequency RoPE factors (tensor 'rope_freqs.weight', llama3 "
                               "scaling); kiln cannot read those from GGUF yet. Export the original checkpoint instead.")
-    rope = {"rope_type": "default", "rope_theta": _f32(_get(reader, f"{arch}.rope.freq_base", 10000.0))}
-    scaling = _get(reader, f"{arch}.rope.scaling.type", "none")
+    rope = {"rope_type": "default", "rope_theta": _f32(_typed(reader, path, f"{arch}.rope.freq_base", "number", 1e4))}
+    scaling = _typed(reader, path, f"{arch}.rope.scaling.type", "text", "none")
     if scaling == "linear":
-        rope.update(rope_type="linear", factor=_f32(need("rope.scaling.factor")))
+        rope.update(rope_type="linear", factor=_f32(need("rope.scaling.factor", "number")))
     elif scaling != "none":
         raise CheckpointError(f"{path.name} uses RoPE scaling {scaling!r} ('{arch}.rope.scaling.type'); kiln reads "
                               "'linear' or none from GGUF.")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab = _get(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None) or (
-        int(embed.shape[-1]) if embed is not None else None)
+    vocab = (_typed(reader, path, f"{arch}.vocab_size", "count") or (len(tokens.data) if tokens is not None else None)
+             or (int(embed.shape[-1]) if embed is not None else None))
     config = {
         "model_type": ARCHITECTURES[arch],
         "architectures": ["LlamaForCausalLM"],
@@ -138,8 +270,8 @@ def read_config(path: str | os.PathLike) -> dict:
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": _get(reader, f"{arch}.context_length", 2048),
-        "rms_norm_eps": _f32(_get(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": _typed(reader, path, f"{arch}.context_length", "count", 2048),
+        "rms_norm_eps": _f32(_typed(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", "number", 1e-6)),
         "rope_theta": rope["rope_theta"],
         "rope_parameters": rope,
         "attention_bias": "blk.0.attn_q.bias" in names,
@@ -148,7 +280,7 @@ def read_config(path: str | os.PathLike) -> dict:
         "torch_dtype": "float32",
     }
     for role in ("bos", "eos", "pad"):
-        token_id = _get(reader, f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id")
+        token_id = _typed(reader, path, f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id", "id")
         if token_id is not None:
             config[f"{role}_token_id"] = token_id
     return config
@@ -234,18 +366,26 @@ def build_tokenizer(path: str | os.PathLike):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     reader, path = _reader(path), Path(path)
-    kind, pre = _get(reader, "tokenizer.ggml.model"), _get(reader, "tokenizer.ggml.pre")
+    kind, pre = _get(reader, "tokenizer.ggml.model"), _typed(reader, path, "tokenizer.ggml.pre", "text")
     if kind != "gpt2":
         log.warning("%s: kiln rebuilds only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') from GGUF, not %r.",
                     path.name, kind)
         return None
-    tokens, types = _get(reader, "tokenizer.ggml.tokens"), _get(reader, "tokenizer.ggml.token_type") or []
+    tokens = _typed(reader, path, "tokenizer.ggml.tokens", "texts")
+    if not tokens:
+        raise CheckpointError(f"{path.name} has no vocabulary (GGUF metadata 'tokenizer.ggml.tokens'). The file is "
+                              "incomplete; convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py.")
+    types = _typed(reader, path, "tokenizer.ggml.token_type", "ints", [])
     spelling = _bytes_to_unicode()
     alphabet = set(spelling)
     # llama.cpp stores byte-level tokens in GPT-2's byte alphabet already; respell any that are not (raw UTF-8 text).
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    merges = [tuple(m.split(" ", 1)) for m in _typed(reader, path, "tokenizer.ggml.merges", "texts", [])]
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as err:  # tokenizers raises a bare Exception for merges it cannot use
+        raise CheckpointError(f"{path.name}: the GGUF vocabulary and merges do not form a BPE tokenizer ({err}). The "
+                              "file is corrupt: convert the checkpoint again.") from None
     if pre == "smollm":  # as SmolLM's own tokenizer.json: each digit alone, then GPT-2's split (llama.cpp: "\p{N}")
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -265,7 +405,7 @@ def build_tokenizer(path: str | os.PathLike):
     tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
     added = {}  # role -> (token, id) that llama.cpp puts around every text (tokenizer.ggml.add_bos_token ...)
     for role in ("bos", "eos"):
-        token_id = _get(reader, f"tokenizer.ggml.{role}_token_id")
+        token_id = _typed(reader, path, f"tokenizer.ggml.{role}_token_id", "id")
         if _get(reader, f"tokenizer.ggml.add_{role}_token", False) and token_id in range(len(tokens)):
             added[role] = (tokens[token_id], token_id)
     if added:
@@ -287,9 +427,13 @@ def _bytes_to_unicode() -> list[str]:
 def _special(reader, role: str) -> str | None:
     key = {"unk": "unknown", "pad": "padding"}.get(role, role)
     token_id, tokens = _get(reader, f"tokenizer.ggml.{key}_token_id"), reader.fields.get("tokenizer.ggml.tokens")
-    if token_id is None or tokens is None or not 0 <= token_id < len(tokens.data):
+    if not isinstance(token_id, int) or tokens is None or not 0 <= token_id < len(tokens.data):
         return None
-    return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8")
+    try:
+        return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"GGUF token {token_id} ({role}) is not valid UTF-8 text: the file is corrupt. "
+                              "Download it again.") from None
 
 
 def tokenizer_config(path: str | os.PathLike) -> dict:
@@ -301,10 +445,10 @@ def tokenizer_config(path: str | os.PathLike) -> dict:
     for role in ("bos", "eos", "unk", "pad"):
         if (token := _special(reader, role)) is not None:
             config[f"{role}_token"] = token
-    arch = _get(reader, "general.architecture")
-    if (context := _get(reader, f"{arch}.context_length")) is not None:
+    arch, path = _get(reader, "general.architecture"), Path(path)
+    if (context := _typed(reader, path, f"{arch}.context_length", "count")) is not None:
         config["model_max_length"] = context
-    if (template := _get(reader, "tokenizer.chat_template")) is not None:
+    if (template := _typed(reader, path, "tokenizer.chat_template", "text")) is not None:
         config["chat_template"] = template
     return config
 

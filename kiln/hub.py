@@ -136,7 +136,8 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
                     isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
                     for name in weight_map.values()):
                 raise TypeError("'weight_map' must map tensor names to shard file names in the same directory")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        # ValueError covers bad JSON and UTF-8 and over-long integers; RecursionError, hostile nesting depth.
+        except (ValueError, RecursionError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
         shards = tuple(directory / name for name in sorted(set(weight_map.values())))
         missing = [s.name for s in shards if not s.is_file()]
@@ -166,7 +167,7 @@ def read_config(directory: Checkpoint | str | os.PathLike) -> dict:
         raise ConfigError(f"No config.json in {directory}. A checkpoint directory needs config.json next to its weights.")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting 100k deep
         raise ConfigError(f"{path} is not valid JSON ({err}). Restore it from the original checkpoint.") from err
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}.")

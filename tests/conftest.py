@@ -12,6 +12,23 @@ import string
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# Triton decides between compiling and interpreting when a kernel is decorated, so the choice is made here, before any
+# test imports a kernel: on CPU-only machines its interpreter (TRITON_INTERPRET=1) runs kernels on CPU tensors; with
+# CUDA the same kernel tests run the compiled kernel on CUDA tensors. (One conftest for the whole tree: test modules
+# import helpers with `from conftest import ...`, which a second conftest.py would shadow.)
+HAS_CUDA = _has_cuda()
+os.environ.setdefault("TRITON_INTERPRET", "0" if HAS_CUDA else "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = ("the a an is was be to of and in that have it for not on with he as you do at this but his by from they we "
@@ -183,13 +200,9 @@ def vit_artifacts(vit_checkpoints, tmp_path_factory):
 
 
 def pytest_runtest_setup(item):
-    """`gpu` tests need an NVIDIA GPU: skipped here (CI machines have none), run where torch sees CUDA."""
+    """`gpu` tests need an NVIDIA GPU and the compiled (not interpreted) Triton kernel; skipped otherwise (CI)."""
     if item.get_closest_marker("gpu") is not None:
-        try:
-            import torch
-
-            has_cuda = torch.cuda.is_available()
-        except ImportError:
-            has_cuda = False
-        if not has_cuda:
+        if not HAS_CUDA:
             pytest.skip("needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("TRITON_INTERPRET=1: gpu tests need the compiled kernel")

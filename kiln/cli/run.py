@@ -34,7 +34,8 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, help="text-generation: seed for reproducible sampling")
     p.add_argument("--verify", action="store_true", help="check every artifact file against the sha256 in kiln.json "
                    "first; refuse a tampered artifact")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto", "tensorrt"),
+                   help="auto: a TensorRT engine from `kiln build` when one fits this machine, else onnxruntime")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.set_defaults(func=run)
 
@@ -53,8 +54,9 @@ def read_inputs(args) -> list:
                     continue
                 try:
                     items.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{args.input} line {n} is not JSON ({err.msg}); write one JSON string or object a line.") from None
+                except (ValueError, RecursionError) as err:  # JSONDecodeError, over-long numbers, hostile nesting
+                    raise InputError(f"{args.input} line {n} is not JSON ({getattr(err, 'msg', err)}); write one JSON "
+                                     "string or object a line.") from None
     if not items:
         raise InputError("No input: give texts as arguments or --input FILE.jsonl.")
     return items

@@ -41,6 +41,10 @@ class DecoderSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
         """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step)."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if hasattr(self.engine, "run_device"):  # TensorRT: the presents stay on the GPU as the next step's pasts
+            out = self.engine.run_device({**feed, **cache}, keep=self.present_names)
+            cache = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
+            return out["logits"][:, -1].astype(np.float32), cache
         if not self.io_binding:  # engines without IO binding: plain arrays in and out
             out = self.engine.run({**feed, **cache})
             return out["logits"][:, -1].astype(np.float32), {p: out[q] for p, q in zip(self.past_names, self.present_names)}
@@ -63,6 +67,14 @@ class DecoderSession:
         logits = outputs[0].numpy()[:, -1].astype(np.float32)
         return logits, dict(zip(self.past_names, outputs[1:]))
 
+    def release(self) -> None:
+        """Drop what this thread's IO binding still holds once a generation is over: its last inputs and outputs are
+        the whole KV cache, which would otherwise stay alive in every thread that ever generated."""
+        binding = getattr(self._local, "binding", None)
+        if binding is not None:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+
 
 def generate(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig,
              decode: Callable[[list[int]], str] | None = None, on_tokens: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
@@ -75,16 +87,19 @@ def generate(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.
     positions = np.clip(mask.cumsum(-1) - 1, 0, None)  # left-padded rows start at position 0
     generated, new_tokens = input_ids.astype(np.int64), []
     step_ids, step_pos, cache = generated, positions, session.empty_cache(B)
-    for _ in range(config.max_new_tokens):
-        logits, cache = session.step(step_ids, mask, step_pos, cache)
-        scores = process_logits(logits, generated, config, attention_mask=mask)
-        tokens = stopper.fill(select_next(scores, config, rng))  # finished rows only pad
-        new_tokens.append(tokens)
-        generated = np.concatenate([generated, tokens[:, None]], axis=1)
-        if on_tokens is not None:
-            on_tokens(tokens)
-        if stopper.update(tokens).all():
-            break
-        step_ids, step_pos = tokens[:, None], step_pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+    try:
+        for _ in range(config.max_new_tokens):
+            logits, cache = session.step(step_ids, mask, step_pos, cache)
+            scores = process_logits(logits, generated, config, attention_mask=mask)
+            tokens = stopper.fill(select_next(scores, config, rng))  # finished rows only pad
+            new_tokens.append(tokens)
+            generated = np.concatenate([generated, tokens[:, None]], axis=1)
+            if on_tokens is not None:
+                on_tokens(tokens)
+            if stopper.update(tokens).all():
+                break
+            step_ids, step_pos = tokens[:, None], step_pos[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+    finally:
+        session.release()
     return np.stack(new_tokens, axis=1) if new_tokens else np.zeros((B, 0), dtype=np.int64)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import InputError
+from kiln.errors import ArtifactError, InputError
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,10 @@ class GenerationConfig:
             return cls()
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # RecursionError: nesting a hostile file made deep
             raise InputError(f"{path} is not valid JSON ({err}); fix or delete it.") from err
+        if not isinstance(raw, dict):
+            raise InputError(f"{path} must hold a JSON object, found {type(raw).__name__}; fix or delete it.")
         keys = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                 "eos_token_id", "pad_token_id", "bos_token_id")
         return cls.from_dict({k: raw[k] for k in keys if raw.get(k) is not None})
@@ -291,12 +293,23 @@ def chat_template_from(directory: str | os.PathLike, name: str = "default") -> s
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return None
-    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
+        raise ArtifactError(f"{path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
+    template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):
+            raise ArtifactError(f"{path} 'chat_template' must be a string or a list of {{\"name\", \"template\"}} "
+                                "strings. Restore it from the checkpoint.")
         named = {t["name"]: t["template"] for t in template}
         if name not in named:
             raise InputError(f"{path} has chat templates {sorted(named)} but none named {name!r}; pass one of those.")
         return named[name]
+    if template is not None and not isinstance(template, str):
+        raise ArtifactError(f"{path} 'chat_template' must be a string, found {type(template).__name__}. Restore it "
+                            "from the checkpoint.")
     return template
 
 

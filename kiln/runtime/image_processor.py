@@ -36,6 +36,7 @@ from kiln.errors import ArtifactError, InputError, require
 log = logging.getLogger("kiln")
 FILE = "preprocessor_config.json"
 IMAGENET_STANDARD = [0.5, 0.5, 0.5]  # ViT's image_mean and image_std
+MAX_SIZE = 8192  # pixels per side: far above any ViT input, far below a float image that exhausts memory
 RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -62,9 +63,10 @@ def _size(value, name: str, allow_shortest: bool) -> dict:
         value = {"height": value[0], "width": value[1]}
     keys = {"height", "width"} if not isinstance(value, dict) or "shortest_edge" not in value else {"shortest_edge"}
     if (not isinstance(value, dict) or set(value) != keys or (keys == {"shortest_edge"} and not allow_shortest)
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values())):
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE for v in value.values())):
         raise ArtifactError(f"{FILE} '{name}' must be {{\"height\": H, \"width\": W}}"
-                            + (' or {"shortest_edge": S}' if allow_shortest else "") + f", got {value!r}. "
+                            + (' or {"shortest_edge": S}' if allow_shortest else "") + f" with sizes up to {MAX_SIZE}, "
+                            f"got {value!r:.200}. "
                             "kiln supports those forms only; fix the file or re-save the image processor.")
     return value
 
@@ -77,7 +79,7 @@ class ImageProcessor:
         self.do_resize = bool(get("do_resize", True))
         self.size = _size(get("size", 224), "size", allow_shortest=True) if self.do_resize else None
         self.resample = get("resample", 2)
-        if self.resample not in RESAMPLE_FILTERS:
+        if type(self.resample) is not int or self.resample not in RESAMPLE_FILTERS:  # a list or dict is unhashable
             raise ArtifactError(f"{FILE} 'resample' must be a Pillow filter number {RESAMPLE_FILTERS}, "
                                 f"got {self.resample!r}.")
         self.do_center_crop = bool(get("do_center_crop", False))
@@ -88,8 +90,8 @@ class ImageProcessor:
         self.image_mean = get("image_mean", IMAGENET_STANDARD)
         self.image_std = get("image_std", IMAGENET_STANDARD)
         self.do_convert_rgb = bool(get("do_convert_rgb", False))
-        if self.do_rescale and not isinstance(self.rescale_factor, (int, float)):
-            raise ArtifactError(f"{FILE} 'rescale_factor' must be a number, got {self.rescale_factor!r}.")
+        if self.do_rescale and not _finite(self.rescale_factor):  # NaN would make every pixel NaN, silently
+            raise ArtifactError(f"{FILE} 'rescale_factor' must be a finite number, got {self.rescale_factor!r}.")
         if self.do_normalize:
             self.image_mean, self.image_std = _stats(self.image_mean, "image_mean"), _stats(self.image_std, "image_std")
 
@@ -102,7 +104,7 @@ class ImageProcessor:
             raise ArtifactError(f"{file} is missing: image pipelines need the image processor settings. Save them into "
                                 "the checkpoint (AutoImageProcessor.from_pretrained(...).save_pretrained(dir)) and "
                                 "re-export.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
             raise ArtifactError(f"{file} is not valid JSON ({err}). Re-export the artifact.") from err
         if not isinstance(config, dict):
             raise ArtifactError(f"{file} must hold a JSON object, got {type(config).__name__}. Re-export the artifact.")
@@ -207,10 +209,16 @@ class ImageProcessor:
         return (out.astype(np.float64) * (1 / 255)).astype(np.float32) if scaled else out
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _stats(values, name: str) -> list[float]:
     values = values if isinstance(values, list) else [values] * 3
-    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ArtifactError(f"{FILE} '{name}' must be a number or a list of numbers, got {values!r}.")
+    # Images reach normalization as RGB, so one value per channel (or one for all); NaN would pass silently.
+    if len(values) not in (1, 3) or not all(_finite(v) for v in values):
+        raise ArtifactError(f"{FILE} '{name}' must be a finite number or a list of 3 (one per RGB channel), got "
+                            f"{values!r:.200}.")
     if name == "image_std" and any(v == 0 for v in values):
         raise ArtifactError(f"{FILE} 'image_std' must not contain 0, got {values!r}.")
     return [float(v) for v in values]

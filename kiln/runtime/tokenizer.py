@@ -19,6 +19,7 @@ from kiln.errors import ArtifactError, InputError
 
 log = logging.getLogger("kiln")
 _UNSET_MAX = 10**12  # transformers writes int(1e30) as model_max_length when a checkpoint does not know it
+_MAX_VARIANTS = 8  # differently truncating copies of one tokenizer kept at once (each holds the whole vocabulary)
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = 0
         # Configured copies keyed by (max_length, stride, strategy); max_length None = no truncation.
-        self._variants: dict[tuple, object] = {(max_length, 0, "longest_first"): tokenizer}
+        self._base_key = (max_length, 0, "longest_first")
+        self._variants: dict[tuple, object] = {self._base_key: tokenizer}
         self._lock = threading.Lock()
 
     @classmethod
@@ -88,15 +90,24 @@ class Tokenizer:
         if config_path.is_file():
             try:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
                 raise ArtifactError(f"{config_path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
+            if not isinstance(config, dict):
+                raise ArtifactError(f"{config_path} must hold a JSON object, found {type(config).__name__}. Restore it "
+                                    "from the checkpoint.")
         limit = config.get("model_max_length")
-        limits = [m for m in (max_length, limit if isinstance(limit, int) and limit < _UNSET_MAX else None) if m]
+        usable = isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _UNSET_MAX
+        limits = [m for m in (max_length, limit if usable else None) if m]
         pad_token = config.get("pad_token")
         if isinstance(pad_token, dict):  # AddedToken serialised
             pad_token = pad_token.get("content")
-        return cls(tok, max_length=min(limits) if limits else 512, padding_side=config.get("padding_side", "right"),
-                   pad_token=pad_token, special_tokens=_special_tokens(directory, config),
+        padding_side = config.get("padding_side", "right")
+        if padding_side not in ("left", "right"):
+            raise ArtifactError(f"{config_path} has padding_side {padding_side!r:.100}; it must be 'left' or 'right'. "
+                                "Fix the file or restore it from the checkpoint.")
+        return cls(tok, max_length=min(limits) if limits else 512, padding_side=padding_side,
+                   pad_token=pad_token if isinstance(pad_token, str) else None,
+                   special_tokens=_special_tokens(directory, config),
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
     def _with_max_length(self, max_length: int):
@@ -105,18 +116,26 @@ class Tokenizer:
     def _variant(self, max_length: int | None, stride: int = 0, strategy: str = "longest_first"):
         """A copy of the tokenizer configured once for these truncation settings; never mutated afterwards."""
         key = (max_length, stride, strategy)
-        with self._lock:
-            if key not in self._variants:
-                from tokenizers import Tokenizer as HFTokenizer
+        tok = self._variants.get(key)  # the common case takes no lock: a dict read is atomic
+        if tok is not None:
+            return tok
+        # Built outside the lock: copying a large tokenizer takes a while and must not stall the other threads'
+        # calls. Two threads may both build one; the first stored wins and both copies are identical.
+        from tokenizers import Tokenizer as HFTokenizer
 
-                tok = HFTokenizer.from_str(self._tok.to_str())
-                tok.no_padding()
-                if max_length is None:
-                    tok.no_truncation()
-                else:
-                    tok.enable_truncation(max_length, stride=stride, strategy=strategy)
-                self._variants[key] = tok
-            return self._variants[key]
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.no_padding()
+        if max_length is None:
+            tok.no_truncation()
+        else:
+            tok.enable_truncation(max_length, stride=stride, strategy=strategy)
+        with self._lock:
+            tok = self._variants.setdefault(key, tok)
+            # Callers choose the settings (question answering's max_seq_len and doc_stride), so the copies are
+            # capped: the oldest goes first, never the base tokenizer. A thread still using it keeps its reference.
+            while len(self._variants) > _MAX_VARIANTS:
+                del self._variants[next(k for k in self._variants if k != self._base_key)]
+        return tok
 
     def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None,
                  add_special_tokens: bool = True, padding_side: str | None = None) -> Batch:
@@ -150,6 +169,9 @@ class Tokenizer:
         ``names`` name the two texts in errors."""
         if max_length > self.max_length:
             raise InputError(f"max_length={max_length} is more than the model's maximum of {self.max_length} tokens.")
+        for pair in pairs:
+            for name, text in zip(names, pair):
+                _check_encodable(text, name)
         whole = self._variant(None).encode_batch(pairs, add_special_tokens=True)
         long = [i for i, e in enumerate(whole) if len(e.ids) > max_length]
         for i in long:  # tokenizers fails (or panics) when the kept text leaves no room for windows: say why instead
@@ -219,6 +241,7 @@ class Tokenizer:
 
     def encode_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
+        _check_encodable(text, "text")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
@@ -264,8 +287,11 @@ def _special_tokens(directory: Path, config: dict) -> dict[str, str]:
     if map_path.is_file():
         try:
             sources.append(json.loads(map_path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:
             raise ArtifactError(f"{map_path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
+        if not isinstance(sources[-1], dict):
+            raise ArtifactError(f"{map_path} must hold a JSON object, found {type(sources[-1]).__name__}. Restore it "
+                                "from the checkpoint.")
     found = {}
     for name in _SPECIAL:
         for source in sources:
@@ -281,9 +307,11 @@ def _special_tokens(directory: Path, config: dict) -> dict[str, str]:
 def check_texts(texts, what: str = "input") -> list[str]:
     """A str or a non-empty list of str, else an InputError naming what is wrong."""
     if isinstance(texts, str):
+        _check_encodable(texts, what)
         return [texts]
     if isinstance(texts, (bytes, bytearray)):
-        raise InputError(f"The {what} is bytes; decode it to str first (e.g. data.decode('utf-8')).")
+        raise InputError(f"The {what} is bytes; decode it to str first: data.decode('utf-8'), or "
+                         "data.decode('utf-8', errors='replace') for bytes that may not be valid UTF-8.")
     if not isinstance(texts, (list, tuple)):
         raise InputError(f"The {what} must be a string or a list of strings, got {type(texts).__name__}.")
     if not texts:
@@ -291,4 +319,19 @@ def check_texts(texts, what: str = "input") -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"The {what} list must hold only strings; item {i} is {type(t).__name__}.")
+        _check_encodable(t, what if len(texts) == 1 else f"{what} {i}")
     return list(texts)
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """A str may hold lone surrogates ("\\ud800", from bytes decoded with errors="surrogateescape"), which are not
+    Unicode text: tokenizers rejects them with a TypeError that does not say why. Say why."""
+    if not isinstance(text, str) or text.isascii():  # non-strings are the type checks' business
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"The {what} is not valid Unicode: it holds the lone surrogate {text[err.start]!r} at "
+                         f"character {err.start} (what decoding invalid UTF-8 bytes with errors='surrogateescape' "
+                         "leaves). Decode the bytes with errors='replace', or clean the text with "
+                         "text.encode('utf-8', 'replace').decode('utf-8').") from None

@@ -1,6 +1,6 @@
 """The Triton attention kernel against the NumPy spec (kiln.kernels.attention.reference).
 
-Without CUDA the kernel runs on CPU tensors in Triton's interpreter (tests/kernels/conftest.py sets
+Without CUDA the kernel runs on CPU tensors in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), which is slow: shapes stay small. bf16 runs only on a GPU (the interpreter holds bf16 as uint16
 and its tl.dot gives garbage). The ahead-of-time compile to PTX needs no GPU and is tested in a subprocess.
 """
@@ -20,7 +20,7 @@ import torch
 from kiln.kernels.attention.reference import attention as reference
 from kiln.kernels.attention.triton import attention
 
-# tests/kernels/conftest.py has chosen: interpreter on CPU tensors, or the compiled kernel on CUDA tensors.
+# tests/conftest.py has chosen: interpreter on CPU tensors, or the compiled kernel on CUDA tensors.
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # atol, rtol against the spec computed in fp32 from the same (rounded) inputs.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

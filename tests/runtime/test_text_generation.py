@@ -171,3 +171,45 @@ def test_io_binding_and_plain_feeds_agree(decoders):
     plain.io_binding = False
     np.testing.assert_array_equal(generate(pipe.decoder, batch.input_ids, batch.attention_mask, config),
                                   generate(plain, batch.input_ids, batch.attention_mask, config))
+
+
+def test_a_generation_leaves_no_kv_cache_bound_in_its_thread(decoders):
+    _, out, _ = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    pipe(PROMPTS[1], max_new_tokens=6)
+    # the thread's IO binding would otherwise keep the last step's presents (the whole cache) alive
+    assert pipe.decoder._local.binding.get_outputs() == []
+
+
+def test_an_abandoned_stream_stops_generating(decoders):
+    import threading
+    import time
+
+    _, out, _ = decoders("gpt2")
+    pipe = kiln.pipeline("text-generation", out)
+    steps, step = [], pipe.decoder.step
+
+    def slow_step(*args):  # slow enough that the whole generation would take seconds
+        steps.append(1)
+        time.sleep(0.05)
+        return step(*args)
+
+    pipe.decoder.step = slow_step
+    pieces = pipe.stream(PROMPTS[0], max_new_tokens=50, eos_token_id=[])  # no EOS: only max_new_tokens ends it
+    next(pieces)
+    pieces.close()  # what a server does when its client goes away
+    deadline = time.monotonic() + 5
+    while any(t.name == "kiln-stream" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "kiln-stream" for t in threading.enumerate())
+    assert len(steps) < 10
+
+
+def test_batch_runs_chats_and_prompts_in_separate_calls(decoders):
+    _, out, _ = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    chat = [{"role": "user", "content": "hello world"}]
+    items = [PROMPTS[0], chat, PROMPTS[1], chat]
+    # chats hold their special tokens already, prompts get them added: the same as calling for each item alone
+    assert pipe.batch(items, max_new_tokens=4) == [pipe(item, max_new_tokens=4) for item in items]
+    assert pipe.batch([PROMPTS[2]], max_new_tokens=4) == [pipe(PROMPTS[2], max_new_tokens=4)]

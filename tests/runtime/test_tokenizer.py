@@ -89,3 +89,16 @@ def test_bad_input(bad, message, checkpoints):
         Tokenizer.from_dir(path)(bad)
     with pytest.raises(InputError, match="2 texts but 1 text pairs"):
         Tokenizer.from_dir(path)(["a", "b"], ["c"])
+
+
+def test_truncation_copies_are_capped(checkpoints):
+    from kiln.runtime import tokenizer as module
+
+    path, _ = checkpoints("bert", "feature-extraction")
+    tok = Tokenizer.from_dir(path)
+    text = "paris london " * 40
+    # callers pick the truncation (question answering's max_seq_len and doc_stride): one copy each, but not forever
+    for m in range(8, 40):
+        assert tok([text], max_length=m).input_ids.shape == (1, m)
+    assert len(tok._variants) == module._MAX_VARIANTS and tok._base_key in tok._variants
+    assert tok([text]).input_ids.shape == (1, 64) and tok([text], max_length=8).input_ids.shape == (1, 8)

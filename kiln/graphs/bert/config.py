@@ -63,7 +63,8 @@ class BertConfig:
                 raise ConfigError(f"config.json 'id2label' must map label ids to names, e.g. {{\"0\": \"NEG\"}}: {err}") from err
         elif raw.get("num_labels") is not None:
             num_labels = raw["num_labels"]
-            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 24:
+            # Capped at 2**20: the labels are materialised here, before any weight shows what the head really holds.
+            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 20:
                 raise ConfigError(f"config.json 'num_labels' must be a positive integer, got {num_labels!r}.")
             values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         config = cls(**values, raw=dict(raw))
@@ -94,3 +95,6 @@ class BertConfig:
             raise ConfigError(f"config.json 'layer_norm_eps' must be a small positive number, got {self.layer_norm_eps!r}.")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"config.json 'pad_token_id' must be a token id below vocab_size, got {self.pad_token_id!r}.")
+        if self.max_sequence_length < 1:  # RoBERTa numbers positions after pad_token_id
+            raise ConfigError(f"config.json 'max_position_embeddings' ({self.max_position_embeddings}) leaves no "
+                              f"positions after the padding offset {self.position_offset} ('pad_token_id' + 1).")

@@ -103,7 +103,7 @@ class GPT2Config:
             raise ConfigError(f"config.json 'n_inner' must be a positive integer or null, got {self.n_inner!r}.")
         if self.n_embd % self.n_head:
             raise ConfigError(f"config.json 'n_embd' ({self.n_embd}) must be divisible by 'n_head' ({self.n_head}).")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"config.json 'activation_function' {self.activation_function!r} is not supported; "
                               f"kiln implements {', '.join(ACTIVATIONS)}.")
         if not isinstance(self.layer_norm_epsilon, (int, float)) or not 0 < self.layer_norm_epsilon < 1:

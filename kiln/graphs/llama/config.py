@@ -70,6 +70,11 @@ class LlamaConfig:
                 raise ConfigError(f"config.json '{name}' must be a positive integer, got {value!r}.")
             if value > 1 << 24:
                 raise ConfigError(f"config.json '{name}' = {value} is implausibly large; the file looks corrupt.")
+        for name in ("num_key_value_heads", "head_dim", "sliding_window"):  # optional sizes: null or positive
+            value = getattr(self, name)
+            positive = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 24
+            if value is not None and not positive:
+                raise ConfigError(f"config.json '{name}' must be a positive integer or null, got {value!r}.")
         if not isinstance(self.kv_heads, int) or self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
             raise ConfigError(f"config.json 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
                               f"'num_key_value_heads' ({self.num_key_value_heads}).")
@@ -80,8 +85,15 @@ class LlamaConfig:
             raise ConfigError(f"The head dimension ({self.dim}) must be even for rotary embeddings.")
         if self.hidden_act not in ("silu", "swish"):
             raise ConfigError(f"config.json 'hidden_act' {self.hidden_act!r} is not supported; LLaMA-family models use 'silu'.")
-        if not 0 < self.rms_norm_eps < 1:
+        if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:
             raise ConfigError(f"config.json 'rms_norm_eps' must be a small positive number, got {self.rms_norm_eps!r}.")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):  # old LLaMA configs write -1 for "none"
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                alternatives = ", a list of them" if name == "eos_token_id" else ""
+                raise ConfigError(f"config.json '{name}' must be a token id (an integer){alternatives} or null, "
+                                  f"got {value!r:.200}.")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -91,10 +103,13 @@ class LlamaConfig:
 
 def _rope(raw: dict) -> dict:
     """The RoPE parameters, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json 'rope_parameters'/'rope_scaling' must be an object, got {params!r:.200}.")
+    params = dict(params)
     params.setdefault("rope_theta", raw.get("rope_theta", params.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(f"RoPE scaling {rope_type!r} is not supported; kiln implements {', '.join(ROPE_TYPES)}.")
     params["rope_type"] = rope_type
     if rope_type != "default" and "factor" not in params:
@@ -103,6 +118,8 @@ def _rope(raw: dict) -> dict:
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in params:
                 raise ConfigError(f"llama3 RoPE scaling needs {key!r} in config.json's rope_scaling.")
-    if not isinstance(params["rope_theta"], (int, float)) or not math.isfinite(params["rope_theta"]) or params["rope_theta"] <= 0:
-        raise ConfigError(f"config.json 'rope_theta' must be a positive number, got {params['rope_theta']!r}.")
+    for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        value = params.get(key, 1)  # the keys a rope_type needs were checked above; others may be absent
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config.json '{key}' must be a positive number (RoPE), got {value!r}.")
     return params

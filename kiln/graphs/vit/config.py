@@ -74,7 +74,8 @@ class ViTConfig:
                                   f"{err}") from err
         elif raw.get("num_labels") is not None:
             num_labels = raw["num_labels"]
-            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 24:
+            # Capped at 2**20: the labels are materialised here, before any weight shows what the head really holds.
+            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 20:
                 raise ConfigError(f"config.json 'num_labels' must be a positive integer, got {num_labels!r}.")
             values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         config = cls(**values, raw=dict(raw))

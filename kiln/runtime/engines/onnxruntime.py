@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from kiln.artifact import MANIFEST, load_manifest
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.engines.base import TensorInfo
 
@@ -41,10 +42,16 @@ class OnnxRuntimeEngine:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 axes: dict | None = None):
+        """``axes``: dynamic axis name -> {"min", "max"}, the ranges the graph was exported and validated for; by
+        default read from the kiln.json beside ``path`` (none for a bare ONNX file)."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"No ONNX model at {path}. Re-export the artifact.")
+        if axes is None and (path.parent / MANIFEST).is_file():
+            axes = load_manifest(path.parent).get("dynamic_axes")
+        self.path, self.axes = path, dict(axes or {})
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Errors only: onnxruntime warns about shape-inference details of outputs it then produces correctly.
@@ -68,22 +75,25 @@ class OnnxRuntimeEngine:
         return list(self._outputs)
 
     def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        checked = {}
-        for info in self._inputs:
-            if info.name not in feed:
-                raise InputError(f"Engine input {info.name!r} is missing from the feed (got {sorted(feed)}).")
-            value = np.asarray(feed[info.name])
-            if value.dtype.name != info.dtype:
-                if not np.can_cast(value.dtype, info.dtype, casting="same_kind"):
-                    raise InputError(f"Engine input {info.name!r} must be {info.dtype}, got {value.dtype}.")
-                value = value.astype(info.dtype)
-            if value.ndim != len(info.shape):
-                raise InputError(f"Engine input {info.name!r} must have {len(info.shape)} dims {info.shape}, "
-                                 f"got shape {value.shape}.")
-            checked[info.name] = value
-        names = outputs or [o.name for o in self._outputs]
-        results = self.session.run(names, checked)
-        return dict(zip(names, results))
+        checked, sizes = check_feed(self._inputs, feed, self.axes)
+        known = {o.name: o for o in self._outputs}
+        names = outputs or list(known)
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise InputError(f"The graph has no output(s) {unknown}; its outputs are {list(known)}.")
+        try:
+            results = self.session.run(names, checked)
+        except Exception as err:  # onnxruntime's pybind error types; the feed itself passed the checks above
+            message = str(err).strip()[:500]
+            if isinstance(err, _INVALID_ARGUMENT):  # a value the graph cannot take, e.g. a token id >= vocab size
+                raise InputError(f"onnxruntime rejected the feed: {message}. Check the input values (token ids "
+                                 "must be below the vocabulary size).") from err
+            raise ArtifactError(f"onnxruntime failed to run {self.path}: {message}. The feed passed kiln's checks, "
+                                "so the graph may be damaged: verify the artifact (kiln run --verify) or re-export "
+                                "it.") from err
+        results = dict(zip(names, results))
+        check_outputs([known[name] for name in names], results, sizes, self.path)
+        return results
 
     def close(self) -> None:
         self.session = None
@@ -93,3 +103,77 @@ class OnnxRuntimeEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_INVALID_ARGUMENT = getattr(getattr(ort.capi, "onnxruntime_pybind11_state", None), "InvalidArgument", ())
+
+
+def check_feed(inputs: list[TensorInfo], feed: dict, axes: dict | None = None) -> tuple[dict, dict]:
+    """The feed as arrays of the graph's dtypes, checked before onnxruntime sees it, whose own errors name a node
+    deep inside the graph (or, for a mismatched batch, broadcast silently). Returns (arrays, named axis sizes).
+
+    Checks: every input present and no unknown ones; dtypes (a same-kind cast is allowed, e.g. int32 -> int64);
+    rank; fixed dimensions; a named axis the same size in every input; named axes inside ``axes`` (the ranges the
+    artifact was exported and validated for); ids and masks not negative (a negative id would index from the end
+    of a table without any error)."""
+    names = {info.name for info in inputs}
+    extra = sorted(set(feed) - names)
+    if extra:
+        raise InputError(f"The feed has input(s) {extra} that the graph does not take; its inputs are "
+                         f"{[info.name for info in inputs]}.")
+    checked, sizes = {}, {}  # sizes: axis name -> (size, the input that set it)
+    for info in inputs:
+        if info.name not in feed:
+            raise InputError(f"Engine input {info.name!r} is missing from the feed (got {sorted(feed)}).")
+        try:
+            value = np.asarray(feed[info.name])
+        except ValueError as err:  # ragged nested lists
+            raise InputError(f"Engine input {info.name!r} is not a rectangular array ({err}).") from None
+        if value.dtype.name != info.dtype:
+            try:
+                castable = np.can_cast(value.dtype, info.dtype, casting="same_kind")
+            except TypeError:  # the graph takes a type numpy does not name (strings, ...)
+                castable = False
+            if not castable:
+                raise InputError(f"Engine input {info.name!r} must be {info.dtype}, got {value.dtype}.")
+            value = value.astype(info.dtype)
+        if value.ndim != len(info.shape):
+            raise InputError(f"Engine input {info.name!r} must have {len(info.shape)} dims {info.shape}, "
+                             f"got shape {value.shape}.")
+        for dim, size in zip(info.shape, value.shape):
+            if isinstance(dim, int) and dim >= 0 and size != dim:
+                raise InputError(f"Engine input {info.name!r} must have shape {info.shape}, got {value.shape}: the "
+                                 f"fixed size {dim} is part of the exported graph.")
+            if not isinstance(dim, str) or not dim:
+                continue
+            if dim in sizes and sizes[dim][0] != size:
+                raise InputError(f"Axis {dim!r} is {size} in input {info.name!r} but {sizes[dim][0]} in "
+                                 f"{sizes[dim][1]!r}; every input must have the same {dim} size.")
+            sizes.setdefault(dim, (size, info.name))
+            allowed = (axes or {}).get(dim)
+            if allowed and not allowed["min"] <= size <= allowed["max"]:
+                option = {"batch": " or re-export with --batch MIN:MAX",
+                          "sequence": " (shorten the input) or re-export with --seq MIN:MAX"}.get(dim, "")
+                raise InputError(f"Engine input {info.name!r} has {dim} = {size}, outside the range "
+                                 f"{allowed['min']}..{allowed['max']} the artifact was exported and validated for. "
+                                 f"Stay inside it{option}.")
+        if info.name.endswith(("_ids", "_mask")) and value.dtype.kind in "iu" and value.size and value.min() < 0:
+            raise InputError(f"Engine input {info.name!r} holds negative values (down to {value.min()}); ids, "
+                             "positions and masks are >= 0.")
+        checked[info.name] = value
+    return checked, sizes
+
+
+def check_outputs(infos: list[TensorInfo], results: dict, sizes: dict, path) -> None:
+    """Refuse outputs whose shape disagrees with the graph's declaration and the feed (batch in = batch out): a
+    wrong shape here means a damaged graph, and returning it would hand callers silently wrong results."""
+    for info in infos:
+        shape = np.shape(results[info.name])
+        expected = tuple(sizes[d][0] if isinstance(d, str) and d in sizes else d for d in info.shape)
+        # A declared 0 is not checked: onnxruntime's shape inference reports 0 for the last axis of Attention's
+        # qk_matmul_output (the attentions.{i} outputs), though the graph declares it and the kernel fills it.
+        wrong = any(isinstance(e, int) and e > 0 and e != s for e, s in zip(expected, shape))
+        if len(shape) != len(expected) or wrong:
+            raise ArtifactError(f"{path} returned {info.name!r} of shape {shape}, but the graph declares "
+                                f"{info.shape}, which for this feed means {expected}. The graph is damaged: re-export "
+                                "the artifact.")

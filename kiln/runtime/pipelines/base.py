@@ -28,12 +28,15 @@ class Pipeline:
             raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}, not {self.task!r}. "
                                 f"Use pipeline({self.manifest['task']!r}, ...) or re-export with --task {self.task}.")
         self.config = _read_json(self.path / "config.json")
-        self.engine = engine or open_engine(self.path / self.manifest["model"], device=device, threads=threads)
+        self.engine = engine or open_engine(self.path / self.manifest["model"], device=device, threads=threads,
+                                            manifest=self.manifest)
         self.input_names = [i.name for i in self.engine.inputs()]
         self.load_preprocessor()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        self.batch_size = batch_size
+        # The engine refuses batches beyond the range the artifact was exported and validated for: stay inside it.
+        exported = (self.manifest.get("dynamic_axes") or {}).get("batch")
+        self.batch_size = min(batch_size, exported["max"]) if exported else batch_size
 
     def load_preprocessor(self) -> None:
         """Text pipelines tokenize; an image pipeline overrides this to load its image processor."""
@@ -47,6 +50,16 @@ class Pipeline:
             outputs = self.forward(model_inputs)
             results.extend(self.postprocess(model_inputs, outputs, **kwargs))
         return self._shape(inputs, single, results, **kwargs)
+
+    def batch(self, items: list, **kwargs) -> list:
+        """One result per item, each shaped as ``self(item, **kwargs)`` returns it, from one call over all the items
+        (tokenized and padded together): what ``kiln.runtime.Batcher`` needs of the callable it wraps."""
+        if len(items) == 1:  # some pipelines unwrap a one-item list (fill-mask, question answering): ask for the item
+            return [self(items[0], **kwargs)]
+        results = self(list(items), **kwargs)
+        # transformers shapes a lone input's result differently from one in a list (text-classification wraps a
+        # lone string's result in a list): ``_shape`` knows how, per pipeline.
+        return [self._shape(item, True, [result], **kwargs) for item, result in zip(items, results)]
 
     def _items(self, inputs) -> tuple[bool, list]:
         if isinstance(inputs, (list, tuple)) and inputs:
@@ -71,5 +84,5 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing from the artifact. Re-export it.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
         raise ArtifactError(f"{path} is not valid JSON ({err}). Re-export the artifact.") from err

@@ -64,6 +64,18 @@ class TextGenerationPipeline(Pipeline):
                 results.append([{"generated_text": _full(item, prompt, text) if return_full_text else text}])
         return results[0] if single else results
 
+    def batch(self, items: list, **kwargs) -> list:
+        """As ``Pipeline.batch``; chats and plain prompts go in separate calls, since only plain prompts get the
+        tokenizer's special tokens added and one call adds them to all its prompts or to none."""
+        chats = {i for i, item in enumerate(items) if _is_chat(item)}
+        if not 0 < len(chats) < len(items):
+            return super().batch(items, **kwargs)
+        results: list = [None] * len(items)
+        for rows in (sorted(chats), [i for i in range(len(items)) if i not in chats]):
+            for i, result in zip(rows, super().batch([items[i] for i in rows], **kwargs)):
+                results[i] = result
+        return results
+
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yield text pieces of one prompt's continuation as tokens come (complete characters only)."""
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_OPTIONS}
@@ -117,15 +129,22 @@ class TextGenerationPipeline(Pipeline):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+class _Abandoned(Exception):
+    """Raised inside the decode loop of a stream whose consumer went away."""
+
+
 def _drive(session, batch, config, decode, on_tokens, pieces) -> Iterator[str]:
     """Run ``generate`` one token at a time in a worker thread and hand the text pieces over as they appear."""
     import queue
     import threading
 
     handoff: queue.Queue = queue.Queue()
-    done = object()
+    done, abandoned = object(), threading.Event()
 
     def emit(tokens):
+        # A client that stops reading (a closed connection) must not leave the model generating for nobody.
+        if abandoned.is_set():
+            raise _Abandoned
         on_tokens(tokens)
         while pieces:
             handoff.put(pieces.pop(0))
@@ -134,15 +153,20 @@ def _drive(session, batch, config, decode, on_tokens, pieces) -> Iterator[str]:
         try:
             generate(session, batch.input_ids, batch.attention_mask, config, decode=decode, on_tokens=emit)
             handoff.put(done)
+        except _Abandoned:
+            pass
         except BaseException as err:  # re-raised in the consumer's thread
             handoff.put(err)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := handoff.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        if item:
-            yield item
+    threading.Thread(target=work, name="kiln-stream", daemon=True).start()
+    try:
+        while (item := handoff.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            if item:
+                yield item
+    finally:  # also when the generator is closed or garbage-collected before the end
+        abandoned.set()
 
 
 def _is_chat(item) -> bool:
