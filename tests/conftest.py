@@ -103,6 +103,22 @@ def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extract
     return path, model
 
 
+def assert_same(a, b, atol=1e-4):
+    """Equal nested structure (lists, dicts, keys in order) with floats within atol."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b), (a, b)
+        for k in b:
+            assert_same(a[k], b[k], atol)
+    elif isinstance(b, (list, tuple)):
+        assert isinstance(a, (list, tuple)) and len(a) == len(b), (a, b)
+        for x, y in zip(a, b):
+            assert_same(x, y, atol)
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, abs=atol)
+    else:
+        assert a == b
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Lazily built tiny checkpoints, keyed by (model_type, task)."""

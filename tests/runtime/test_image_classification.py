@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_same  # noqa: F401  (also imported from here by other test modules)
 from PIL import Image
 
 import kiln
@@ -22,21 +23,6 @@ RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
 RGBA = RNG.integers(0, 256, (37, 29, 4), dtype=np.uint8)
 GRAY = RNG.integers(0, 256, (33, 47), dtype=np.uint8)
 
-
-def assert_same(a, b, atol=1e-4):
-    """Equal nested structure (lists, dicts, keys in order) with floats within atol."""
-    if isinstance(b, dict):
-        assert isinstance(a, dict) and list(a) == list(b)
-        for k in b:
-            assert_same(a[k], b[k], atol)
-    elif isinstance(b, (list, tuple)):
-        assert isinstance(a, (list, tuple)) and len(a) == len(b), (a, b)
-        for x, y in zip(a, b):
-            assert_same(x, y, atol)
-    elif isinstance(b, float):
-        assert a == pytest.approx(b, abs=atol)
-    else:
-        assert a == b
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_same  # noqa: F401  (also imported from here by other test modules)
 
 import kiln
 from kiln.errors import ArtifactError, InputError
@@ -18,21 +19,6 @@ def hf_pipeline(task, path):
 
     return transformers.pipeline(task, model=str(path), tokenizer=str(path), device="cpu")
 
-
-def assert_same(a, b, atol=1e-4):
-    """Equal nested structure (lists, dicts, keys in order) with floats within atol."""
-    if isinstance(b, dict):
-        assert isinstance(a, dict) and list(a) == list(b)
-        for k in b:
-            assert_same(a[k], b[k], atol)
-    elif isinstance(b, (list, tuple)):
-        assert isinstance(a, (list, tuple)) and len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y, atol)
-    elif isinstance(b, float):
-        assert a == pytest.approx(b, abs=atol)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_same  # noqa: F401  (also imported from here by other test modules)
 
 import kiln
 from kiln.errors import InputError
@@ -67,21 +68,6 @@ ERRORS = {  # name -> (args, kwargs, what kiln's InputError says)
                            "larger than max_seq_len"),
 }
 
-
-def assert_same(a, b, atol=1e-4):
-    """Equal nested structure (lists, dicts, keys in order) with floats within atol (as in test_pipelines)."""
-    if isinstance(b, dict):
-        assert isinstance(a, dict) and list(a) == list(b), (a, b)
-        for k in b:
-            assert_same(a[k], b[k], atol)
-    elif isinstance(b, (list, tuple)):
-        assert isinstance(a, (list, tuple)) and len(a) == len(b), (a, b)
-        for x, y in zip(a, b):
-            assert_same(x, y, atol)
-    elif isinstance(b, float):
-        assert a == pytest.approx(b, abs=atol)
-    else:
-        assert a == b
 
 
 @pytest.fixture(scope="module")
