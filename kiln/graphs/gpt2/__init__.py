@@ -8,7 +8,10 @@ from kiln.graphs.gpt2.config import GPT2Config
 TASKS = ("text-generation",)
 
 
-def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa"):
+FRAMEWORKS = ("torch",)  # no JAX/TensorFlow sibling yet
+
+
+def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa", framework: str = "torch"):
     from kiln.graphs.checkpoint import attach_weights
     from kiln.graphs.gpt2.model_torch import GPT2LMHeadModel
 

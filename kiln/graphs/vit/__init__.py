@@ -8,7 +8,10 @@ from kiln.graphs.vit.config import ViTConfig
 TASKS = ("image-classification", "feature-extraction")
 
 
-def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa"):
+FRAMEWORKS = ("torch",)  # no JAX/TensorFlow sibling yet
+
+
+def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa", framework: str = "torch"):
     """The torch reference for ``task`` with the checkpoint's weights loaded and checked."""
     from kiln.errors import ConfigError
     from kiln.graphs.checkpoint import attach_weights
