@@ -44,6 +44,14 @@ def build(artifact, precision: str = "fp32", profile=None, timing_cache=None, ve
                   version_compatible=version_compatible, force=force)
 
 
+def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), **options) -> dict:
+    """Latency of an artifact on this machine (medians, p90/p99, throughput, peak memory), optionally against its
+    PyTorch reference (``compare=("torch",)``). See ``kiln bench -h`` and ``kiln.benchmark``."""
+    from kiln.benchmark import bench as _bench
+
+    return _bench(artifact, batches, seqs, **options)
+
+
 def pipeline(task: str, model, *, revision: str | None = None, device: str = "cpu", threads: int | None = None, **kwargs):
     """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache)."""
     from pathlib import Path
@@ -60,4 +68,4 @@ def pipeline(task: str, model, *, revision: str | None = None, device: str = "cp
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 
-__all__ = ["KilnError", "TASKS", "build", "export", "from_pretrained", "pipeline", "__version__"]
+__all__ = ["KilnError", "TASKS", "bench", "build", "export", "from_pretrained", "pipeline", "__version__"]

@@ -12,6 +12,13 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def _attention_line(attention: dict, framework: str | None) -> str:
+    if attention.get("lowering") == "decomposed":
+        return (f"attention  decomposed into MatMul/Softmax: the {framework} converter emits no fused Attention op "
+                "(export with --framework torch or jax for one node per layer)")
+    return f"attention  {attention.get('nodes')} fused nodes ({attention.get('lowering')})"
+
+
 def run(args) -> int:
     from kiln.artifact import load_manifest
 
@@ -26,7 +33,7 @@ def run(args) -> int:
         f"source     {src.get('id')}  revision={src.get('revision') or '-'}  weights sha256={str(src.get('weights_sha256'))[:16]}...",
         f"model      {m.get('model_type')} ({m.get('architecture')}), task {m['task']}, framework {m.get('framework')}",
         f"graph      {m['model']}, opset {m.get('opset')}, precision {m.get('precision')}",
-        f"attention  {m.get('attention', {}).get('nodes')} fused nodes ({m.get('attention', {}).get('lowering')})",
+        _attention_line(m.get("attention", {}), m.get("framework")),
         "inputs",
         *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["inputs"]),
         "outputs",

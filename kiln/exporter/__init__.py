@@ -87,8 +87,10 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     with atomic_directory(output, overwrite=force, keep_failed=keep_failed) as tmp:
         steps(f"Tracing with {TRACERS[framework]} (opset {opset})")
         onnx_path = tracer.trace(reference, spec, tmp / MODEL_FILE, opset=opset)
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-        ops = Counter(node.op_type for node in graph.node)
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        ops = Counter(node.op_type for node in proto.graph.node)
+        # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
         lowering = _attention_lowering(ops, reference.config.num_hidden_layers, framework)
 
         steps("Validating against the reference on shapes "
