@@ -45,7 +45,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     flax nnx sibling through jax2onnx) or ``tf`` (the keras sibling through tf2onnx). The artifact format is the same.
 
     Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
-    ``precision`` (int8, int4) falls below its accuracy gate and ``force_precision`` is not set; then nothing is
+    ``precision`` (fp16, bf16, int8, int4) falls below its accuracy gate and ``force_precision`` is not set; then nothing is
     written unless ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection.
     """
     from kiln.exporter.passes.quantize import PRECISIONS
@@ -101,7 +101,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         copied = _write_config_and_tokenizer(checkpoint, raw, tmp)
         accuracy = None
         if precision != "fp32" and report["passed"]:
-            steps(f"Quantizing to {precision} and measuring its accuracy against the fp32 reference")
+            steps(f"Converting to {precision} and measuring its accuracy against the fp32 reference")
             accuracy, ops = _reduce_precision(runner, spec, tmp, precision)
         steps("Writing the artifact")
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied, framework, lowering)
@@ -146,13 +146,17 @@ def _reduce_precision(reference, spec, directory: Path, precision: str):
 
     import onnx
 
-    from kiln.exporter.passes.quantize import accuracy, quantize
+    from kiln.exporter.passes.quantize import accuracy, accuracy_model, quantize
 
     fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
     quantize(fp32, reduced, precision)
+    measured = accuracy_model(fp32, reduced, precision)  # bf16: an fp32 simulation, since the CPU cannot run it
+    figures = accuracy(reference, spec, measured, directory)
+    if measured != reduced:
+        figures["measured_on"] = f"fp32 simulation of {precision} (values rounded to {precision} where the graph has them)"
+        measured.unlink()
     os.replace(reduced, fp32)
     ops = Counter(node.op_type for node in onnx.load(str(fp32), load_external_data=False).graph.node)
-    figures = accuracy(reference, spec, fp32, directory)
     log.info("      %s", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
     return figures, ops
 

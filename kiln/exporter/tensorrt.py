@@ -29,11 +29,6 @@ AXIS_ALIASES = {"seq": "sequence", "past": "past_sequence"}
 DERIVED_AXES = {"total_sequence": ("past_sequence", "sequence")}
 DEFAULT_OPT = {"batch": 1, "sequence": 128, "past_sequence": 128}  # TensorRT tunes kernels for the opt shape
 LOWERING = "kiln-trt-1"  # part of the engine key: bump it when lower_for_tensorrt emits something else
-# Kept in fp32 under fp16/bf16: normalizations and softmax sum many terms and subtract near-equal ones; reductions
-# accumulate. As ONNX op types (the graph pass) and as TensorRT layer types (TensorRT 10's per-layer constraints).
-KEEP_FP32_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Softmax", "LogSoftmax",
-                 "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMin")
-KEEP_FP32_LAYERS = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 
 
 def parse_profile(text: str | None) -> dict[str, tuple]:
@@ -120,22 +115,31 @@ def cache_key(onnx_sha256: str, trt_version: str, compute_capability: str, profi
 class PrecisionPlan:
     precision: str  # fp32 | fp16 | bf16
     dtype: str  # numpy name of the compute type
-    builder_flag: str | None  # Polygraphy CreateConfig flag (TensorRT 10, weakly typed); None: strongly typed fp32
+    graph_pass: bool  # whether kiln.exporter.passes.half writes the types into the graph before the build
     keep_fp32_ops: tuple[str, ...]  # ONNX op types that stay fp32
-    keep_fp32_layers: tuple[str, ...]  # the same as TensorRT LayerType names
 
 
-def precision_plan(precision: str) -> PrecisionPlan:
-    """fp32: everything fp32 (a strongly typed network; TF32 off). fp16/bf16: matrix products and elementwise ops in
-    16 bits, normalizations, softmax and reductions in fp32 (:data:`KEEP_FP32_OPS`); graph inputs/outputs stay as
-    exported. TensorRT 10 applies it through builder flags and per-layer precision constraints; TensorRT 11 accepts
-    only strongly typed networks, where it must be written into the graph (that pass is not written yet)."""
+def precision_plan(precision: str, artifact_precision: str = "fp32") -> PrecisionPlan:
+    """Every engine is built from a strongly typed network (the only kind TensorRT 11 accepts; TensorRT 10 takes it
+    too): the ONNX types are the engine's types. fp32: the graph as exported, TF32 off. fp16/bf16: the graph pass
+    ``passes/half.py`` types matrix products and elementwise ops in 16 bits and keeps normalizations, softmax and
+    reductions fp32 (:data:`kiln.exporter.passes.half.FP32_OPS`). An artifact exported at fp16/bf16 already carries
+    its types and builds at that precision only; int8/int4 artifacts are onnxruntime CPU graphs."""
+    from kiln.exporter.passes.half import FP32_OPS
+
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}.")
+    if artifact_precision in ("int8", "int4"):
+        raise InputError(f"This artifact was exported at {artifact_precision} (onnxruntime's dynamic quantization "
+                         "for CPUs), which TensorRT does not build. Export it at fp32 and build with --precision "
+                         "fp16 or bf16.")
+    if artifact_precision in ("fp16", "bf16") and precision != artifact_precision:
+        raise InputError(f"This artifact was exported at {artifact_precision}; build it with --precision "
+                         f"{artifact_precision}, or export at fp32 to build other precisions.")
     if precision == "fp32":
-        return PrecisionPlan("fp32", "float32", None, (), ())
-    return PrecisionPlan(precision, {"fp16": "float16", "bf16": "bfloat16"}[precision], precision, KEEP_FP32_OPS,
-                         KEEP_FP32_LAYERS)
+        return PrecisionPlan("fp32", "float32", False, ())
+    return PrecisionPlan(precision, {"fp16": "float16", "bf16": "bfloat16"}[precision],
+                         artifact_precision == "fp32", tuple(sorted(FP32_OPS)))
 
 
 def engine_path(artifact, key: str) -> Path:
@@ -152,7 +156,7 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
-    plan, shapes = precision_plan(precision), profiles(manifest, profile)
+    plan, shapes = precision_plan(precision, manifest.get("precision") or "fp32"), profiles(manifest, profile)
     trt, _ = import_tensorrt("Building a TensorRT engine")
     cc = gpu_compute_capability()
     if cc is None:
@@ -169,7 +173,7 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
     path.parent.mkdir(exist_ok=True)
     aot = True if supports_aot(trt.__version__) else None  # before 10.9 the node must not carry `aot` at all
     with tempfile.TemporaryDirectory(prefix=".build-", dir=path.parent) as tmp:
-        lowered, counts = _lower(artifact, manifest, Path(tmp), trt.__version__, aot)
+        lowered, counts = _lower(artifact, manifest, Path(tmp), trt.__version__, aot, plan)
         data = _engine_bytes(trt, lowered, plan, shapes, timing_cache, version_compatible, counts["plugin"] > 0)
         staged = Path(tmp) / "engine.plan"
         staged.write_bytes(data)
@@ -187,7 +191,8 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
     return entry
 
 
-def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | None):
+def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | None, plan: PrecisionPlan | None = None):
+    """Attention lowered for TensorRT, then (fp16/bf16) the types written into the graph; returns (path, counts)."""
     import onnx_ir as ir
 
     from kiln.exporter.passes.lower_attention import lower_for_tensorrt
@@ -203,6 +208,11 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
         raise ExportError(f"TensorRT {version} has no Python plugins; decoders need TensorRT >= 10.6.")
     if counts["kept"] and tensorrt_version(version) < (10, 14):
         raise ExportError(f"TensorRT {version} cannot parse the ONNX Attention op (TensorRT >= 10.14 can). Upgrade it.")
+    if plan is not None and plan.graph_pass:
+        from kiln.exporter.passes.half import convert
+        from kiln.kernels.attention.trt_plugin import DOMAIN, PLUGIN_NAME
+
+        counts["precision"] = convert(model, plan.precision, extra_half_ops={(DOMAIN, PLUGIN_NAME)})
     lowered = tmp / "model.onnx"
     external = Path(f"{source}.data").is_file()  # keep big weights outside the protobuf's 2 GB limit
     ir.save(model, str(lowered), external_data="model.onnx.data" if external else None)
@@ -229,7 +239,6 @@ def _engine_bytes(trt, onnx_path: Path, plan: PrecisionPlan, shapes: dict, timin
         CreateConfig,
         EngineBytesFromNetwork,
         NetworkFromOnnxPath,
-        PostprocessNetwork,
         Profile,
     )
 
@@ -237,38 +246,17 @@ def _engine_bytes(trt, onnx_path: Path, plan: PrecisionPlan, shapes: dict, timin
 
     if has_plugin:
         register()  # the parser looks the plugin up in TensorRT's registry
-    strongly_typed = plan.builder_flag is None
-    if not strongly_typed and tensorrt_version(trt.__version__) >= (11, 0):
-        raise ExportError(f"TensorRT {trt.__version__} builds only strongly typed networks: --precision "
-                          f"{plan.precision} needs the precision graph pass, which kiln does not have yet. "
-                          "Build with --precision fp32, or use TensorRT 10.")
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)
-    if not strongly_typed:
-        network = PostprocessNetwork(network, func=_fp32_islands(trt, plan), name="kiln_fp32_islands")
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)  # the graph's types are the engine's
     profile = Profile()
     for name, (mn, opt, mx) in shapes.items():
         profile.add(name, min=mn, opt=opt, max=mx)
     load_cache = str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None
-    flags = {plan.builder_flag: True} if plan.builder_flag else {}
     config = CreateConfig(profiles=[profile], load_timing_cache=load_cache,
-                          version_compatible=version_compatible or None,
-                          precision_constraints=None if strongly_typed else "obey", **flags)
+                          version_compatible=version_compatible or None)
     try:
         return EngineBytesFromNetwork(network, config=config, save_timing_cache=timing_cache and str(timing_cache))()
     except Exception as err:  # Polygraphy raises PolygraphyException; TensorRT logs the details above it
         raise ExportError(f"TensorRT could not build the engine: {err}") from err
-
-
-def _fp32_islands(trt, plan: PrecisionPlan):
-    def pin(network):
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if layer.type.name in plan.keep_fp32_layers:
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-
-    return pin
 
 
 def _record(artifact: Path, entry: dict) -> None:

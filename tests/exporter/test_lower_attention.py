@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -22,7 +21,7 @@ import kiln
 from kiln.errors import ExportError
 from kiln.exporter.decoder import decoder_feed
 from kiln.exporter.passes.lower_attention import decompose, lower_for_tensorrt
-from kiln.exporter.tensorrt import _fp32_islands, _lower, precision_plan
+from kiln.exporter.tensorrt import _lower, precision_plan
 from kiln.kernels.attention import trt_plugin
 
 LAYERS, HEADS, KV_HEADS, DIM, VOCAB = 2, 4, 2, 16, 100  # head dim 16: the smallest the kernel takes
@@ -187,17 +186,23 @@ def test_encoders_need_tensorrt_10_14_for_onnx_attention(artifacts, tmp_path):
         _lower(artifact, manifest, tmp_path, "10.13.0", True)
 
 
-def test_fp16_keeps_normalization_softmax_and_reductions_in_fp32():
-    """TensorRT 10's weakly typed path: the precision plan pins those layer types to fp32 (a fake network)."""
-    class Layer:
-        def __init__(self, kind):
-            self.type, self.num_outputs, self.precision, self.outputs = SimpleNamespace(name=kind), 1, None, {}
-
-        def set_output_type(self, index, dtype):
-            self.outputs[index] = dtype
-
-    layers = [Layer(kind) for kind in ("MATRIX_MULTIPLY", "NORMALIZATION", "SOFTMAX", "REDUCE", "ELEMENTWISE")]
-    network = SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
-    _fp32_islands(SimpleNamespace(float32="fp32"), precision_plan("fp16"))(network)
-    assert [layer.precision for layer in layers] == [None, "fp32", "fp32", "fp32", None]
-    assert [layer.outputs for layer in layers][1:4] == [{0: "fp32"}] * 3
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_build_types_the_graph_for_a_strongly_typed_network(decoder, tmp_path, precision):
+    """fp16/bf16 builds: after the attention lowering the graph pass types matrix products and the plugin in 16 bits,
+    keeps RMSNormalization fp32, and the graph's inputs and outputs stay as exported."""
+    manifest = json.loads((decoder / "kiln.json").read_text())
+    lowered, counts = _lower(decoder, manifest, tmp_path, "10.14.1", True, precision_plan(precision))
+    low = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
+    assert counts["plugin"] == LAYERS and counts["precision"]["half_nodes"] > 0
+    model = ir.load(str(lowered))
+    seen = Counter()
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            assert node.inputs[1].dtype == low and node.outputs[0].dtype == low
+        if node.op_type == "RMSNormalization":
+            assert node.inputs[0].dtype == ir.DataType.FLOAT and node.outputs[0].dtype == ir.DataType.FLOAT
+        if node.domain == "kiln":  # the attention plugin runs in the half type
+            assert [v.dtype for v in node.inputs[:3]] == [low] * 3
+        seen[node.op_type] += 1
+    assert seen["MatMul"] and seen["RMSNormalization"] and seen[trt_plugin.PLUGIN_NAME] == LAYERS
+    assert {v.dtype for v in (*model.graph.inputs, *model.graph.outputs)} <= {ir.DataType.FLOAT, ir.DataType.INT64}

@@ -1,10 +1,14 @@
-"""--precision int8|int4: quantized graphs, their accuracy against fp32 recorded in kiln.json, and the gate."""
+"""--precision fp16|bf16|int8|int4: reduced-precision graphs, their accuracy against fp32 recorded in kiln.json, and
+the gate. fp16/bf16 also at the level of the graph pass (passes/half.py): types, fp32 islands, the bf16 simulation."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 import kiln
@@ -63,3 +67,75 @@ def test_unknown_precision(checkpoints, tmp_path):
     path, _ = checkpoints("bert", "feature-extraction")
     with pytest.raises(InputError, match="--precision 'fp8' is not supported"):
         kiln.export(str(path), tmp_path / "x", precision="fp8")
+
+
+def test_real_minilm_fp16_and_bf16(minilm_dir, tmp_path):
+    """fp16 runs on onnxruntime's CPU provider and is measured there; bf16 cannot run there and is measured on its
+    fp32 simulation. Both keep fp32 inputs and outputs, so the pipeline runs them unchanged (fp16 here)."""
+    fp16 = kiln.export(minilm_dir, tmp_path / "fp16", precision="fp16", batch="1:16", seq="1:128")
+    assert fp16["accuracy"]["passed"] and fp16["accuracy"]["mean_cosine"] >= 0.999
+    assert (tmp_path / "fp16" / "model.onnx").stat().st_size < 0.55 * 90e6
+    types = {i.name: i.type for i in ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx")).get_outputs()}
+    assert set(types.values()) == {"tensor(float)"}
+    vectors = kiln.pipeline("feature-extraction", tmp_path / "fp16")(["a cat sat on the mat"], pooling="mean")
+    reference = kiln.pipeline("feature-extraction", minilm_dir)(["a cat sat on the mat"], pooling="mean")
+    a, b = np.asarray(vectors[0]), np.asarray(reference[0])
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
+    bf16 = kiln.export(minilm_dir, tmp_path / "bf16", precision="bf16", batch="1:16", seq="1:128")
+    assert bf16["accuracy"]["passed"] and "simulation" in bf16["accuracy"]["measured_on"]
+    assert 0.99 <= bf16["accuracy"]["mean_cosine"] < fp16["accuracy"]["mean_cosine"]  # 8 mantissa bits cost more
+    assert not list((tmp_path / "bf16").glob("*.simulated.onnx"))
+    graph = ir.load(str(tmp_path / "bf16" / "model.onnx")).graph
+    assert any(v.dtype == ir.DataType.BFLOAT16 for v in graph.initializers.values())
+    with pytest.raises(InputError, match="bf16 artifact, which onnxruntime's CPU provider cannot run"):
+        kiln.pipeline("feature-extraction", tmp_path / "bf16")
+
+
+def _tiny_graph(path):
+    """x -> MatMul(W) -> LayerNormalization -> Softmax -> Mul(2) -> y: a half op, two fp32 islands, a half op."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("LayerNormalization", ["h", "scale"], ["n"]),
+             helper.make_node("Softmax", ["n"], ["p"]), helper.make_node("Mul", ["p", "two"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [W, scale, two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    return path
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_pass_types_and_islands(tmp_path, precision):
+    from kiln.exporter.passes.half import convert
+
+    src = _tiny_graph(tmp_path / "tiny.onnx")
+    model = ir.load(str(src))
+    counts = convert(model, precision)
+    low = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
+    by_op = {n.op_type: n for n in model.graph}
+    assert by_op["MatMul"].outputs[0].dtype == low and by_op["MatMul"].inputs[1].dtype == low
+    assert by_op["LayerNormalization"].inputs[0].dtype == ir.DataType.FLOAT
+    assert by_op["Softmax"].outputs[0].dtype == ir.DataType.FLOAT and by_op["Mul"].outputs[0].dtype == low
+    assert [o.name for o in model.graph.outputs] == ["y"] and model.graph.outputs[0].dtype == ir.DataType.FLOAT
+    assert counts["weights"] == 2 and "W" not in model.graph.initializers  # W and the constant 2, converted
+    ir.save(model, str(tmp_path / "half.onnx"))
+    onnx.checker.check_model(onnx.load(str(tmp_path / "half.onnx")), full_check=True)
+
+    # The simulation: fp32 throughout, values rounded where the real graph holds them in half precision. For fp16
+    # it must agree with onnxruntime running the real fp16 graph, and differ from the fp32 graph.
+    sim = ir.load(str(src))
+    convert(sim, precision, simulate=True)
+    assert all(v.dtype in (ir.DataType.FLOAT, low, None) for n in sim.graph for v in n.outputs)
+    ir.save(sim, str(tmp_path / "sim.onnx"))
+    x = {"x": np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32) * 3}
+    fp32 = ort.InferenceSession(str(src)).run(None, x)[0]
+    simulated = ort.InferenceSession(str(tmp_path / "sim.onnx")).run(None, x)[0]
+    assert 0 < np.abs(simulated - fp32).max() < (2e-3 if precision == "fp16" else 2e-2)
+    if precision == "fp16":
+        real = ort.InferenceSession(str(tmp_path / "half.onnx")).run(None, x)[0]
+        np.testing.assert_allclose(simulated, real, atol=1e-3)

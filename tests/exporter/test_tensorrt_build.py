@@ -81,15 +81,19 @@ def test_cache_key_changes_with_every_ingredient():
 
 def test_precision_plan():
     fp32 = trt_build.precision_plan("fp32")
-    assert (fp32.dtype, fp32.builder_flag, fp32.keep_fp32_ops) == ("float32", None, ())
+    assert (fp32.dtype, fp32.graph_pass, fp32.keep_fp32_ops) == ("float32", False, ())
     for name, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
         plan = trt_build.precision_plan(name)
-        assert (plan.dtype, plan.builder_flag) == (dtype, name)
+        assert (plan.dtype, plan.graph_pass) == (dtype, True)
         kept = {"LayerNormalization", "RMSNormalization", "Softmax", "ReduceMean", "ReduceSum"}
         assert kept <= set(plan.keep_fp32_ops)
-        assert set(plan.keep_fp32_layers) == {"NORMALIZATION", "SOFTMAX", "REDUCE"}
+        assert trt_build.precision_plan(name, artifact_precision=name).graph_pass is False  # typed at export
     with pytest.raises(InputError, match="choose one of fp32, fp16, bf16"):
         trt_build.precision_plan("int8")
+    with pytest.raises(InputError, match="exported at fp16; build it with --precision fp16"):
+        trt_build.precision_plan("bf16", artifact_precision="fp16")
+    with pytest.raises(InputError, match="TensorRT does not build"):
+        trt_build.precision_plan("fp16", artifact_precision="int8")
 
 
 def test_engine_path(tmp_path):

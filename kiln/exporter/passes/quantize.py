@@ -1,4 +1,5 @@
-"""Reduced precision for CPU deployment, through onnxruntime's own quantization tools.
+"""Reduced precision: int8/int4 through onnxruntime's own quantization tools (CPU deployment), fp16/bf16 through the
+typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider runs fp16 but not bf16).
 
 - ``int8``: dynamic quantization, per-channel int8 weights of every MatMul/Gemm (activations quantized at run time).
   The fused ``Attention`` nodes stay fp32: onnxruntime's quantizer would otherwise mistake the standard ``Attention``
@@ -6,8 +7,12 @@
 - ``int4``: weight-only, blockwise (32) asymmetric int4 MatMul weights as com.microsoft ``MatMulNBits`` (for decoders,
   whose decode step is bound by reading weights).
 
+- ``fp16`` / ``bf16``: weights and safe arithmetic in half precision, normalisations, Softmax and reductions in
+  fp32, graph inputs and outputs fp32 (see ``half.py``).
+
 Whether the result is good enough is measured by ``accuracy`` against the fp32 reference on real text, and the
-exporter refuses a precision below its gate unless forced.
+exporter refuses a precision below its gate unless forced. A bf16 graph cannot run on the CPU here, so its accuracy
+is measured on ``accuracy_model``: the same graph simulated in fp32 with every half-precision value rounded to bf16.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Short, varied English: what the accuracy gate embeds or continues.
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,7 +56,9 @@ def quantize(src: Path, dst: Path, precision: str) -> None:
 
 
 def _quantize(src: Path, dst: Path, precision: str) -> None:
-    if precision == "int8":
+    if precision in ("fp16", "bf16"):
+        _half(src, dst, precision)
+    elif precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
@@ -65,6 +72,26 @@ def _quantize(src: Path, dst: Path, precision: str) -> None:
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     else:
         raise ValueError(f"unknown precision {precision!r}")
+
+
+def _half(src: Path, dst: Path, precision: str, simulate: bool = False) -> None:
+    import onnx_ir as ir
+
+    from kiln.exporter.passes.half import convert
+
+    model = ir.load(str(src))
+    convert(model, precision, simulate=simulate)
+    ir.save(model, str(dst))
+
+
+def accuracy_model(src: Path, reduced: Path, precision: str) -> Path:
+    """The graph whose outputs stand for ``precision`` on this machine: the reduced graph itself, except bf16 (which
+    onnxruntime's CPU provider cannot run): its fp32 simulation, written beside ``reduced``."""
+    if precision != "bf16":
+        return reduced
+    simulated = reduced.with_name(reduced.stem + ".simulated.onnx")
+    _half(src, simulated, precision, simulate=True)
+    return simulated
 
 
 def accuracy(reference, spec, onnx_path: Path, tokenizer_dir: Path) -> dict:

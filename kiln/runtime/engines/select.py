@@ -77,8 +77,12 @@ def open_engine(path, device: str = "cpu", threads: int | None = None, manifest:
         if device == "tensorrt":
             raise InputError(f"device='tensorrt': cannot run {directory} with TensorRT: {why}.")
         log.info("device='auto': running on onnxruntime, not TensorRT: %s", why)
-    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
+    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine, providers_for
 
+    if (manifest or {}).get("precision") == "bf16" and providers_for(device) == ["CPUExecutionProvider"]:
+        raise InputError(f"{directory} is a bf16 artifact, which onnxruntime's CPU provider cannot run. Run it on a "
+                         "GPU (device='cuda' with onnxruntime-gpu, or a TensorRT engine from `kiln build`), or "
+                         "export fp32, fp16 or int8 for CPUs.")
     return OnnxRuntimeEngine(model, device=device, threads=threads)
 
 

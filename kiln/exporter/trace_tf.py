@@ -1,0 +1,156 @@
+"""Trace a keras (TensorFlow) reference into ONNX with tf2onnx.
+
+The reference is called inside a ``tf.function`` whose input signature has ``None`` for every dynamic axis, and
+tf2onnx converts that function (its keras-3 ``from_keras`` path is unreliable). tf2onnx 1.17 writes opset 18 at most
+and knows no fused attention op, so attention stays MatMul/Softmax: the exporter records it as ``decomposed``.
+Inputs and outputs are then named, ordered and given axis names exactly as the spec says, as ``trace_torch`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kiln.errors import ExportError  # noqa: E402
+from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: E402
+
+log = logging.getLogger("kiln")
+# Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data (as trace_torch does).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def reference_runner(model, output_names):
+    """``run(feed) -> {output name: array}``: the reference on a NumPy feed, outputs named as in the graph."""
+    output_names, flags = list(output_names), output_flags(output_names)
+
+    def run(feed: dict) -> dict:
+        out = model(**model_inputs(list(feed), [tf.constant(v) for v in feed.values()]), **flags)
+        return {name: pick(out, name).numpy() for name in output_names}
+
+    return run
+
+
+def max_opset() -> int:
+    """The highest ONNX opset this tf2onnx can write (18 for tf2onnx 1.17)."""
+    from tf2onnx import constants
+
+    return max(constants.OPSET_TO_IR_VERSION)
+
+
+def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
+    """Write ``path`` (model.onnx) and return it. An opset above tf2onnx's highest is lowered to that (and logged);
+    the graph's own opset is what the artifact records."""
+    import tf2onnx
+
+    if opset > max_opset():
+        log.info("tf2onnx %s writes opset %d at most; converting at %d instead of %d.", tf2onnx.__version__,
+                 max_opset(), max_opset(), opset)
+        opset = max_opset()
+    input_names, output_names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    flags = output_flags(output_names)
+    signature = [tf.TensorSpec([None if isinstance(a, str) else a for a in t.axes], tf.as_dtype(t.dtype), name=t.name)
+                 for t in spec.inputs]
+
+    @tf.function(input_signature=signature)
+    def flat(*args):  # positional inputs in spec order -> a tuple of outputs in spec order
+        out = model(**model_inputs(input_names, args), **flags)
+        return tuple(pick(out, name) for name in output_names)
+
+    large = sum(int(np.prod(v.shape)) * 4 for _, v in model.named_parameters()) > EXTERNAL_DATA_BYTES
+    try:
+        with _quiet():
+            proto, storage = tf2onnx.convert.from_function(flat, input_signature=signature, opset=opset,
+                                                           large_model=large)
+    except Exception as err:  # tf2onnx and TensorFlow raise many types; the user needs the gist and the log
+        log.debug("tf2onnx conversion failed", exc_info=True)
+        raise ExportError(f"tf2onnx could not convert the model: {_summary(err)}. Run with --verbose for the full log.") from err
+    unconverted = _unconverted_ops(proto, opset)
+    if unconverted:
+        raise ExportError(f"tf2onnx could not convert the TensorFlow ops {', '.join(unconverted)} at opset {opset}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_ir = _load(proto, storage, Path(tmp))
+        _name_inputs_and_outputs(model_ir, spec)
+        _save(model_ir, path, large)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """tf2onnx logs every step at INFO and TensorFlow warns about its own deprecations while freezing the graph;
+    keep both to warnings during the conversion, then restore the levels the user had."""
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR if logger.name == "tensorflow" else logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _unconverted_ops(proto, opset: int) -> list[str]:
+    """tf2onnx leaves TensorFlow ops it cannot convert in the graph, as they are, and only logs them: the op types
+    that ONNX does not define at ``opset``."""
+    import onnx
+
+    missing = set()
+    for node in proto.graph.node:
+        try:
+            onnx.defs.get_schema(node.op_type, opset, node.domain)
+        except onnx.defs.SchemaError:
+            missing.add(node.op_type)
+    return sorted(missing)
+
+
+def _summary(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _load(proto, storage, tmp: Path):
+    """tf2onnx's ModelProto as an onnx_ir model. A large model's tensors sit in ``storage`` (name -> bytes): written
+    beside the proto, so onnx_ir reads them as ordinary external data."""
+    import onnx
+    import onnx_ir as ir
+
+    if storage is None:
+        return ir.serde.deserialize_model(proto)
+    for name, data in storage.name_to_tensor_data.items():
+        (tmp / name).write_bytes(data)
+    onnx.save(proto, str(tmp / "model.onnx"))
+    model = ir.load(tmp / "model.onnx")
+    for tensor in model.graph.initializers.values():  # read now: the temporary files go when tracing ends
+        tensor.const_value = ir.Tensor(tensor.const_value.numpy(), name=tensor.name)
+    return model
+
+
+def _save(model, path: Path, large: bool) -> None:
+    import onnx_ir as ir
+
+    ir.save(model, path, external_data=Path(path).name + ".data" if large else None)
+
+
+def _name_inputs_and_outputs(model, spec: ExportSpec) -> None:
+    """tf2onnx names outputs after TensorFlow tensors (Identity_3:0) and dynamic dims unk__12: rename them in spec
+    order, check their dtypes and give every input and output the spec's axis names (``batch``, ``sequence``, ...)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    for values, tensors, what in ((graph.inputs, spec.inputs, "inputs"), (graph.outputs, spec.outputs, "outputs")):
+        if len(values) != len(tensors):
+            raise ExportError(f"tf2onnx wrote {len(values)} graph {what}, the spec has {len(tensors)}: "
+                              f"{[v.name for v in values]} vs {[t.name for t in tensors]}.")
+        for value, tensor in zip(values, tensors):
+            if value.dtype != ir.DataType.from_numpy(np.dtype(tensor.dtype)):
+                raise ExportError(f"tf2onnx wrote {tensor.name!r} as {value.dtype}, the spec says {tensor.dtype}.")
+            value.name = tensor.name
+            value.shape = ir.Shape([ir.SymbolicDim(a) if isinstance(a, str) else a for a in tensor.axes])
