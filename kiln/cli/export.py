@@ -13,6 +13,9 @@ def add_parser(sub):
     p.add_argument("--framework", default="torch", choices=("torch", "jax", "tf"),
                    help="reference to trace and validate against: torch (torch.onnx), jax (flax nnx via jax2onnx) or "
                    "tf (keras via tf2onnx); BERT and LLaMA families (default torch)")
+    p.add_argument("--attention", default="auto", choices=("auto", "onnx", "onnx-3d", "onnx-packed", "contrib"),
+                   help="encoder attention form: auto (fastest measured on onnxruntime CPU), onnx (standard ONNX "
+                   "Attention as traced: for TensorRT), onnx-3d, onnx-packed, contrib (com.microsoft.Attention)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default 23)")
     p.add_argument("--batch", metavar="MIN:MAX", help="dynamic batch range (default 1:64)")
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
@@ -34,7 +37,7 @@ def run(args) -> int:
     manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
                            revision=args.revision, keep_failed=args.keep_failed,
                            output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions,
-                           precision=args.precision, force_precision=args.force_precision, framework=args.framework)
+                           precision=args.precision, force_precision=args.force_precision, framework=args.framework, attention=args.attention)
     worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
     attention = (f"{manifest['attention']['nodes']} fused Attention nodes"
                  if manifest["attention"]["lowering"] == "onnx-attention" else "attention decomposed (MatMul/Softmax)")

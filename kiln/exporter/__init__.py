@@ -38,11 +38,14 @@ class _Steps:
 def export(model, output, task: str = "feature-extraction", *, opset: int = DEFAULT_OPSET, batch: str | None = None,
            seq: str | None = None, revision: str | None = None, keep_failed: bool = False, force: bool = True,
            output_hidden_states: bool = False, output_attentions: bool = False, precision: str = "fp32",
-           force_precision: bool = False, framework: str = "torch") -> dict:
+           force_precision: bool = False, framework: str = "torch", attention: str = "auto") -> dict:
     """Export ``model`` (directory or hub id) for ``task`` into the artifact directory ``output``; returns kiln.json.
 
-    ``framework`` picks the reference that is traced and validated against: ``torch`` (torch.onnx), ``jax`` (the
-    flax nnx sibling through jax2onnx) or ``tf`` (the keras sibling through tf2onnx). The artifact format is the same.
+    ``attention`` picks the form of encoder attention (``passes/attention_forms.py``): ``auto`` is the form measured
+    fastest on onnxruntime's CPU provider for the precision (``DEFAULT_FORMS``); ``onnx`` keeps the traced standard
+    ONNX Attention, the form TensorRT parses. ``framework`` picks the reference that is traced and validated
+    against: ``torch`` (torch.onnx), ``jax`` (the flax nnx sibling through jax2onnx) or ``tf`` (the keras sibling
+    through tf2onnx). The artifact format is the same.
 
     Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
     ``precision`` (fp16, bf16, int8, int4) falls below its accuracy gate and ``force_precision`` is not set; then nothing is
@@ -53,6 +56,11 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     if precision not in PRECISIONS:
         raise InputError(f"--precision {precision!r} is not supported for ONNX export; choose one of "
                          f"{', '.join(PRECISIONS)}.")
+    from kiln.exporter.passes.attention_forms import FORMS
+
+    if attention not in ("auto", *FORMS):
+        raise InputError(f"--attention {attention!r}: choose auto or one of {', '.join(FORMS)}.")
+    form = DEFAULT_FORMS.get(precision, "onnx") if attention == "auto" else attention
     import importlib
 
     import onnx
@@ -92,6 +100,10 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
         lowering = _attention_lowering(ops, reference.config.num_hidden_layers, framework)
+        if lowering != "onnx-attention":
+            form = lowering  # decomposed by the converter: no fused node to put in another form
+        elif form != "onnx":
+            form, ops = _rewrite_attention(onnx_path, form, ops)
 
         steps("Validating against the reference on shapes "
               + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
@@ -105,6 +117,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
             accuracy, ops = _reduce_precision(runner, spec, tmp, precision)
         steps("Writing the artifact")
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied, framework, lowering)
+        manifest["attention"]["form"] = form
         manifest.update(precision=precision, accuracy=accuracy)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
@@ -120,6 +133,25 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
     steps._finish()
     log.info("Artifact written to %s (validation passed)", output)
     return manifest
+
+
+# The encoder attention form per precision, from benchmarks/bench_attention_forms.py on onnxruntime CPU
+# (benchmarks/RESULTS.md, "Attention forms"). TensorRT wants the traced form: export with attention="onnx".
+DEFAULT_FORMS = {"fp32": "onnx", "fp16": "onnx", "bf16": "onnx", "int8": "onnx", "int4": "onnx"}
+
+
+def _rewrite_attention(onnx_path: Path, form: str, ops: Counter) -> tuple[str, Counter]:
+    """The traced graph rewritten into ``form`` where its layers match (decoders never do: they stay ``onnx``)."""
+    import onnx_ir as ir
+
+    from kiln.exporter.passes.attention_forms import rewrite
+
+    model = ir.load(str(onnx_path))
+    counts = rewrite(model, form)
+    if not counts["rewritten"]:
+        return "onnx", ops
+    ir.save(model, str(onnx_path))
+    return form, Counter(node.op_type for node in model.graph)
 
 
 FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "JAX (flax nnx)", "tf": "TensorFlow (keras)"}

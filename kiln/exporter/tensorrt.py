@@ -198,6 +198,10 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
     from kiln.exporter.passes.lower_attention import lower_for_tensorrt
     from kiln.kernels.attention.trt_plugin import supports_plugin, tensorrt_version
 
+    form = (manifest.get("attention") or {}).get("form", "onnx")
+    if form not in ("onnx", "decomposed"):
+        raise ExportError(f"This artifact's attention is in the {form!r} form, made for onnxruntime's CPU provider; "
+                          "TensorRT parses the standard ONNX Attention op. Re-export with --attention onnx.")
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))
     counts = lower_for_tensorrt(model, aot=aot, sliding_window=_sliding_window(artifact))

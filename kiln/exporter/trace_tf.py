@@ -9,12 +9,17 @@ Inputs and outputs are then named, ordered and given axis names exactly as the s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
+# TensorFlow and triton each link their own LLVM: importing triton after TensorFlow aborts the process ("Option
+# 'bitcode-mdindex-threshold' registered more than once"), and torch imports triton at its first custom op. Loaded
+# triton first, the two coexist.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -25,6 +30,9 @@ from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # 
 log = logging.getLogger("kiln")
 # Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data (as trace_torch does).
 EXTERNAL_DATA_BYTES = 1_500_000_000
+# tf2onnx holds the frozen graph, weights included, in single protobufs, which cannot exceed 2 GB; its large-model
+# mode would lift that but calls np.product, which NumPy 2 removed.
+MAX_WEIGHT_BYTES = 2_000_000_000
 
 
 def reference_runner(model, output_names):
@@ -48,6 +56,7 @@ def max_opset() -> int:
 def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
     """Write ``path`` (model.onnx) and return it. An opset above tf2onnx's highest is lowered to that (and logged);
     the graph's own opset is what the artifact records."""
+    import onnx_ir as ir
     import tf2onnx
 
     if opset > max_opset():
@@ -64,37 +73,39 @@ def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
         out = model(**model_inputs(input_names, args), **flags)
         return tuple(pick(out, name) for name in output_names)
 
-    large = sum(int(np.prod(v.shape)) * 4 for _, v in model.named_parameters()) > EXTERNAL_DATA_BYTES
+    weight_bytes = sum(int(np.prod(v.shape)) * 4 for _, v in model.named_parameters())  # float32
+    if weight_bytes > MAX_WEIGHT_BYTES:
+        raise ExportError(f"The model's weights ({weight_bytes / 1e9:.1f} GB) exceed the 2 GB that tf2onnx can convert "
+                          "(its large-model mode fails under NumPy 2). Export with --framework torch.")
     try:
         with _quiet():
-            proto, storage = tf2onnx.convert.from_function(flat, input_signature=signature, opset=opset,
-                                                           large_model=large)
+            proto, _ = tf2onnx.convert.from_function(flat, input_signature=signature, opset=opset)
     except Exception as err:  # tf2onnx and TensorFlow raise many types; the user needs the gist and the log
         log.debug("tf2onnx conversion failed", exc_info=True)
         raise ExportError(f"tf2onnx could not convert the model: {_summary(err)}. Run with --verbose for the full log.") from err
     unconverted = _unconverted_ops(proto, opset)
     if unconverted:
         raise ExportError(f"tf2onnx could not convert the TensorFlow ops {', '.join(unconverted)} at opset {opset}.")
-    with tempfile.TemporaryDirectory() as tmp:
-        model_ir = _load(proto, storage, Path(tmp))
-        _name_inputs_and_outputs(model_ir, spec)
-        _save(model_ir, path, large)
+    model_ir = ir.serde.deserialize_model(proto)
+    _name_inputs_and_outputs(model_ir, spec)
+    ir.save(model_ir, path, external_data=Path(path).name + ".data" if weight_bytes > EXTERNAL_DATA_BYTES else None)
     return path
 
 
 @contextlib.contextmanager
 def _quiet():
-    """tf2onnx logs every step at INFO and TensorFlow warns about its own deprecations while freezing the graph;
-    keep both to warnings during the conversion, then restore the levels the user had."""
-    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR if logger.name == "tensorflow" else logging.WARNING))
+    """tf2onnx logs every step at INFO and TensorFlow warns about its own deprecations while freezing the graph: keep
+    them to warnings and errors during the conversion (everything with --verbose), then restore the levels set."""
+    floors = {"tf2onnx": logging.WARNING, "tensorflow": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in floors}
+    if not log.isEnabledFor(logging.DEBUG):
+        for name, floor in floors.items():
+            logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), floor))
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _unconverted_ops(proto, opset: int) -> list[str]:
@@ -114,29 +125,6 @@ def _unconverted_ops(proto, opset: int) -> list[str]:
 def _summary(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def _load(proto, storage, tmp: Path):
-    """tf2onnx's ModelProto as an onnx_ir model. A large model's tensors sit in ``storage`` (name -> bytes): written
-    beside the proto, so onnx_ir reads them as ordinary external data."""
-    import onnx
-    import onnx_ir as ir
-
-    if storage is None:
-        return ir.serde.deserialize_model(proto)
-    for name, data in storage.name_to_tensor_data.items():
-        (tmp / name).write_bytes(data)
-    onnx.save(proto, str(tmp / "model.onnx"))
-    model = ir.load(tmp / "model.onnx")
-    for tensor in model.graph.initializers.values():  # read now: the temporary files go when tracing ends
-        tensor.const_value = ir.Tensor(tensor.const_value.numpy(), name=tensor.name)
-    return model
-
-
-def _save(model, path: Path, large: bool) -> None:
-    import onnx_ir as ir
-
-    ir.save(model, path, external_data=Path(path).name + ".data" if large else None)
 
 
 def _name_inputs_and_outputs(model, spec: ExportSpec) -> None:

@@ -8,10 +8,16 @@ eagerly in ``__init__``. Shapes: B batch, T sequence, C hidden, H heads, D head 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
+# TensorFlow and triton each link their own LLVM: importing triton after TensorFlow aborts the process ("Option
+# 'bitcode-mdindex-threshold' registered more than once"), and torch imports triton at its first custom op. Loaded
+# triton first, the two coexist.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

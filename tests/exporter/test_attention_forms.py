@@ -1,0 +1,98 @@
+"""The encoder attention forms (passes/attention_forms.py) on graphs exported from kiln's own references: the node
+counts each form promises, and in onnxruntime the same outputs as the traced graph on padded batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import kiln
+from kiln.exporter.passes.attention_forms import FORMS, rewrite
+
+LAYERS = 2
+
+
+def ops(model: ir.Model) -> Counter:
+    return Counter((n.domain or "", n.op_type) for n in model.graph)
+
+
+def run(model: ir.Model, feed: dict) -> list:
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feed.items() if k in names})
+
+
+def padded_feed(vocab=100, batch=3, seq=11, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, 4:] = 0
+    mask[2, 9:] = 0
+    return {"input_ids": rng.integers(5, vocab, (batch, seq)), "attention_mask": mask,
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+
+@pytest.mark.parametrize("model_type,task", [("bert", "feature-extraction"), ("roberta", "text-classification"),
+                                             ("distilbert", "token-classification"), ("bert", "question-answering")])
+@pytest.mark.parametrize("form", FORMS[1:])
+def test_forms_compute_the_same_function(artifacts, model_type, task, form):
+    path = artifacts(model_type, task) / "model.onnx"
+    traced, model = ir.load(str(path)), ir.load(str(path))
+    counts = rewrite(model, form)
+    assert counts == {"rewritten": LAYERS, "kept": 0}
+    before, after = ops(traced), ops(model)
+    if form == "contrib":
+        assert after[("com.microsoft", "Attention")] == LAYERS and after[("", "Attention")] == 0
+        assert after[("", "MatMul")] == before[("", "MatMul")] - 3 * LAYERS  # projections inside the op
+    else:
+        assert after[("", "Attention")] == LAYERS
+        packed = form == "onnx-packed"
+        assert after[("", "MatMul")] == before[("", "MatMul")] - (2 * LAYERS if packed else 0)
+        assert after[("", "Split")] == (LAYERS if packed else 0)
+    # The four Reshape/Transpose pairs around each layer's attention are gone in every form.
+    assert after[("", "Transpose")] == before[("", "Transpose")] - 4 * LAYERS
+    feed = padded_feed()
+    mask = feed["attention_mask"].astype(bool)
+    for want, got in zip(run(traced, feed), run(model, feed)):
+        valid = mask if want.ndim == 3 or (want.ndim == 2 and want.shape == mask.shape) else np.ones(want.shape[0], bool)
+        np.testing.assert_allclose(got[valid], want[valid], atol=2e-5)
+
+
+def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
+    path, _ = checkpoints("bert", "feature-extraction")
+    kiln.export(str(path), tmp_path / "probs", output_attentions=True, batch="1:4", seq="1:32")
+    model = ir.load(str(tmp_path / "probs" / "model.onnx"))
+    assert rewrite(model, "contrib") == {"rewritten": 0, "kept": LAYERS}
+    from tests.exporter.test_export_decoder import make_checkpoint
+
+    make_checkpoint(tmp_path / "llama", "llama", 2)
+    kiln.export(str(tmp_path / "llama"), tmp_path / "decoder", task="text-generation", batch="1:4")
+    decoder = ir.load(str(tmp_path / "decoder" / "model.onnx"))
+    assert rewrite(decoder, "onnx-packed") == {"rewritten": 0, "kept": LAYERS}
+
+
+def test_unknown_form():
+    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib"):
+        rewrite(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), "fused")
+
+
+def test_export_in_a_form_validates_records_it_and_tensorrt_refuses_it(checkpoints, tmp_path):
+    import json
+
+    from kiln.errors import ExportError, InputError
+    from kiln.exporter.tensorrt import _lower
+
+    path, _ = checkpoints("bert", "text-classification")
+    manifest = kiln.export(str(path), tmp_path / "contrib", task="text-classification", attention="contrib",
+                           batch="1:8", seq="1:32")
+    assert manifest["validation"]["passed"] and manifest["attention"]["form"] == "contrib"
+    assert manifest["op_counts"]["Attention"] == LAYERS and "Transpose" not in manifest["op_counts"]
+    labels = kiln.pipeline("text-classification", tmp_path / "contrib")(["i love paris", "so bad"])
+    assert len(labels) == 2
+    with pytest.raises(ExportError, match="Re-export with --attention onnx"):
+        _lower(tmp_path / "contrib", json.loads((tmp_path / "contrib" / "kiln.json").read_text()), tmp_path, "10.14.1", True)
+    with pytest.raises(InputError, match="--attention 'fused'"):
+        kiln.export(str(path), tmp_path / "x", attention="fused")
