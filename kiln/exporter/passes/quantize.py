@@ -46,13 +46,54 @@ GATES = {"mean_cosine": 0.99, "label_agreement": 0.99, "token_agreement": 0.99, 
 def quantize(src: Path, dst: Path, precision: str) -> None:
     import logging
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime's quantizer logs advice ("consider pre-processing") on the root logger
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (creates its loggers, silenced below)
+
+    # onnxruntime's quantizers log advice on the root logger and one INFO line per node on their own loggers.
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                      if name.startswith("onnxruntime.quantization"))]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
+        if precision in ("int8", "int4"):
+            folded = dst.with_name(dst.stem + ".folded.onnx")
+            if _fold_weight_transposes(src, folded):
+                src = folded
         _quantize(src, dst, precision)
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if precision in ("int8", "int4"):
+            dst.with_name(dst.stem + ".folded.onnx").unlink(missing_ok=True)
+
+
+def _fold_weight_transposes(src: Path, dst: Path) -> bool:
+    """``MatMul(x, Transpose(W))`` with a constant W -> ``MatMul(x, W.T)`` with W.T stored, so the quantizers see a
+    constant weight. A tied LM head (logits = x @ embeddings.T) is written this way by torch.onnx; onnxruntime folds
+    it at load time, but the quantizer would leave the largest matrix of a small decoder in fp32."""
+    import onnx_ir as ir
+
+    model, folded = ir.load(str(src)), 0
+    for node in list(model.graph):
+        weight = node.inputs[0] if node.op_type == "Transpose" else None
+        if weight is None or weight.const_value is None or not weight.is_initializer():
+            continue
+        users = node.outputs[0].uses()
+        if not users or any(u.node.op_type != "MatMul" or u.idx != 1 for u in users) or node.outputs[0].is_graph_output():
+            continue
+        perm = node.attributes.get_ints("perm", None)
+        array = weight.const_value.numpy()
+        transposed = np.ascontiguousarray(np.transpose(array, perm) if perm is not None else array.T)
+        name = f"{weight.name}.transposed"
+        value = ir.Value(name=name, shape=ir.Shape(transposed.shape), type=weight.type,
+                         const_value=ir.tensor(transposed, name=name))
+        model.graph.register_initializer(value)
+        ir.convenience.replace_all_uses_with(node.outputs[0], value)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    if folded:
+        ir.save(model, str(dst))
+    return bool(folded)
 
 
 def _quantize(src: Path, dst: Path, precision: str) -> None:
@@ -67,7 +108,7 @@ def _quantize(src: Path, dst: Path, precision: str) -> None:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=False)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=False, accuracy_level=4)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
     else:
