@@ -14,8 +14,10 @@ def add_parser(sub):
 
 def _attention_line(attention: dict, framework: str | None) -> str:
     if attention.get("lowering") == "decomposed":
-        return (f"attention  decomposed into MatMul/Softmax: the {framework} converter emits no fused Attention op "
-                "(export with --framework torch or jax for one node per layer)")
+        why = ("tf2onnx emits no fused Attention op" if framework == "tf"
+               else "attention probabilities are computed with eager math" if framework == "jax" else "see kiln.json")
+        return (f"attention  decomposed into MatMul/Softmax ({framework} export: {why}); export with --framework "
+                "torch for one fused node per layer")
     return f"attention  {attention.get('nodes')} fused nodes ({attention.get('lowering')})"
 
 

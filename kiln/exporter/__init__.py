@@ -99,7 +99,7 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         ops = Counter(node.op_type for node in proto.graph.node)
         # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-        lowering = _attention_lowering(ops, reference.config.num_hidden_layers, framework)
+        lowering = _attention_lowering(ops, reference.config.num_hidden_layers, framework, output_attentions)
         if lowering != "onnx-attention":
             form = lowering  # decomposed by the converter: no fused node to put in another form
         elif form != "onnx":
@@ -158,17 +158,19 @@ FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "JAX (flax nnx)", "tf": "TensorFlo
 TRACERS = {"torch": "torch.onnx (dynamo)", "jax": "jax2onnx", "tf": "tf2onnx"}
 
 
-def _attention_lowering(ops: Counter, layers: int, framework: str) -> str:
+def _attention_lowering(ops: Counter, layers: int, framework: str, probabilities: bool = False) -> str:
     """``onnx-attention`` when every layer's attention is one standard ONNX ``Attention`` node. torch.onnx always
-    manages (anything else is an error); tf2onnx has no Attention op, so its graphs keep MatMul/Softmax
-    (``decomposed``, said in kiln.json and ``kiln inspect``)."""
+    manages (anything else is an error); tf2onnx has no Attention op, and the JAX reference computes returned
+    probabilities with eager math, so those graphs keep MatMul/Softmax (``decomposed``, said in kiln.json and
+    ``kiln inspect``)."""
     if ops["Attention"] == layers:
         return "onnx-attention"
     if framework == "torch" or ops["Attention"]:
         raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
                           "The attention was not captured as one op; check the opset and the converter's version.")
-    log.warning("%s has no fused ONNX Attention op: attention stays MatMul/Softmax (%d Softmax nodes).",
-                TRACERS[framework], ops["Softmax"])
+    why = ("the JAX reference returns attention probabilities with eager math" if framework == "jax" and probabilities
+           else f"{TRACERS[framework]} emits no fused ONNX Attention op for this model")
+    log.warning("Attention stays MatMul/Softmax (%d Softmax nodes): %s.", ops["Softmax"], why)
     return "decomposed"
 
 
