@@ -91,6 +91,21 @@ def pick(outputs: dict, name: str):
     return outputs[key][int(index)] if index else outputs[name]
 
 
+def name_axes(model, spec: ExportSpec) -> None:
+    """Give a traced graph's inputs and outputs (an onnx_ir model) the spec's axis names; converters name them after
+    their own symbols."""
+    import onnx_ir as ir
+
+    from kiln.errors import ExportError
+
+    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        tensor = by_name.get(value.name)
+        if tensor is None:
+            raise ExportError(f"The traced graph has an unexpected input or output {value.name!r}.")
+        value.shape = ir.Shape([ir.SymbolicDim(a) if isinstance(a, str) else a for a in tensor.axes])
+
+
 def output_flags(output_names) -> dict:
     """``output_hidden_states`` / ``output_attentions`` keyword arguments a reference needs for these outputs."""
     return {f"output_{kind}": True for kind in ("hidden_states", "attentions")

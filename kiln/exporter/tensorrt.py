@@ -246,7 +246,7 @@ def _engine_bytes(trt, onnx_path: Path, plan: PrecisionPlan, shapes: dict, timin
         Profile,
     )
 
-    from kiln.kernels.attention.trt_plugin import register, tensorrt_version
+    from kiln.kernels.attention.trt_plugin import register
 
     if has_plugin:
         register()  # the parser looks the plugin up in TensorRT's registry

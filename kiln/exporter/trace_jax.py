@@ -15,10 +15,11 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kiln.errors import ExportError
-from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick
+from kiln.exporter.specs import ExportSpec, model_inputs, name_axes, output_flags, pick
 from kiln.kernels.attention.onnx import MIN_OPSET
 
 log = logging.getLogger("kiln")
@@ -61,7 +62,12 @@ def trace(model, spec: ExportSpec, path: Path, opset: int = MIN_OPSET) -> Path:
 
     def flat(*args):
         out = model(**model_inputs(input_names, args), **flags)
-        return tuple(pick(out, name) for name in output_names)
+        values = []
+        for name in output_names:
+            value = pick(out, name)
+            # One value under two names (last_hidden_state is also hidden_states.N): ONNX wants one tensor per output.
+            values.append(jnp.copy(value) if any(value is v for v in values) else value)
+        return tuple(values)
 
     try:
         graph_model = to_onnx(flat, inputs, opset=opset, return_mode="ir", input_names=input_names,
@@ -71,7 +77,7 @@ def trace(model, spec: ExportSpec, path: Path, opset: int = MIN_OPSET) -> Path:
         raise ExportError(f"jax2onnx could not convert the model: {_summary(err)}. Run with --verbose for the full "
                           "log.") from err
     _cast_int64_inputs(graph_model, spec)
-    _name_axes(graph_model, spec)
+    name_axes(graph_model, spec)  # jax2onnx names them after the symbolic expressions
     # onnx_ir warns about each untyped intermediate value it leaves out of value_info: noise, not a problem.
     serde = logging.getLogger("onnx_ir.serde")
     level = serde.level
@@ -97,31 +103,16 @@ def _cast_int64_inputs(model, spec: ExportSpec) -> None:
     import onnx_ir as ir
 
     dtypes = {t.name: t.dtype for t in spec.inputs}
-    for i, traced in enumerate(list(model.graph.inputs)):
-        if dtypes[traced.name] != "int64":
+    for i, narrow in enumerate(list(model.graph.inputs)):
+        if dtypes[narrow.name] != "int64":
             continue
-        name, traced.name = traced.name, f"{traced.name}_int32"
-        wide = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=traced.shape)
-        cast = ir.node("Cast", [wide], attributes={"to": int(ir.DataType.INT32)}, name=f"{name}_to_int32")
-        ir.convenience.replace_all_uses_with(traced, cast.outputs[0])
-        cast.outputs[0].name, cast.outputs[0].type, cast.outputs[0].shape = traced.name, traced.type, traced.shape
-        model.graph.inputs[i] = wide
+        wide = ir.Value(name=narrow.name, type=ir.TensorType(ir.DataType.INT64), shape=narrow.shape)
+        narrow.name = f"{wide.name}_int32"
+        model.graph.inputs[i] = wide  # the traced input, now produced by the Cast, keeps its consumers
+        cast = ir.node("Cast", [wide], attributes={"to": int(ir.DataType.INT32)}, outputs=[narrow], name=narrow.name)
         model.graph.insert_before(model.graph.node(0), cast)
 
 
 def _summary(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
-# Copied from exporter.trace_torch._name_axes (trace_torch imports torch at the top).
-def _name_axes(model, spec: ExportSpec) -> None:
-    """Give graph inputs/outputs the spec's axis names (jax2onnx names them after the symbolic expressions)."""
-    import onnx_ir as ir
-
-    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
-    for value in (*model.graph.inputs, *model.graph.outputs):
-        tensor = by_name.get(value.name)
-        if tensor is None:
-            raise ExportError(f"The traced graph has an unexpected input or output {value.name!r}.")
-        value.shape = ir.Shape([ir.SymbolicDim(a) if isinstance(a, str) else a for a in tensor.axes])
+    return f"{type(err).__name__}: {lines[0].rstrip('.')}" if lines else type(err).__name__

@@ -9,20 +9,14 @@ Inputs and outputs are then named, ordered and given axis names exactly as the s
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
-# TensorFlow and triton each link their own LLVM: importing triton after TensorFlow aborts the process ("Option
-# 'bitcode-mdindex-threshold' registered more than once"), and torch imports triton at its first custom op. Loaded
-# triton first, the two coexist.
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: F401
+# layers_tf first: it loads triton before TensorFlow (see there), and hands over tf.
+from kiln.graphs.layers_tf import tf  # noqa: E402  # isort: skip
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from kiln.errors import ExportError  # noqa: E402
 from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: E402
@@ -56,9 +50,14 @@ def max_opset() -> int:
 def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
     """Write ``path`` (model.onnx) and return it. An opset above tf2onnx's highest is lowered to that (and logged);
     the graph's own opset is what the artifact records."""
+    import onnx
     import onnx_ir as ir
     import tf2onnx
 
+    weight_bytes = sum(int(np.prod(v.shape)) * 4 for _, v in model.named_parameters())  # float32
+    if weight_bytes > MAX_WEIGHT_BYTES:
+        raise ExportError(f"The model's weights ({weight_bytes / 1e9:.1f} GB) exceed the 2 GB that tf2onnx can convert "
+                          "(its large-model mode fails under NumPy 2). Export with --framework torch.")
     if opset > max_opset():
         log.info("tf2onnx %s writes opset %d at most; converting at %d instead of %d.", tf2onnx.__version__,
                  max_opset(), max_opset(), opset)
@@ -73,39 +72,47 @@ def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
         out = model(**model_inputs(input_names, args), **flags)
         return tuple(pick(out, name) for name in output_names)
 
-    weight_bytes = sum(int(np.prod(v.shape)) * 4 for _, v in model.named_parameters())  # float32
-    if weight_bytes > MAX_WEIGHT_BYTES:
-        raise ExportError(f"The model's weights ({weight_bytes / 1e9:.1f} GB) exceed the 2 GB that tf2onnx can convert "
-                          "(its large-model mode fails under NumPy 2). Export with --framework torch.")
     try:
-        with _quiet():
+        with _converting():
             proto, _ = tf2onnx.convert.from_function(flat, input_signature=signature, opset=opset)
     except Exception as err:  # tf2onnx and TensorFlow raise many types; the user needs the gist and the log
         log.debug("tf2onnx conversion failed", exc_info=True)
-        raise ExportError(f"tf2onnx could not convert the model: {_summary(err)}. Run with --verbose for the full log.") from err
+        raise ExportError(f"tf2onnx could not convert the model: {_summary(err)}. "
+                          "Run with --verbose for the full log.") from err
     unconverted = _unconverted_ops(proto, opset)
     if unconverted:
         raise ExportError(f"tf2onnx could not convert the TensorFlow ops {', '.join(unconverted)} at opset {opset}.")
-    model_ir = ir.serde.deserialize_model(proto)
+    # tf2onnx types only the graph's inputs and outputs; passes (fp16/bf16) need every value's type.
+    model_ir = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
     _name_inputs_and_outputs(model_ir, spec)
     ir.save(model_ir, path, external_data=Path(path).name + ".data" if weight_bytes > EXTERNAL_DATA_BYTES else None)
     return path
 
 
 @contextlib.contextmanager
-def _quiet():
-    """tf2onnx logs every step at INFO and TensorFlow warns about its own deprecations while freezing the graph: keep
-    them to warnings and errors during the conversion (everything with --verbose), then restore the levels set."""
+def _converting():
+    """tf2onnx's settings for one conversion, restored afterwards. Logs: tf2onnx reports every step at INFO and
+    TensorFlow warns about its own deprecations while freezing the graph; keep them to warnings and errors (everything
+    with --verbose). Errors: by default tf2onnx deep-copies the whole graph, weights included, before each of its ~24
+    optimizer passes so that it can undo one that fails (half of MiniLM's conversion time, and twice the memory);
+    kiln lets such a failure raise instead, unless TF2ONNX_CATCH_ERRORS is set."""
+    from tf2onnx.constants import ENV_TF2ONNX_CATCH_ERRORS
+
     floors = {"tf2onnx": logging.WARNING, "tensorflow": logging.ERROR}
     saved = {name: logging.getLogger(name).level for name in floors}
     if not log.isEnabledFor(logging.DEBUG):
         for name, floor in floors.items():
             logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), floor))
+    own_setting = ENV_TF2ONNX_CATCH_ERRORS not in os.environ
+    if own_setting:
+        os.environ[ENV_TF2ONNX_CATCH_ERRORS] = "FALSE"
     try:
         yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+        if own_setting:
+            del os.environ[ENV_TF2ONNX_CATCH_ERRORS]
 
 
 def _unconverted_ops(proto, opset: int) -> list[str]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kiln.errors import ExportError
-from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: F401 (re-exported)
+from kiln.exporter.specs import ExportSpec, model_inputs, name_axes, output_flags, pick  # noqa: F401 (re-exported)
 
 log = logging.getLogger("kiln")
 from kiln.kernels.attention.onnx import MIN_OPSET  # noqa: E402
@@ -77,7 +77,7 @@ def trace(model: torch.nn.Module, spec: ExportSpec, path: Path, opset: int = MIN
     except Exception as err:  # torch.export raises many types; the user needs the gist and the log
         log.debug("torch.onnx.export failed", exc_info=True)
         raise ExportError(f"torch.onnx could not trace the model: {_summary(err)}. Run with --verbose for the full log.") from err
-    _name_axes(program.model, spec)
+    name_axes(program.model, spec)  # torch names them s0, s1, ... after its symbols
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
     return path
@@ -90,15 +90,3 @@ def _summary(err: Exception) -> str:
         if line.startswith("## Exception summary") and i + 1 < len(lines):
             return lines[i + 1]
     return lines[0] if lines else type(err).__name__
-
-
-def _name_axes(model, spec: ExportSpec) -> None:
-    """Give graph inputs/outputs the spec's axis names (torch names them s0, s1, ... after its symbols)."""
-    import onnx_ir as ir
-
-    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
-    for value in (*model.graph.inputs, *model.graph.outputs):
-        tensor = by_name.get(value.name)
-        if tensor is None:
-            raise ExportError(f"The traced graph has an unexpected input or output {value.name!r}.")
-        value.shape = ir.Shape([ir.SymbolicDim(a) if isinstance(a, str) else a for a in tensor.axes])

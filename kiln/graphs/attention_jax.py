@@ -2,11 +2,12 @@
 
 ``sdpa`` calls ``flax.nnx.dot_product_attention`` (looked up at call time: jax2onnx swaps in its own while tracing).
 Eagerly that runs ``jax.nn.dot_product_attention``; under jax2onnx at opset >= 23 it becomes ONE standard ONNX
-``Attention`` node, grouped-query heads included. The conditions of jax2onnx's nnx plugin, which these functions
-meet: 4-D (B, T, H, D) inputs with static head counts and head dim, a bool mask broadcastable to (B, H, T, S), no
-bias, no dropout, no ``deterministic`` call parameter, and the default scale 1/sqrt(D), the only one the plugin
-emits (it drops a custom scale, so none is offered here). ``jax.nn.dot_product_attention`` itself would not do: its
-jax2onnx plugin always decomposes into MatMul/Softmax.
+``Attention`` node, grouped-query heads included (K/V keep their Hkv heads). The conditions of jax2onnx's nnx
+plugin, which these functions meet: 4-D (B, T, H, D) inputs with static head counts and head dim, opset >= 23, no
+``deterministic`` call parameter, no dropout, and the default scale 1/sqrt(D), the only one the plugin emits (it
+drops a custom scale, so none is offered here). The bool mask goes in as the node's ``attn_mask`` unchanged, so the
+models pass it as (B, 1, T, S): onnxruntime broadcasts the head axis but not the query axis.
+``jax.nn.dot_product_attention`` itself would not do: its jax2onnx plugin always decomposes into MatMul/Softmax.
 
 ``eager`` is the readable math and the only one that returns the probabilities; exported, it stays MatMul/Softmax.
 """
@@ -35,6 +36,8 @@ def eager(q, k, v, mask):
 
 
 def sdpa(q, k, v, mask):
+    # Eagerly jax.nn fills masked scores with -0.7 * finfo.max, not -inf: same softmax as ``eager``'s finfo.min, and
+    # a fully masked row averages v as well.
     return nnx.dot_product_attention(q, k, v, mask=mask), None
 
 

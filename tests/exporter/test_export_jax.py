@@ -82,8 +82,9 @@ def test_pipelines_run_the_jax_artifact(jax_artifacts, artifacts):
     embed = [np.array(kiln.pipeline("feature-extraction", a("bert", "feature-extraction"))(SENTENCES, pooling="mean"))
              for a in (jax_artifacts, artifacts)]
     np.testing.assert_allclose(embed[0], embed[1], atol=1e-4)
-    qa = [kiln.pipeline("question-answering", a("bert", "question-answering"))(
-        question="what runs through paris", context=SENTENCES[0] + " and " + SENTENCES[2]) for a in (jax_artifacts, artifacts)]
+    question, context = "what runs through paris", SENTENCES[0] + " and " + SENTENCES[2]
+    qa = [kiln.pipeline("question-answering", a("bert", "question-answering"))(question=question, context=context)
+          for a in (jax_artifacts, artifacts)]
     assert_same(qa[0], qa[1], atol=1e-4)
     ner = [kiln.pipeline("token-classification", a("roberta", "token-classification"))(SENTENCES) for a in
            (jax_artifacts, artifacts)]
@@ -91,15 +92,31 @@ def test_pipelines_run_the_jax_artifact(jax_artifacts, artifacts):
     assert_same(ner[0], ner[1], atol=1e-4)
 
 
-def test_output_attentions_export_decomposed(checkpoints, tmp_path):
-    """Probabilities need the eager math, which jax2onnx keeps as MatMul/Softmax: the manifest says so."""
-    path, _ = checkpoints("bert", "feature-extraction")
-    manifest = kiln.export(str(path), tmp_path / "art", batch="1:4", seq="1:16", framework="jax",
-                           output_hidden_states=True, output_attentions=True)
-    assert (manifest["attention"]["lowering"], manifest["attention"]["nodes"]) == ("decomposed", 0)
-    assert manifest["validation"]["passed"]
-    assert [o["name"] for o in manifest["outputs"]][-2:] == ["attentions.0", "attentions.1"]
-    assert manifest["op_counts"]["Softmax"] == 2
+def test_output_attentions_trace_decomposed(checkpoints, tmp_path):
+    """Probabilities need the eager math, which jax2onnx keeps as MatMul/Softmax; the exporter records that."""
+    from kiln.exporter import _attention_lowering
+    from kiln.exporter.specs import spec_for
+    from kiln.exporter.trace_jax import trace
+    from kiln.graphs.checkpoint import from_pretrained
+
+    path = checkpoints("bert", "feature-extraction")[0]
+    model = from_pretrained(path, framework="jax")
+    spec = spec_for("bert", model, "feature-extraction", hidden_states=True, attentions=True)
+    onnx_path = trace(model, spec, tmp_path / "model.onnx")
+    graph = onnx.load(str(onnx_path)).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert (ops["Attention"], ops["Softmax"]) == (0, 2)
+    assert _attention_lowering(ops, 2, "jax") == "decomposed"
+    assert [o.name for o in graph.output] == [t.name for t in spec.outputs]
+    # The decomposed graph's probabilities and hidden states are the torch reference's.
+    feed = spec.make_feed({"batch": 3, "sequence": 9}, np.random.default_rng(0))
+    got = OnnxRuntimeEngine(onnx_path).run(feed)
+    with torch.no_grad():
+        want = from_pretrained(path)(**{k: torch.from_numpy(v) for k, v in feed.items()}, output_hidden_states=True,
+                                     output_attentions=True)
+    for name in ("attentions.0", "attentions.1", "hidden_states.2"):
+        kind, i = name.split(".")
+        np.testing.assert_allclose(got[name], want[kind][int(i)].numpy(), atol=1e-5, err_msg=name)
 
 
 def test_trace_errors_are_one_line_export_errors(tmp_path):
@@ -133,7 +150,8 @@ def decoders(tmp_path_factory):
     model.save_pretrained(root / "checkpoint")
     tokenizer.save_pretrained(root / "checkpoint")
     for framework in ("torch", "jax"):
-        kiln.export(str(root / "checkpoint"), root / framework, task="text-generation", batch="1:4", framework=framework)
+        kiln.export(str(root / "checkpoint"), root / framework, task="text-generation", batch="1:4",
+                    framework=framework)
     return root / "jax", root / "torch"
 
 

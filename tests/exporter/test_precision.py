@@ -139,3 +139,12 @@ def test_half_pass_types_and_islands(tmp_path, precision):
     if precision == "fp16":
         real = ort.InferenceSession(str(tmp_path / "half.onnx")).run(None, x)[0]
         np.testing.assert_allclose(simulated, real, atol=1e-3)
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("tensorflow") is None, reason="TensorFlow not installed")
+def test_fp16_of_a_tf_graph_keeps_its_mask_constant_finite(checkpoints, tmp_path):
+    """tf2onnx writes masking as scores * m + float32.min * (1 - m): the constant must become the half type's most
+    negative finite value, not -inf (whose product with 0 is NaN)."""
+    path, _ = checkpoints("bert", "feature-extraction")
+    manifest = kiln.export(str(path), tmp_path / "tf16", framework="tf", precision="fp16", batch="1:4", seq="1:32")
+    assert manifest["accuracy"]["passed"] and manifest["accuracy"]["min_cosine"] > 0.999

@@ -31,11 +31,11 @@ def run_both(path, task, ids, mask, **flags):
     ours = from_pretrained(path, task, framework="jax")(ids, mask, **flags)
     with torch.no_grad():
         theirs = from_pretrained(path, task)(torch.from_numpy(ids), torch.from_numpy(mask), **flags)
+    return to_numpy(ours), to_numpy(theirs)
 
-    def numpy(out):
-        return {k: tuple(np.asarray(x) for x in v) if isinstance(v, tuple) else np.asarray(v) for k, v in out.items()}
 
-    return numpy(ours), {k: tuple(x.numpy() for x in v) if isinstance(v, tuple) else v.numpy() for k, v in theirs.items()}
+def to_numpy(out: dict) -> dict:
+    return {k: tuple(np.asarray(x) for x in v) if isinstance(v, tuple) else np.asarray(v) for k, v in out.items()}
 
 
 def assert_outputs_close(ours: dict, theirs: dict, atol: float):
@@ -69,7 +69,8 @@ def test_outputs_match_torch(family, task, checkpoints):
     assert_outputs_close(ours, theirs, atol=1e-5)
     # The fused path (what exports as one Attention node) gives the same main outputs.
     fused, _ = run_both(path, task, ids, mask)
-    assert_outputs_close(fused, {k: v for k, v in theirs.items() if k not in ("hidden_states", "attentions")}, atol=1e-5)
+    main = {k: v for k, v in theirs.items() if k not in ("hidden_states", "attentions")}
+    assert_outputs_close(fused, main, atol=1e-5)
 
 
 def test_eager_attention_equals_fused(checkpoints):

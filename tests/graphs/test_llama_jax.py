@@ -18,10 +18,11 @@ SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_lay
 VARIANTS = {
     "llama-gqa-untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "llama-linear-rope": ("llama", dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "llama3-rope": ("llama", dict(rope_theta=500000.0, rope_scaling={
+    "llama3-rope": ("llama", dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16})),
-    "llama-bias-head_dim-tied": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=16, tie_word_embeddings=True)),
+    "llama-bias-head_dim-tied": ("llama", dict(attention_bias=True, mlp_bias=True, head_dim=16,
+                                               tie_word_embeddings=True)),
     "qwen2-mqa-bias": ("qwen2", dict(num_key_value_heads=1)),
     "mistral-sliding-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
 }
@@ -70,7 +71,8 @@ def torch_run(model, ids, mask, pos, past=None, **flags):
 def test_outputs_and_cache_match_torch(name, checkpoint):
     path = checkpoint(name)
     ours, theirs = from_pretrained(path, "text-generation", framework="jax"), from_pretrained(path, "text-generation")
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == shapes
     assert (ours.lm_head is None) == ours.config.tie_word_embeddings
     ids, mask, pos = left_padded()
     # Both references give padded queries the same defined output (they attend to every key), so compare all rows.

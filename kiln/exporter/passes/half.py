@@ -72,7 +72,10 @@ def convert(model: ir.Model, precision: str, *, simulate: bool = False, extra_ha
         return out
 
     def half_weight(value: ir.Value) -> ir.Value:
-        array = value.const_value.numpy().astype(np.float32)
+        # Clipped to the half type's finite range: a mask constant such as float32.min (tf2onnx writes masking as
+        # scores * m + min * (1 - m)) would otherwise become -inf, and -inf * 0 is NaN.
+        finfo = ml_dtypes.finfo(_NUMPY[precision])
+        array = np.clip(value.const_value.numpy().astype(np.float32), float(finfo.min), float(finfo.max))
         counts["weights"] += 1
         stored = _round(array, precision) if simulate else array.astype(_NUMPY[precision])
         data = ir.tensor(stored, name=f"{value.name}_{precision}")

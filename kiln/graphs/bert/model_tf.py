@@ -8,23 +8,13 @@ eagerly in ``__init__``. Shapes: B batch, T sequence, C hidden, H heads, D head 
 
 from __future__ import annotations
 
-import importlib.util
+# layers_tf first: it loads triton before TensorFlow (see there), and hands over tf.
+from kiln.graphs.layers_tf import Embedding, LayerNorm, Linear, Module, tf  # isort: skip
+
 import math
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
-# TensorFlow and triton each link their own LLVM: importing triton after TensorFlow aborts the process ("Option
-# 'bitcode-mdindex-threshold' registered more than once"), and torch imports triton at its first custom op. Loaded
-# triton first, the two coexist.
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: F401
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from kiln.graphs.bert.config import BertConfig  # noqa: E402
-from kiln.graphs.checkpoint import SavePretrainedMixin  # noqa: E402
+from kiln.graphs.bert.config import BertConfig
+from kiln.graphs.checkpoint import SavePretrainedMixin
 
 
 def gelu(x):
@@ -42,71 +32,6 @@ ACT = {
     "swish": tf.nn.silu,
     "tanh": tf.tanh,
 }
-
-
-class Module(keras.layers.Layer):
-    """A keras layer with torch's parameter naming: ``state_dict()`` keys are attribute paths + variable names, own
-    variables before children's, as ``torch.nn.Module.state_dict`` orders them. Subclasses create their variables
-    in ``__init__``, so the layer is built from the start."""
-
-    def __init__(self):
-        super().__init__()
-        self.built = True
-
-    def named_parameters(self, prefix: str = ""):
-        children = []
-        for name, value in vars(self).items():  # attribute order is definition order, as torch registers them
-            if name.startswith("_"):
-                continue
-            if isinstance(value, keras.Variable):
-                yield prefix + name, value
-            elif isinstance(value, Module):
-                children.append((name, value))
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Module) for v in value):
-                children += [(f"{name}.{i}", v) for i, v in enumerate(value)]
-        for name, child in children:
-            yield from child.named_parameters(f"{prefix}{name}.")
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: variable.numpy() for name, variable in self.named_parameters()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Assign float32 arrays already checked for names and shapes (``kiln.graphs.checkpoint.load_weights``)."""
-        for name, variable in self.named_parameters():
-            variable.assign(state[name])
-
-
-class Linear(Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.weight = self.add_weight(shape=(out_features, in_features), initializer="zeros", name="weight")  # torch layout
-        self.bias = self.add_weight(shape=(out_features,), initializer="zeros", name="bias") if bias else None
-
-    def call(self, x):
-        y = tf.matmul(x, self.weight, transpose_b=True)  # (..., in) @ (out, in)^T
-        return y if self.bias is None else y + self.bias
-
-
-class Embedding(Module):
-    def __init__(self, num: int, dim: int):
-        super().__init__()
-        self.weight = self.add_weight(shape=(num, dim), initializer="zeros", name="weight")
-
-    def call(self, ids):
-        return tf.gather(self.weight, ids)
-
-
-class LayerNorm(Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = self.add_weight(shape=(dim,), initializer="ones", name="weight")
-        self.bias = self.add_weight(shape=(dim,), initializer="zeros", name="bias")
-        self.eps = eps
-
-    def call(self, x):
-        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-        var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)  # biased, as torch
-        return (x - mean) * tf.math.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 def attention(q, k, v, mask):
@@ -212,7 +137,8 @@ class BertModel(SavePretrainedMixin, Module):
              output_hidden_states=False, output_attentions=False):
         if attention_mask is None:
             attention_mask = tf.ones_like(input_ids)
-        mask = tf.not_equal(attention_mask, 0)[:, None, None, :]  # (B, 1, 1, T) bool, True = attend; broadcast over queries
+        # (B, 1, 1, T) bool, True = attend, broadcast over the queries (no ONNX Attention node to need it expanded).
+        mask = tf.not_equal(attention_mask, 0)[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         hidden_states, attentions = [x], []
         for layer in self.layers:

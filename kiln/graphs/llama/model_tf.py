@@ -6,78 +6,15 @@ Shapes: B batch, T new tokens, P cached tokens, S = P + T, C hidden, H query hea
 
 from __future__ import annotations
 
-import importlib.util
+# layers_tf first: it loads triton before TensorFlow (see there), and hands over tf.
+from kiln.graphs.layers_tf import Embedding, Linear, Module, tf  # isort: skip
+
 import math
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import: no C++ info/warning banners
-# TensorFlow and triton each link their own LLVM: importing triton after TensorFlow aborts the process ("Option
-# 'bitcode-mdindex-threshold' registered more than once"), and torch imports triton at its first custom op. Loaded
-# triton first, the two coexist.
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: F401
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from kiln.graphs.checkpoint import SavePretrainedMixin  # noqa: E402
-from kiln.graphs.llama.config import LlamaConfig  # noqa: E402
-
-
-# Copied from graphs.bert.model_tf.Module
-class Module(keras.layers.Layer):
-    """A keras layer with torch's parameter naming: ``state_dict()`` keys are attribute paths + variable names, own
-    variables before children's, as ``torch.nn.Module.state_dict`` orders them. Subclasses create their variables
-    in ``__init__``, so the layer is built from the start."""
-
-    def __init__(self):
-        super().__init__()
-        self.built = True
-
-    def named_parameters(self, prefix: str = ""):
-        children = []
-        for name, value in vars(self).items():  # attribute order is definition order, as torch registers them
-            if name.startswith("_"):
-                continue
-            if isinstance(value, keras.Variable):
-                yield prefix + name, value
-            elif isinstance(value, Module):
-                children.append((name, value))
-            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Module) for v in value):
-                children += [(f"{name}.{i}", v) for i, v in enumerate(value)]
-        for name, child in children:
-            yield from child.named_parameters(f"{prefix}{name}.")
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: variable.numpy() for name, variable in self.named_parameters()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Assign float32 arrays already checked for names and shapes (``kiln.graphs.checkpoint.load_weights``)."""
-        for name, variable in self.named_parameters():
-            variable.assign(state[name])
-
-
-# Copied from graphs.bert.model_tf.Linear
-class Linear(Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.weight = self.add_weight(shape=(out_features, in_features), initializer="zeros", name="weight")  # torch layout
-        self.bias = self.add_weight(shape=(out_features,), initializer="zeros", name="bias") if bias else None
-
-    def call(self, x):
-        y = tf.matmul(x, self.weight, transpose_b=True)  # (..., in) @ (out, in)^T
-        return y if self.bias is None else y + self.bias
-
-
-# Copied from graphs.bert.model_tf.Embedding
-class Embedding(Module):
-    def __init__(self, num: int, dim: int):
-        super().__init__()
-        self.weight = self.add_weight(shape=(num, dim), initializer="zeros", name="weight")
-
-    def call(self, ids):
-        return tf.gather(self.weight, ids)
+from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.llama.config import LlamaConfig
 
 
 class RMSNorm(Module):
@@ -102,8 +39,9 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
         context = np.float32(rope["original_max_position_embeddings"])
         wavelen = np.float32(2 * math.pi) / inv_freq
         smooth = np.clip((context / wavelen - low) / (high - low), 0, 1)
+        between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         inv_freq = np.where(wavelen > context / low, inv_freq / factor,
-                            np.where(wavelen < context / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+                            np.where(wavelen < context / high, inv_freq, between))
     return inv_freq.astype(np.float32)
 
 
