@@ -56,6 +56,8 @@ def build_graphs(fp32: Path, workdir: Path) -> dict[tuple[str, str], Path]:
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    # Spin-waiting off: an idle session's polling threads would steal the cores of the next graph in the round.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -128,7 +130,8 @@ def main(argv=None) -> None:
     out = [SECTION, "", f"Command: `{command}`", "",
            f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "", "Machine:", *machine, "",
            f"Versions: {versions()}", "",
-           f"Setup: onnxruntime CPU, {THREADS} intra-op threads, {rounds} interleaved rounds after {WARMUP} warm-ups, "
+           f"Setup: onnxruntime CPU, {THREADS} intra-op threads (spin-waiting off, so interleaved sessions do not steal "
+           f"each other's cores), {rounds} interleaved rounds after {WARMUP} warm-ups, "
            "medians in ms; bold = fastest form at that precision and shape. int8 = dynamic per-channel int8 weights "
            "(`--precision int8`); with `contrib` onnxruntime's quantizer also quantizes the attention's projection "
            "(QAttention).", ""]

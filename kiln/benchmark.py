@@ -158,7 +158,8 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), *, threads: int | None 
         new_tokens = 32 if decoder else 0
     if new_tokens and not decoder:
         raise InputError("--new-tokens applies to text-generation artifacts only.")
-    engine = open_engine(artifact, device=device, threads=threads)
+    # Compared with torch, onnxruntime's threads must not busy-wait between runs: they would steal torch's cores.
+    engine = open_engine(artifact, device=device, threads=threads, spinning=not compare)
     reference = _torch_reference(manifest) if "torch" in compare else None
     if reference is not None:
         _torch_threads(threads)

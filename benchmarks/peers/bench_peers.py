@@ -40,12 +40,14 @@ import timeit
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
-import transformers
-from threadpoolctl import threadpool_limits
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning between runners
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = HERE.parent
@@ -143,6 +145,9 @@ def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+    # No spin-waiting: with spinning on, a session's threads keep polling after each run and steal the cores from
+    # the next runner of the interleaved round (measured: MiniLM b1 s16 3.1 ms alone, 9.5 ms interleaved).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -328,7 +333,8 @@ def section(results, gemm_rate, optimum, decoder, command, rounds, warmup, machi
         "ONNX "
         f"file, Optimum's and kiln's, runs in the main venv's onnxruntime {ort.__version__} with the same session "
         f"options (CPUExecutionProvider, `ORT_ENABLE_ALL`, `intra_op_num_threads={THREADS}`, "
-        "`inter_op_num_threads=1`, plain `InferenceSession.run` asking for `last_hidden_state`), so the comparison is "
+        "`inter_op_num_threads=1`, intra-op spin-waiting off so that no runner's idle threads steal the next one's "
+        "cores (PyTorch with `OMP_WAIT_POLICY=PASSIVE` for the same reason), plain `InferenceSession.run` asking for `last_hidden_state`), so the comparison is "
         f"of the graphs, not of the Python wrappers. transformers runs PyTorch eager (no torch.compile, attention "
         f"`{results[0]['attn']}`) under `torch.inference_mode()` with `torch.set_num_threads({THREADS})`. Random token "
         f"ids in [1000, 20000), attention_mask all ones; shapes b1 s128 and b8 s128 as in the issue, b1 s16 extra. Per "

@@ -199,11 +199,15 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
     from kiln.kernels.attention.trt_plugin import supports_plugin, tensorrt_version
 
     form = (manifest.get("attention") or {}).get("form", "onnx")
-    if form not in ("onnx", "decomposed"):
-        raise ExportError(f"This artifact's attention is in the {form!r} form, made for onnxruntime's CPU provider; "
-                          "TensorRT parses the standard ONNX Attention op. Re-export with --attention onnx.")
+    if form == "contrib":
+        raise ExportError("This artifact's attention is onnxruntime's com.microsoft.Attention (--attention contrib), "
+                          "which TensorRT cannot parse. Re-export with --attention onnx.")
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))
+    if form in ("onnx-3d", "onnx-packed"):  # standard ONNX, but TensorRT is only known to parse (B, H, T, D) inputs
+        from kiln.exporter.passes.attention_forms import to_4d
+
+        to_4d(model)
     counts = lower_for_tensorrt(model, aot=aot, sliding_window=_sliding_window(artifact))
     if counts["skipped"]:
         raise ExportError(f"{counts['skipped']} decoder attention node(s) could not be lowered for TensorRT (see the "

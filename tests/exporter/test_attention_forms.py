@@ -11,9 +11,25 @@ import onnxruntime as ort
 import pytest
 
 import kiln
-from kiln.exporter.passes.attention_forms import FORMS, rewrite
+from kiln.exporter.passes.attention_forms import FORMS, rewrite, to_4d
 
 LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def traced(checkpoints, tmp_path_factory):
+    """Artifacts exported with the attention as torch.onnx writes it (attention="onnx"), one per (model, task)."""
+    made = {}
+
+    def get(model_type: str, task: str):
+        if (model_type, task) not in made:
+            path, _ = checkpoints(model_type, task)
+            out = tmp_path_factory.mktemp(f"traced-{model_type}-{task}")
+            kiln.export(str(path), out / "artifact", task=task, attention="onnx", batch="1:8", seq="1:32")
+            made[model_type, task] = out / "artifact"
+        return made[model_type, task]
+
+    return get
 
 
 def ops(model: ir.Model) -> Counter:
@@ -38,12 +54,12 @@ def padded_feed(vocab=100, batch=3, seq=11, seed=0):
 @pytest.mark.parametrize("model_type,task", [("bert", "feature-extraction"), ("roberta", "text-classification"),
                                              ("distilbert", "token-classification"), ("bert", "question-answering")])
 @pytest.mark.parametrize("form", FORMS[1:])
-def test_forms_compute_the_same_function(artifacts, model_type, task, form):
-    path = artifacts(model_type, task) / "model.onnx"
-    traced, model = ir.load(str(path)), ir.load(str(path))
+def test_forms_compute_the_same_function(traced, model_type, task, form):
+    path = traced(model_type, task) / "model.onnx"
+    original, model = ir.load(str(path)), ir.load(str(path))
     counts = rewrite(model, form)
     assert counts == {"rewritten": LAYERS, "kept": 0}
-    before, after = ops(traced), ops(model)
+    before, after = ops(original), ops(model)
     if form == "contrib":
         assert after[("com.microsoft", "Attention")] == LAYERS and after[("", "Attention")] == 0
         assert after[("", "MatMul")] == before[("", "MatMul")] - 3 * LAYERS  # projections inside the op
@@ -56,9 +72,24 @@ def test_forms_compute_the_same_function(artifacts, model_type, task, form):
     assert after[("", "Transpose")] == before[("", "Transpose")] - 4 * LAYERS
     feed = padded_feed()
     mask = feed["attention_mask"].astype(bool)
-    for want, got in zip(run(traced, feed), run(model, feed)):
+    for want, got in zip(run(original, feed), run(model, feed)):
         valid = mask if want.ndim == 3 or (want.ndim == 2 and want.shape == mask.shape) else np.ones(want.shape[0], bool)
         np.testing.assert_allclose(got[valid], want[valid], atol=2e-5)
+
+
+@pytest.mark.parametrize("form", ["onnx-3d", "onnx-packed"])
+def test_to_4d_undoes_the_3d_forms_for_tensorrt(traced, form):
+    path = traced("bert", "feature-extraction") / "model.onnx"
+    original, model = ir.load(str(path)), ir.load(str(path))
+    rewrite(model, form)
+    assert to_4d(model) == LAYERS
+    for node in model.graph:
+        if node.op_type == "Attention":
+            assert "q_num_heads" not in node.attributes
+            assert [v.producer().op_type for v in node.inputs[:3]] == ["Transpose"] * 3  # (B, H, T, D) again
+    feed = padded_feed()
+    mask = feed["attention_mask"].astype(bool)
+    np.testing.assert_allclose(run(model, feed)[0][mask], run(original, feed)[0][mask], atol=2e-5)
 
 
 def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
@@ -92,7 +123,7 @@ def test_export_in_a_form_validates_records_it_and_tensorrt_refuses_it(checkpoin
     assert manifest["op_counts"]["Attention"] == LAYERS and "Transpose" not in manifest["op_counts"]
     labels = kiln.pipeline("text-classification", tmp_path / "contrib")(["i love paris", "so bad"])
     assert len(labels) == 2
-    with pytest.raises(ExportError, match="Re-export with --attention onnx"):
+    with pytest.raises(ExportError, match="com.microsoft.Attention .*Re-export with --attention onnx"):
         _lower(tmp_path / "contrib", json.loads((tmp_path / "contrib" / "kiln.json").read_text()), tmp_path, "10.14.1", True)
     with pytest.raises(InputError, match="--attention 'fused'"):
         kiln.export(str(path), tmp_path / "x", attention="fused")

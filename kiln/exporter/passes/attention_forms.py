@@ -60,6 +60,52 @@ def rewrite(model: ir.Model, form: str) -> dict:
     return counts
 
 
+def to_4d(model: ir.Model) -> int:
+    """The inverse for runtimes that want (B, H, T, D) attention inputs (TensorRT's ONNX parser is only known to take
+    those): every 3-D standard ``Attention`` node gets Reshape/Transpose to 4-D around it again. Returns how many."""
+    graph, count = model.graph, 0
+    for node in [n for n in graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
+        heads = node.attributes.get_int("q_num_heads", 0)
+        kv_heads = node.attributes.get_int("kv_num_heads", 0)
+        if not heads or any(v is not None for v in node.inputs[4:]):  # q_num_heads is set on 3-D attention only
+            continue
+        nodes, heads_of = [], {0: heads, 1: kv_heads, 2: kv_heads}
+
+        def constant(values):
+            nodes.append(ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))},
+                                 name=f"{node.name}_shape_{len(nodes)}"))
+            return nodes[-1].outputs[0]
+
+        for index in range(3):
+            split = ir.node("Reshape", [node.inputs[index], constant([0, 0, heads_of[index], -1])],
+                            name=f"{node.name}_4d_reshape_{index}")
+            transpose = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]},
+                                name=f"{node.name}_4d_transpose_{index}")
+            nodes += [split, transpose]
+            node.replace_input_with(index, transpose.outputs[0])
+        graph.insert_before(node, nodes)
+        out = node.outputs[0]
+        back = ir.node("Transpose", [out], attributes={"perm": [0, 2, 1, 3]}, name=f"{node.name}_3d_transpose")
+        merge = ir.node("Reshape", [back.outputs[0], _shape_constant(graph, node, [0, 0, -1])],
+                        name=f"{node.name}_3d_reshape")
+        graph.insert_after(node, [back, merge])
+        ir.convenience.replace_all_uses_with(out, merge.outputs[0], replace_graph_outputs=True)
+        back.replace_input_with(0, out)  # the new Transpose reads the node's output itself
+        merge.outputs[0].shape, merge.outputs[0].dtype = out.shape, out.dtype
+        out.shape = None
+        for name in ("q_num_heads", "kv_num_heads"):
+            node.attributes.pop(name, None)
+        count += 1
+    return count
+
+
+def _shape_constant(graph: ir.Graph, before: ir.Node, values) -> ir.Value:
+    constant = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))},
+                       name=f"{before.name}_shape_out")
+    graph.insert_before(before, constant)
+    return constant.outputs[0]
+
+
 def _match(node: ir.Node) -> dict | None:
     """The traced encoder pattern around one Attention node, or None."""
     if len(node.inputs) < 4 or any(v is not None for v in node.inputs[4:]):

@@ -43,9 +43,11 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 axes: dict | None = None):
+                 axes: dict | None = None, spinning: bool = True):
         """``axes``: dynamic axis name -> {"min", "max"}, the ranges the graph was exported and validated for; by
-        default read from the kiln.json beside ``path`` (none for a bare ONNX file)."""
+        default read from the kiln.json beside ``path`` (none for a bare ONNX file). ``spinning=False`` stops the
+        intra-op threads from busy-waiting after each run: a little more latency for back-to-back calls, but no
+        cores burnt between them (for processes that share the CPU with other work, and fair benchmarks)."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"No ONNX model at {path}. Re-export the artifact.")
@@ -59,6 +61,8 @@ class OnnxRuntimeEngine:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers_for(device)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=self.providers)

@@ -59,7 +59,8 @@ def _same_tensorrt(entry: dict, installed: str) -> bool:
     return _version(installed) == _version(built)
 
 
-def open_engine(path, device: str = "cpu", threads: int | None = None, manifest: dict | None = None):
+def open_engine(path, device: str = "cpu", threads: int | None = None, manifest: dict | None = None,
+                spinning: bool = True):
     """``path``: the artifact directory or its model file. ``device``: ``cpu`` and ``cuda`` run onnxruntime (its CPU
     or CUDA provider); ``auto`` runs a matching TensorRT engine if there is one and TensorRT imports, else
     onnxruntime with CUDA if available, else CPU; ``tensorrt`` insists on TensorRT."""
@@ -83,7 +84,7 @@ def open_engine(path, device: str = "cpu", threads: int | None = None, manifest:
         raise InputError(f"{directory} is a bf16 artifact, which onnxruntime's CPU provider cannot run. Run it on a "
                          "GPU (device='cuda' with onnxruntime-gpu, or a TensorRT engine from `kiln build`), or "
                          "export fp32, fp16 or int8 for CPUs.")
-    return OnnxRuntimeEngine(model, device=device, threads=threads)
+    return OnnxRuntimeEngine(model, device=device, threads=threads, spinning=spinning)
 
 
 def _open_tensorrt(directory: Path, manifest: dict | None):
