@@ -13,7 +13,7 @@ def add_parser(sub):
     p.add_argument("--framework", default="torch", choices=("torch", "jax", "tf"),
                    help="reference to trace and validate against: torch (torch.onnx), jax (flax nnx via jax2onnx) or "
                    "tf (keras via tf2onnx); BERT and LLaMA families (default torch)")
-    p.add_argument("--attention", default="auto", choices=("auto", "onnx", "onnx-3d", "onnx-packed", "contrib"),
+    p.add_argument("--attention", default="auto", choices=("auto", "onnx", "onnx-3d", "onnx-packed", "contrib", "decomposed"),
                    help="encoder attention form: auto (fastest measured on onnxruntime CPU), onnx (standard ONNX "
                    "Attention as traced: for TensorRT), onnx-3d, onnx-packed, contrib (com.microsoft.Attention)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default 23)")

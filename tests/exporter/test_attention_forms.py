@@ -60,7 +60,11 @@ def test_forms_compute_the_same_function(traced, model_type, task, form):
     counts = rewrite(model, form)
     assert counts == {"rewritten": LAYERS, "kept": 0}
     before, after = ops(original), ops(model)
-    if form == "contrib":
+    if form == "decomposed":
+        assert after[("", "Attention")] == 0 and after[("", "Softmax")] == LAYERS
+        assert after[("", "MatMul")] == before[("", "MatMul")] + 2 * LAYERS  # q k^T and probs v
+        assert after[("", "Transpose")] == before[("", "Transpose")] + LAYERS  # k^T
+    elif form == "contrib":
         assert after[("com.microsoft", "Attention")] == LAYERS and after[("", "Attention")] == 0
         assert after[("", "MatMul")] == before[("", "MatMul")] - 3 * LAYERS  # projections inside the op
     else:
@@ -68,8 +72,8 @@ def test_forms_compute_the_same_function(traced, model_type, task, form):
         packed = form == "onnx-packed"
         assert after[("", "MatMul")] == before[("", "MatMul")] - (2 * LAYERS if packed else 0)
         assert after[("", "Split")] == (LAYERS if packed else 0)
-    # The four Reshape/Transpose pairs around each layer's attention are gone in every form.
-    assert after[("", "Transpose")] == before[("", "Transpose")] - 4 * LAYERS
+    if form != "decomposed":  # the four Reshape/Transpose pairs around each layer's attention are gone
+        assert after[("", "Transpose")] == before[("", "Transpose")] - 4 * LAYERS
     feed = padded_feed()
     mask = feed["attention_mask"].astype(bool)
     for want, got in zip(run(original, feed), run(model, feed)):
@@ -106,7 +110,7 @@ def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
 
 
 def test_unknown_form():
-    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib"):
+    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib, decomposed"):
         rewrite(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), "fused")
 
 

@@ -10,6 +10,8 @@ torch.onnx writes each layer as ``MatMul+Add`` for q, k and v, each followed by 
 - ``onnx-packed``: ``onnx-3d`` with q, k and v from one (C, 3C) MatMul and a Split.
 - ``contrib``: onnxruntime's ``com.microsoft.Attention``: the input projection inside the op (one packed GEMM), the
   raw (B, T) ``attention_mask`` as its mask, output (B, T, C). The form onnxruntime's own BERT fusions produce.
+- ``decomposed``: MatMul, Where (mask), Softmax, MatMul: no fused node, but the two activation products become
+  ordinary MatMuls that int8 quantization can take (as Optimum's int8 export does).
 
 Each rewrite applies to a layer only where the pattern is exactly the one above (any other layer is left as it is and
 counted), so the result computes the same function; the exporter validates it against the reference like any graph.
@@ -24,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 log = logging.getLogger("kiln")
-FORMS = ("onnx", "onnx-3d", "onnx-packed", "contrib")
+FORMS = ("onnx", "onnx-3d", "onnx-packed", "contrib", "decomposed")
 
 
 def rewrite(model: ir.Model, form: str) -> dict:
@@ -39,6 +41,11 @@ def rewrite(model: ir.Model, form: str) -> dict:
         layer = _match(node)
         if layer is None:
             counts["kept"] += 1
+            continue
+        if form == "decomposed":
+            new = _decomposed(graph, node, layer)
+            ir.convenience.replace_all_uses_with(node.outputs[0], new, replace_graph_outputs=True)
+            counts["rewritten"] += 1
             continue
         if form == "contrib":
             mask = _raw_mask(graph, node.inputs[3], mask_cache)
@@ -173,6 +180,30 @@ def _standard_3d(graph: ir.Graph, node: ir.Node, layer: dict, packed: bool) -> i
     graph.insert_before(node, [*nodes, attention])
     out = attention.outputs[0]
     out.shape, out.dtype = layer["out"].shape, layer["out"].dtype
+    return out
+
+
+def _decomposed(graph: ir.Graph, node: ir.Node, layer: dict) -> ir.Value:
+    """softmax(q k^T * scale, masked) v on the traced (B, H, T, D) inputs; masked scores get float32's minimum, as
+    the references do (a fully masked row averages v rather than producing NaN)."""
+    q, k, v, mask = node.inputs[:4]
+    scale = layer["scale"] if layer["scale"] is not None else 1.0 / float(np.sqrt(layer["head_dim"]))
+    nodes = []
+
+    def add(op, inputs, **attributes):
+        nodes.append(ir.node(op, inputs, attributes=attributes, name=f"{node.name}_{op.lower()}_{len(nodes)}"))
+        return nodes[-1].outputs[0]
+
+    def constant(value):
+        nodes.append(ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(value, np.float32))},
+                             name=f"{node.name}_const_{len(nodes)}"))
+        return nodes[-1].outputs[0]
+
+    scores = add("Mul", [add("MatMul", [q, add("Transpose", [k], perm=[0, 1, 3, 2])]), constant(scale)])  # (B,H,T,S)
+    scores = add("Where", [mask, scores, constant(np.finfo(np.float32).min)])
+    out = add("MatMul", [add("Softmax", [scores], axis=-1), v])  # (B, H, T, D)
+    graph.insert_before(node, nodes)
+    out.shape, out.dtype = node.outputs[0].shape, node.outputs[0].dtype
     return out
 
 

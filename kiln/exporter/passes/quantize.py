@@ -115,13 +115,15 @@ def _quantize(src: Path, dst: Path, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}")
 
 
-def _contrib_attention(path: Path) -> bool:
-    """Whether the graph's attention is onnxruntime's com.microsoft.Attention (and no standard ONNX Attention, which
-    the quantizer would mistake for it): then its projection is quantized too (QAttention)."""
+def _attention_ops(path: Path) -> str:
+    """``contrib`` when the graph's attention is onnxruntime's com.microsoft.Attention only (its projection is then
+    quantized too, as QAttention), ``decomposed`` when there is no Attention node at all, else ``onnx``."""
     import onnx
 
-    domains = {(n.domain or "", n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node}
-    return ("com.microsoft", "Attention") in domains and ("", "Attention") not in domains
+    ops = {(n.domain or "", n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node}
+    if ("", "Attention") in ops:
+        return "onnx"
+    return "contrib" if ("com.microsoft", "Attention") in ops else "decomposed"
 
 
 def _half(src: Path, dst: Path, precision: str, simulate: bool = False) -> None:
