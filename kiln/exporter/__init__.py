@@ -136,8 +136,8 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
 
 
 # The encoder attention form per precision, from benchmarks/bench_attention_forms.py on onnxruntime CPU
-# (benchmarks/RESULTS.md, "Attention forms"): feeding (B, T, C) straight into Attention was fastest or within 1-3%
-# of the fastest at every shape, fp32 and int8 (2-9% over the traced form); com.microsoft.Attention lost at int8.
+# (benchmarks/RESULTS.md, "Attention forms"): feeding (B, T, C) straight into Attention was fastest or within ~2%
+# of the fastest at every shape, fp32 and int8 (1-14% over the traced form); com.microsoft.Attention was level.
 # fp16/bf16 artifacts are for GPUs and TensorRT: the traced form. (kiln build turns 3-D attention back into 4-D.)
 DEFAULT_FORMS = {"fp32": "onnx-3d", "int8": "onnx-3d", "int4": "onnx", "fp16": "onnx", "bf16": "onnx"}
 
