@@ -103,6 +103,24 @@ def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extract
     return path, model
 
 
+def make_causal_lm(path, model_type: str, seed: int = 0, **config):
+    """Save a tiny random transformers causal LM (llama, mistral, qwen2, ...) into ``path``; returns the model. Norms
+    and biases are perturbed (random init leaves them at 1 and 0), so the tests exercise every weight."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, **{"initializer_range": 0.3, "bos_token_id": 0,
+                                                              "eos_token_id": 1, "pad_token_id": 2, **config})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key or key.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
 def assert_same(a, b, atol=1e-4):
     """Equal nested structure (lists, dicts, keys in order) with floats within atol."""
     if isinstance(b, dict):

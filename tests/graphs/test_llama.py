@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import kiln
+from conftest import make_causal_lm
 from kiln.errors import ConfigError
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -32,12 +32,8 @@ def models(tmp_path_factory):
     def get(name):
         if name not in made:
             model_type, flags = VARIANTS[name]
-            config = transformers.AutoConfig.for_model(model_type, **SIZES, **flags, initializer_range=0.3,
-                                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
-            torch.manual_seed(0)
-            theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
             path = tmp_path_factory.mktemp(name)
-            theirs.save_pretrained(path)
+            theirs = make_causal_lm(path, model_type, **SIZES, **flags)
             made[name] = (path, theirs, kiln.from_pretrained(str(path), task="text-generation"))
         return made[name]
 

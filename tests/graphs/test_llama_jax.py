@@ -11,6 +11,7 @@ pytest.importorskip("flax", reason="pip install 'kiln[jax]' for the JAX referenc
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from conftest import make_causal_lm  # noqa: E402
 from kiln.graphs.checkpoint import from_pretrained  # noqa: E402
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -35,16 +36,8 @@ def checkpoint(tmp_path_factory):
     def get(name):
         if name not in made:
             model_type, flags = VARIANTS[name]
-            config = transformers.AutoConfig.for_model(model_type, **SIZES, **flags, initializer_range=0.3,
-                                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
-            torch.manual_seed(0)
-            theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
-            with torch.no_grad():  # random init leaves the norms at 1 and biases at 0: perturb them
-                for key, p in theirs.named_parameters():
-                    if "norm" in key or key.endswith("bias"):
-                        p.add_(torch.randn_like(p) * 0.1)
             made[name] = tmp_path_factory.mktemp(name)
-            theirs.save_pretrained(made[name])
+            make_causal_lm(made[name], model_type, **SIZES, **flags)
         return made[name]
 
     return get

@@ -16,8 +16,8 @@ if importlib.util.find_spec("tensorflow") is None:
 from kiln.graphs.llama import model_tf  # noqa: E402, I001
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
+from conftest import make_causal_lm  # noqa: E402
 from kiln.graphs.checkpoint import from_pretrained  # noqa: E402
 
 ATOL = 1e-4
@@ -45,16 +45,8 @@ def models(tmp_path_factory):
     def get(name):
         if name not in made:
             model_type, flags = VARIANTS[name]
-            config = transformers.AutoConfig.for_model(model_type, **SIZES, **flags, initializer_range=0.3,
-                                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
-            torch.manual_seed(0)
-            theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
-            with torch.no_grad():  # random init leaves the norms at 1 and biases at 0: perturb them
-                for key, p in theirs.named_parameters():
-                    if "norm" in key or key.endswith("bias"):
-                        p.add_(torch.randn_like(p) * 0.1)
             path = tmp_path_factory.mktemp(name)
-            theirs.save_pretrained(path)
+            theirs = make_causal_lm(path, model_type, **SIZES, **flags)
             made[name] = (path, theirs, from_pretrained(path, "text-generation"),
                           from_pretrained(path, "text-generation", framework="tf"))
         return made[name]
