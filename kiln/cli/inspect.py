@@ -18,7 +18,8 @@ def _attention_line(attention: dict, framework: str | None) -> str:
                else "attention probabilities are computed with eager math" if framework == "jax" else "see kiln.json")
         return (f"attention  decomposed into MatMul/Softmax ({framework} export: {why}); export with --framework "
                 "torch for one fused node per layer")
-    return f"attention  {attention.get('nodes')} fused nodes ({attention.get('lowering')})"
+    form = f", form {attention['form']}" if attention.get("form") else ""
+    return f"attention  {attention.get('nodes')} fused nodes ({attention.get('lowering')}{form})"
 
 
 def run(args) -> int:
