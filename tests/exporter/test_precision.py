@@ -164,3 +164,19 @@ def test_int8_quantizes_what_the_attention_form_allows(checkpoints, tmp_path):
     assert counts["auto"]["DequantizeLinear"] >= 3  # ... read from int8 storage
     assert counts["contrib"]["QAttention"] == 2
     assert counts["decomposed"]["MatMulInteger"] == counts["auto"]["MatMulInteger"] + 2 * 2  # q k^T, probs v
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_a_tied_lm_head_is_quantized_too(tmp_path, precision, op):
+    """torch.onnx writes a tied head as MatMul(x, Transpose(embeddings)); folded into a stored weight first, the
+    quantizers take it like every other MatMul instead of leaving the largest matrix fp32. (torch.onnx folds the
+    Transpose itself below 262,144 elements: the vocabulary here is just above.)"""
+    from conftest import make_causal_lm
+
+    make_causal_lm(tmp_path / "ckpt", "llama", vocab_size=4200, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   tie_word_embeddings=True)
+    kiln.export(str(tmp_path / "ckpt"), tmp_path / precision, task="text-generation", precision=precision,
+                force_precision=True, batch="1:16")
+    counts = ops(tmp_path / precision)
+    assert counts["MatMul"] == 0 and counts[op] == 2 * 7 + 1  # q k v o gate up down per layer, and the head
