@@ -13,21 +13,21 @@ TASKS = ("feature-extraction", "text-classification", "token-classification", "q
          "image-classification", "text-generation")
 
 
-def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa"):
-    """The PyTorch reference model for ``task`` (needs ``kiln[torch]``)."""
-    from kiln.errors import require
-
-    require("torch", "torch", "Loading a PyTorch reference model")
+def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa",
+                    framework: str = "torch"):
+    """The reference model for ``task`` in ``framework``: torch (needs ``kiln[torch]``), jax (``kiln[jax]``, flax nnx)
+    or tf (``kiln[tf]``, keras 3); BERT and LLaMA families have all three."""
     from kiln.graphs.checkpoint import from_pretrained as _from_pretrained
 
-    return _from_pretrained(path_or_id, task=task, revision=revision, attn_impl=attn_impl)
+    return _from_pretrained(path_or_id, task=task, revision=revision, attn_impl=attn_impl, framework=framework)
 
 
 def export(model, output, task: str = "feature-extraction", **options):
     """Export a checkpoint (directory or hub id) to an artifact directory; returns the manifest. See ``kiln export -h``."""
     from kiln.errors import require
 
-    require("torch", "torch", "Exporting")
+    if options.get("framework", "torch") == "torch":
+        require("torch", "torch", "Exporting")
     require("onnx", "torch", "Exporting")
     from kiln.exporter import export as _export
 
