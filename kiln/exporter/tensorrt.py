@@ -208,6 +208,9 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
         from kiln.exporter.passes.attention_forms import to_4d
 
         to_4d(model)
+    from kiln.exporter.passes.rotary import unfuse_rotary
+
+    unfuse_rotary(model)  # RotaryEmbedding (opset 23) back to Mul/Add: not every TensorRT parser knows the op
     counts = lower_for_tensorrt(model, aot=aot, sliding_window=_sliding_window(artifact))
     if counts["skipped"]:
         raise ExportError(f"{counts['skipped']} decoder attention node(s) could not be lowered for TensorRT (see the "

@@ -66,11 +66,33 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     artifact, _, kv_heads = exported
     assert load_manifest(artifact)["validation"]["passed"]
     graph = onnx.load(str(artifact / "model.onnx")).graph
-    assert Counter(n.op_type for n in graph.node)["Attention"] == LAYERS
+    counts = Counter(n.op_type for n in graph.node)
+    assert counts["Attention"] == LAYERS
+    # RoPE as one standard RotaryEmbedding per query and key tensor (passes/rotary.py), nothing of rotate_half left.
+    assert counts["RotaryEmbedding"] == 2 * LAYERS and counts["Neg"] == 0
+    assert load_manifest(artifact)["attention"]["rotary_nodes"] == 2 * LAYERS
     kinds = ("key", "value")
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
                                              *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds)]
     assert [o.name for o in graph.output] == ["logits", *(f"present.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+
+
+def test_traced_attention_keeps_rotate_half_and_agrees(exported, tmp_path):
+    """--attention onnx keeps the graph as traced (for TensorRT); both graphs give the same logits."""
+    artifact, _, kv_heads = exported
+    source = load_manifest(artifact)["source"]["path"]
+    kiln.export(source, tmp_path / "traced", task="text-generation", batch="1:4", attention="onnx")
+    counts = Counter(n.op_type for n in onnx.load(str(tmp_path / "traced" / "model.onnx")).graph.node)
+    assert counts["RotaryEmbedding"] == 0 and counts["Neg"] == 2 * LAYERS
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, VOCAB, (2, 6))
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(6), (2, 1))}
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, kv_heads, 0, DIM), np.float32)
+    fused = OnnxRuntimeEngine(artifact / "model.onnx").run(feed)["logits"]
+    traced = OnnxRuntimeEngine(tmp_path / "traced" / "model.onnx").run(feed)["logits"]
+    np.testing.assert_allclose(fused, traced, atol=1e-5)
 
 
 def test_onnxruntime_cache_equals_no_cache(exported):

@@ -163,6 +163,7 @@ def test_build_lowers_into_a_temporary_graph_and_checks_the_tensorrt_version(dec
         lowered, counts = _lower(decoder, manifest, tmp_path, version, aot)
         assert counts == {"kept": 0, "plugin": LAYERS, "skipped": 0}
         plugin = next(n for n in ir.load(str(lowered)).graph if n.domain == "kiln")
+        assert not any(n.op_type == "RotaryEmbedding" for n in ir.load(str(lowered)).graph)  # unfused for TensorRT
         assert (plugin.attributes["aot"].value if "aot" in plugin.attributes else None) == expected
     assert ops(load(decoder))[("", "Attention")] == LAYERS  # the artifact is untouched
     with pytest.raises(ExportError, match="decoders need TensorRT >= 10.6"):
