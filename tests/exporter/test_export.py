@@ -66,7 +66,7 @@ def test_manifest_records_source_validation_and_tokenizer(checkpoints, artifacts
     assert m["validation"]["passed"] and m["validation"]["task"]["label_agreement"] == 1.0
     assert all(e["max_abs"] < 1e-4 for e in m["validation"]["outputs"].values())
     assert m["dynamic_axes"] == {"batch": {"min": 1, "max": 8}, "sequence": {"min": 1, "max": 64}}
-    assert m["attention"] == {"lowering": "onnx-attention", "nodes": 2, "form": "onnx-3d"}
+    assert m["attention"] == {"lowering": "onnx-attention", "nodes": 2, "form": "onnx-3d", "rotary_nodes": 0}
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file()
     assert json.loads((out / "config.json").read_text()) == json.loads((path / "config.json").read_text())
