@@ -103,6 +103,11 @@ def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extract
     return path, model
 
 
+# A 2-layer grouped-query Llama: the smallest decoder that exercises every part of the export.
+TINY_LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
 def make_causal_lm(path, model_type: str, seed: int = 0, **config):
     """Save a tiny random transformers causal LM (llama, mistral, qwen2, ...) into ``path``; returns the model. Norms
     and biases are perturbed (random init leaves them at 1 and 0), so the tests exercise every weight."""

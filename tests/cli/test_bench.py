@@ -33,9 +33,9 @@ def test_encoder_rows_against_torch(artifacts):
 
 
 def test_decoder_prefill_and_decode(tmp_path):
-    from tests.exporter.test_export_decoder import make_checkpoint
+    from conftest import TINY_LLAMA, make_causal_lm
 
-    make_checkpoint(tmp_path / "ckpt", "llama", 2)
+    make_causal_lm(tmp_path / "ckpt", "llama", **TINY_LLAMA)
     kiln.export(str(tmp_path / "ckpt"), tmp_path / "art", task="text-generation", batch="1:4")
     result = kiln.bench(tmp_path / "art", batches=(2,), seqs=(5,), new_tokens=4, rounds=3, compare=("torch",))
     rows = {(r["engine"], r["phase"]): r for r in result["rows"]}

@@ -101,9 +101,9 @@ def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
     kiln.export(str(path), tmp_path / "probs", output_attentions=True, batch="1:4", seq="1:32")
     model = ir.load(str(tmp_path / "probs" / "model.onnx"))
     assert rewrite(model, "contrib") == {"rewritten": 0, "kept": LAYERS}
-    from tests.exporter.test_export_decoder import make_checkpoint
+    from conftest import TINY_LLAMA, make_causal_lm
 
-    make_checkpoint(tmp_path / "llama", "llama", 2)
+    make_causal_lm(tmp_path / "llama", "llama", **TINY_LLAMA)
     kiln.export(str(tmp_path / "llama"), tmp_path / "decoder", task="text-generation", batch="1:4")
     decoder = ir.load(str(tmp_path / "decoder" / "model.onnx"))
     assert rewrite(decoder, "onnx-packed") == {"rewritten": 0, "kept": LAYERS}

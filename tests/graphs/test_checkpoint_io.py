@@ -260,3 +260,20 @@ def test_paths_that_are_not_checkpoints(checkpoints, tmp_path):
         from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(CheckpointError, match="config.json is a file; give the checkpoint directory"):
         from_pretrained(checkpoints("bert", "feature-extraction")[0] / "config.json")
+
+
+def test_numpy_reading_widens_bf16_and_fp16_to_float32(tmp_path):
+    """JAX/TF references read checkpoints as NumPy: bf16 tensors (which safetensors.numpy cannot read) are widened
+    to float32 exactly, other dtypes come through as stored; .bin files are converted too."""
+    from kiln.graphs.checkpoint import read_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(4, generator=g).half(),
+             "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    save_file(state, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        got = read_state_dict([tmp_path / name], framework="jax")
+        assert got["a"].dtype.name == "float32" and (got["a"] == state["a"].float().numpy()).all()
+        assert (got["b"].astype("float32") == state["b"].float().numpy()).all()
+        assert (got["c"] == state["c"].numpy()).all() and got["c"].dtype.name == "int64"

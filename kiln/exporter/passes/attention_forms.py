@@ -90,11 +90,11 @@ def to_4d(model: ir.Model) -> int:
                                 name=f"{node.name}_4d_transpose_{index}")
             nodes += [split, transpose]
             node.replace_input_with(index, transpose.outputs[0])
+        merged_shape = constant([0, 0, -1])
         graph.insert_before(node, nodes)
         out = node.outputs[0]
         back = ir.node("Transpose", [out], attributes={"perm": [0, 2, 1, 3]}, name=f"{node.name}_3d_transpose")
-        merge = ir.node("Reshape", [back.outputs[0], _shape_constant(graph, node, [0, 0, -1])],
-                        name=f"{node.name}_3d_reshape")
+        merge = ir.node("Reshape", [back.outputs[0], merged_shape], name=f"{node.name}_3d_reshape")
         graph.insert_after(node, [back, merge])
         ir.convenience.replace_all_uses_with(out, merge.outputs[0], replace_graph_outputs=True)
         back.replace_input_with(0, out)  # the new Transpose reads the node's output itself
@@ -104,13 +104,6 @@ def to_4d(model: ir.Model) -> int:
             node.attributes.pop(name, None)
         count += 1
     return count
-
-
-def _shape_constant(graph: ir.Graph, before: ir.Node, values) -> ir.Value:
-    constant = ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(values, np.int64))},
-                       name=f"{before.name}_shape_out")
-    graph.insert_before(before, constant)
-    return constant.outputs[0]
 
 
 def _match(node: ir.Node) -> dict | None:
