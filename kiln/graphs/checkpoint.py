@@ -78,6 +78,8 @@ def _load_numpy(path) -> dict[str, np.ndarray]:
         for name in f.keys():
             try:
                 out[name] = f.get_tensor(name)
+                if out[name].dtype.name == "bfloat16":  # readable once ml_dtypes registered the type: widen all the same
+                    out[name] = out[name].astype(np.float32)
             except (TypeError, ValueError):  # bfloat16: widen through the raw bytes (bf16 is the top half of fp32)
                 raw = f.get_slice(name)
                 if raw.get_dtype() != "BF16":
