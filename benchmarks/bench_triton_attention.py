@@ -10,6 +10,7 @@ Run from the repository root:
     python benchmarks/bench_triton_attention.py               # on a CUDA machine: times, writes benchmarks/RESULTS.md
     python benchmarks/bench_triton_attention.py --no-write    # prints the table only
     python benchmarks/bench_triton_attention.py --interpret   # no GPU needed: correctness only, tiny shapes, CPU
+    python benchmarks/bench_triton_attention.py --sweep       # on a CUDA machine: times launch configurations
 
 Without CUDA (and without --interpret) it says so and exits 0, writing nothing.
 """
@@ -147,6 +148,42 @@ def run_gpu(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+SWEEP = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Time every launch configuration of SWEEP on one case per kind (prefill and decode shapes differ most), to
+    choose :func:`kiln.kernels.attention.triton.block_sizes`. Prints; writes nothing."""
+    import torch
+    import triton.testing
+
+    from kiln.kernels.attention.triton import attention, block_sizes
+
+    picks = [c for c in gpu_cases() if (c.B, c.T, c.S) in ((8, 1024, 1024), (1, 128, 128), (8, 1, 4096))]
+    for case in picks:
+        q, k, v = make_inputs(case, torch.float16, "cuda")
+        m0, n0 = block_sizes(case.T, case.D)
+        timed = []
+        # A decode step has one query row: tiles taller than 16 only add masked rows.
+        configs = {tuple({**c, "block_m": 16 if case.T == 1 else c["block_m"]}.items()) for c in SWEEP}
+        for cfg in map(dict, sorted(configs)):
+            run = lambda: attention(q, k, v, causal=case.causal, **cfg)  # noqa: E731
+            try:
+                err = error_vs_reference(run(), q, k, v, case.causal)
+                ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
+            except Exception as exc:  # out of shared memory or registers: that configuration does not compile
+                print(f"  {cfg}: failed ({type(exc).__name__})", flush=True)
+                continue
+            timed.append((ms, cfg, err))
+        default = lambda: attention(q, k, v, causal=case.causal)  # noqa: E731
+        ms0 = triton.testing.do_bench(default, warmup=10, rep=50, return_mode="median")
+        print(f"{case.name} {case.shape}: default (block_m={m0}, block_n={n0}) {ms0:.4f} ms", flush=True)
+        for ms, cfg, err in sorted(timed, key=lambda t: t[0])[:5]:
+            print(f"  {ms:.4f} ms {ms0 / ms:.2f}x  {cfg}  err {err:.1e}", flush=True)
+    return 0
+
+
 TABLE_HEAD = ["| case | shape | Triton ms | SDPA ms | SDPA / Triton | Triton GB/s | max err Triton | max err SDPA |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -205,6 +242,7 @@ def write(path: Path, text: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interpret", action="store_true", help="correctness only, tiny shapes, on CPU")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations (GPU), write nothing")
     parser.add_argument("--no-write", action="store_true", help="print the table; leave RESULTS.md alone")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="RESULTS.md to write the section into")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
@@ -225,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA GPU (torch.cuda.is_available() is False): nothing to time, RESULTS.md left alone. "
               "Use --interpret for a CPU correctness check.")
         return 0
-    return run_gpu(args)
+    return run_sweep(args) if args.sweep else run_gpu(args)
 
 
 if __name__ == "__main__":

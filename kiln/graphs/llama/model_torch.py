@@ -149,9 +149,11 @@ class LlamaForCausalLM(SavePretrainedMixin, nn.Module):
             position_ids = torch.arange(P, P + T, device=input_ids.device)[None].expand(B, T)
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
-        cos, sin = emb.cos(), emb.sin()
-        mask = decoder_mask(attention_mask, T, self.config.sliding_window)
         x = self.embed(input_ids)  # (B, T, C)
+        # Angles in fp32 (positions up to the context length need it), applied in the model's dtype as transformers
+        # does: fp32 cos/sin would promote a half-precision q/k to fp32 while v stays half.
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = decoder_mask(attention_mask, T, self.config.sliding_window)
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
