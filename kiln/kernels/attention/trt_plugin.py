@@ -216,7 +216,7 @@ def compile_kernel(dtype: str, head_dim: int, *, scale: float, causal: bool, blo
     nothing)."""
     triton = importlib.import_module("triton")
     kernel = importlib.import_module(_KERNEL_MODULE)
-    pointer, block_n = f"*{dtype}", kernel.block_sizes(1, head_dim)[1]  # the key block depends on D only
+    pointer, block_n = f"*{dtype}", kernel.block_sizes(block_m, head_dim)[1]  # as the torch wrapper would pick
     signature = {"Q": pointer, "K": pointer, "V": pointer, "KeyStarts": "*i32", "KeyLengths": "*i32", "T": "i32",
                  "S": "i32", "H": "i32", "HKV": "i32", "Out": pointer}
     constants = {"QK_SCALE": float(scale) * kernel.LOG2E, "CAUSAL": bool(causal), "IEEE_FP32": dtype == "fp32",
