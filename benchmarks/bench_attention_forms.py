@@ -30,6 +30,7 @@ from bench_encoders import DEFAULT_OUTPUT, MODELS, export_once, machine_info, ve
 
 from kiln.exporter.passes.attention_forms import FORMS, rewrite  # noqa: E402
 from kiln.exporter.passes.quantize import quantize  # noqa: E402
+from kiln.runtime.engines.onnxruntime import CPU_DISABLED_OPTIMIZERS  # noqa: E402
 
 THREADS = 2
 SHAPES = ((1, 16), (1, 128), (8, 128))
@@ -58,7 +59,9 @@ def session(path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
     # Spin-waiting off: an idle session's polling threads would steal the cores of the next graph in the round.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # As kiln's runtime opens them (kiln.runtime.engines.onnxruntime).
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
 
 
 def feed_for(session: ort.InferenceSession, batch: int, seq: int, padded: bool = False) -> dict:

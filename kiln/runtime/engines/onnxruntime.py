@@ -22,6 +22,13 @@ _ORT_DTYPES = {
 }
 
 
+# onnxruntime graph optimizers that slow kiln's graphs down on the CPU provider, by measurement. SkipLayerNormFusion
+# turns Add + LayerNormalization into com.microsoft.SkipLayerNormalization, whose CPU kernel accumulates in double
+# and runs 4x slower than the pair it replaces (8x128x384: 1.39 vs 0.33 ms; all-MiniLM-L6-v2 b8 s128 fp32 -5%,
+# int8 -6%, b1 s16 int8 -10%; benchmarks/RESULTS.md). GPU providers keep it: their fused kernel is the fast one.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
 def providers_for(device: str) -> list[str]:
     available = ort.get_available_providers()
     if device == "cpu":
@@ -64,8 +71,10 @@ class OnnxRuntimeEngine:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers_for(device)
+        disabled = list(CPU_DISABLED_OPTIMIZERS) if self.providers[0] == "CPUExecutionProvider" else []
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), options, providers=self.providers,
+                                                disabled_optimizers=disabled)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types from pybind
             raise ArtifactError(f"onnxruntime could not load {path}: {str(err).strip()[:500]}. "
                                 "The file may be corrupt or need a newer onnxruntime; re-export or upgrade.") from err
