@@ -137,12 +137,22 @@ def observations(rows: list[dict]) -> str:
             f"{max(r['diff'] for r in kiln_rows):.1e}, so both runners compute the same outputs up to fp32 rounding.")
 
 
+# The vector extensions that decide onnxruntime's GEMM kernels (int8 above all: VNNI or not); "AMD EPYC" alone names
+# both a Zen 3 without AVX-512 and a Zen 4 with it, whose int8 speeds differ by about 2x.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
 def machine_info() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith(key)), "")  # noqa: E731
+    cpu = field("model name") or platform.processor() or "unknown"
+    family = f" (family {field('cpu family')}, model {field('model')})" if field("cpu family") else ""
+    flags = set(field("flags").split())
     mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                   if line.startswith("MemTotal"))
-    return [f"- CPU: {cpu}", f"- cores (os.cpu_count()): {os.cpu_count()}", f"- RAM: {mem_kb / 2**20:.1f} GiB",
+    return [f"- CPU: {cpu}{family}; vector extensions: {', '.join(f for f in ISA_FLAGS if f in flags) or 'none listed'}"
+            f" (not: {', '.join(f for f in ISA_FLAGS if f not in flags) or '-'})",
+            f"- cores (os.cpu_count()): {os.cpu_count()}", f"- RAM: {mem_kb / 2**20:.1f} GiB",
             f"- load average at start (1/5/15 min): {load_average()}"]
 
 
