@@ -200,7 +200,7 @@ def gemm_floors(model, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths["GEMM floor fp32"])
     quantize_dynamic(str(paths["GEMM floor fp32"]), str(paths["GEMM floor int8"]), per_channel=True,
-                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+                     reduce_range=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     return paths
 
 

@@ -105,8 +105,10 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         rewrite_to = form if lowering == "onnx-attention" and form != "onnx" else None
         rotary_wanted = task == "text-generation" and attention != "onnx" and precision not in ("fp16", "bf16")
         rewritten, rotary, ops = _graph_passes(onnx_path, rewrite_to, rotary_wanted, ops)
-        if rewrite_to and not rewritten:
-            form = "onnx"  # no layer had the traced encoder pattern (decoders never do)
+        if rotary and rewritten:
+            form = "onnx-3d"  # a decoder's attention fed (B, T, C), whatever the encoder form for this precision
+        elif rewrite_to and not rewritten:
+            form = "onnx"  # no layer had the traced encoder pattern
 
         steps("Validating against the reference on shapes "
               + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
@@ -148,18 +150,19 @@ DEFAULT_FORMS = {"fp32": "onnx-3d", "int8": "onnx-3d", "int4": "onnx", "fp16": "
 def _graph_passes(onnx_path: Path, form: str | None, rotary: bool, ops: Counter) -> tuple[int, int, Counter]:
     """The traced graph rewritten for onnxruntime, loaded and saved once: encoder attention into ``form`` where its
     layers match, and for decoders (``rotary``) RoPE as standard RotaryEmbedding nodes (decode measured 4.9% faster on
-    SmolLM2; ``kiln build`` turns them back for TensorRT). Returns (layers rewritten, RotaryEmbedding nodes written,
-    op counts)."""
+    SmolLM2) with the KV-cache attention fed (B, T, C) (``decoder_3d``; ``kiln build`` turns both back for TensorRT).
+    Returns (layers rewritten, RotaryEmbedding nodes written, op counts)."""
     if form is None and not rotary:
         return 0, 0, ops
     import onnx_ir as ir
 
-    from kiln.exporter.passes.attention_forms import rewrite
+    from kiln.exporter.passes.attention_forms import decoder_3d, rewrite
     from kiln.exporter.passes.rotary import fuse_rotary
 
     model = ir.load(str(onnx_path))
     rewritten = rewrite(model, form)["rewritten"] if form else 0
     fused = fuse_rotary(model) if rotary else 0
+    rewritten += decoder_3d(model) if fused else 0
     if not rewritten and not fused:
         return 0, 0, ops
     ir.save(model, str(onnx_path), external_data="model.onnx.data" if Path(f"{onnx_path}.data").is_file() else None)

@@ -71,6 +71,12 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     # RoPE as one standard RotaryEmbedding per query and key tensor (passes/rotary.py), nothing of rotate_half left.
     assert counts["RotaryEmbedding"] == 2 * LAYERS and counts["Neg"] == 0
     assert load_manifest(artifact)["attention"]["rotary_nodes"] == 2 * LAYERS
+    # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left.
+    assert counts["Transpose"] == 0 and counts["Reshape"] == 0
+    assert load_manifest(artifact)["attention"]["form"] == "onnx-3d"
+    attention = next(n for n in graph.node if n.op_type == "Attention")
+    heads = {a.name: a.i for a in attention.attribute}
+    assert (heads["q_num_heads"], heads["kv_num_heads"]) == (HEADS, kv_heads)
     kinds = ("key", "value")
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
                                              *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds)]

@@ -20,6 +20,7 @@ from onnx import helper
 import kiln
 from kiln.errors import ExportError
 from kiln.exporter.decoder import decoder_feed
+from kiln.exporter.passes.attention_forms import to_4d
 from kiln.exporter.passes.lower_attention import decompose, lower_for_tensorrt
 from kiln.exporter.tensorrt import _lower, precision_plan
 from kiln.kernels.attention import trt_plugin
@@ -45,6 +46,14 @@ def load(artifact) -> ir.Model:
     return ir.load(str(artifact / "model.onnx"))
 
 
+def as_4d(artifact) -> ir.Model:
+    """The graph as ``kiln build`` hands it to the lowering: the exported decoder feeds attention (B, T, C)
+    (``decoder_3d``); TensorRT's side takes (B, H, T, D), so ``to_4d`` first, as ``exporter.tensorrt._lower`` does."""
+    model = load(artifact)
+    assert to_4d(model) == LAYERS
+    return model
+
+
 def ops(model: ir.Model) -> Counter:
     return Counter((n.domain, n.op_type) for n in model.graph)
 
@@ -61,7 +70,7 @@ def make_feed(names, sizes, seed=0):
 
 
 def test_decoder_attention_becomes_concat_and_the_plugin(decoder):
-    model = load(decoder)
+    model = as_4d(decoder)
     before = ops(model)
     counts = lower_for_tensorrt(model, aot=True)
     after = ops(model)
@@ -87,7 +96,7 @@ def test_decoder_attention_becomes_concat_and_the_plugin(decoder):
                                    {"batch": 1, "sequence": 1, "past_sequence": 0}])
 def test_lowered_then_decomposed_equals_the_export(decoder, sizes):
     original = session(load(decoder))
-    lowered = load(decoder)
+    lowered = as_4d(decoder)
     lower_for_tensorrt(lowered)
     assert decompose(lowered) == LAYERS and "kiln" not in lowered.opset_imports
     names = [i.name for i in original.get_inputs()]
@@ -101,7 +110,7 @@ def test_left_padded_queries_differ_only_where_nothing_is_read(decoder):
     """Rows of left-padding queries see no key: the kernel gives zeros where the export averaged every key. Logits
     and caches at real tokens are unchanged."""
     original = session(load(decoder))
-    lowered = load(decoder)
+    lowered = as_4d(decoder)
     lower_for_tensorrt(lowered)
     decompose(lowered)
     names = [i.name for i in original.get_inputs()]
@@ -116,7 +125,7 @@ def test_left_padded_queries_differ_only_where_nothing_is_read(decoder):
 
 
 def test_sliding_window_is_a_logged_bail_out(decoder, caplog):
-    model = load(decoder)
+    model = as_4d(decoder)
     with caplog.at_level(logging.WARNING, logger="kiln"):
         counts = lower_for_tensorrt(model, sliding_window=8)
     assert counts == {"kept": 0, "plugin": 0, "skipped": LAYERS}

@@ -74,7 +74,7 @@ def to_4d(model: ir.Model) -> int:
     for node in [n for n in graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
         heads = node.attributes.get_int("q_num_heads", 0)
         kv_heads = node.attributes.get_int("kv_num_heads", 0)
-        if not heads or any(v is not None for v in node.inputs[4:]):  # q_num_heads is set on 3-D attention only
+        if not heads:  # q_num_heads is set on 3-D attention only
             continue
         nodes, heads_of = [], {0: heads, 1: kv_heads, 2: kv_heads}
 
@@ -84,12 +84,26 @@ def to_4d(model: ir.Model) -> int:
             return nodes[-1].outputs[0]
 
         for index in range(3):
-            split = ir.node("Reshape", [node.inputs[index], constant([0, 0, heads_of[index], -1])],
+            # A decoder's q and k pass through a 3-D RotaryEmbedding (decoder_3d): go 4-D before it instead.
+            rotary = node.inputs[index].producer()
+            if rotary is None or rotary.op_type != "RotaryEmbedding" or "num_heads" not in rotary.attributes:
+                rotary = None
+            consumer, slot = (rotary, 0) if rotary is not None else (node, index)
+            split = ir.node("Reshape", [consumer.inputs[slot], constant([0, 0, heads_of[index], -1])],
                             name=f"{node.name}_4d_reshape_{index}")
             transpose = ir.node("Transpose", [split.outputs[0]], attributes={"perm": [0, 2, 1, 3]},
                                 name=f"{node.name}_4d_transpose_{index}")
             nodes += [split, transpose]
-            node.replace_input_with(index, transpose.outputs[0])
+            x = consumer.inputs[slot]
+            consumer.replace_input_with(slot, transpose.outputs[0])
+            heads_4d = _heads_shape(x.shape, heads_of[index])  # (B, H, T, D), for passes that check ranks
+            if heads_4d is not None and x.dtype is not None:
+                transpose.outputs[0].shape, transpose.outputs[0].dtype = heads_4d, x.dtype
+            if rotary is not None:
+                rotary.attributes.pop("num_heads")
+                rotary.outputs[0].shape = heads_4d
+                graph.insert_before(rotary, nodes)
+                nodes = []
         merged_shape = constant([0, 0, -1])
         graph.insert_before(node, nodes)
         out = node.outputs[0]
@@ -104,6 +118,95 @@ def to_4d(model: ir.Model) -> int:
             node.attributes.pop(name, None)
         count += 1
     return count
+
+
+def _heads_shape(shape: ir.Shape | None, heads: int) -> ir.Shape | None:
+    """(B, T, H * D) -> (B, H, T, D), or None when the width is not known."""
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
+        return None
+    return ir.Shape([shape[0], heads, shape[1], shape[2] // heads])
+
+
+def decoder_3d(model: ir.Model) -> int:
+    """Decoder attention with a KV cache fed (B, T, C) straight from its projections: per layer the Reshape/Transpose
+    pairs of q, k, v and of the output go away (eight nodes a decode step pays for in each layer), RotaryEmbedding
+    rotates the 3-D q and k itself (``num_heads``) and the standard ``Attention`` takes them with ``q_num_heads`` /
+    ``kv_num_heads``; the cache inputs and outputs stay (B, Hkv, S, D). Run after ``rotary.fuse_rotary``; a layer not
+    in exactly that traced form is left alone. ``to_4d`` is the inverse. Returns the layers rewritten."""
+    count = 0
+    for node in [n for n in model.graph if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
+        layer = _match_decoder(node)
+        if layer is None:
+            continue
+        for index, (x, rotary) in enumerate(layer["inputs"]):
+            if rotary is None:
+                node.replace_input_with(index, x)
+                continue
+            rotary.replace_input_with(0, x)
+            rotary.attributes["num_heads"] = ir.AttrInt64("num_heads", layer["heads"][index])
+            rotary.outputs[0].shape = x.shape
+        node.attributes["q_num_heads"] = ir.AttrInt64("q_num_heads", layer["heads"][0])
+        node.attributes["kv_num_heads"] = ir.AttrInt64("kv_num_heads", layer["heads"][1])
+        out = node.outputs[0]
+        ir.convenience.replace_all_uses_with(layer["out"], out, replace_graph_outputs=True)
+        out.shape = layer["out"].shape
+        count += 1
+    if count:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)
+    log.info("decoder attention: %d layer(s) fed (B, T, C)", count)
+    return count
+
+
+def _single_use(value: ir.Value, op: str) -> ir.Node | None:
+    """The one node that reads ``value``, if it is an ``op`` node and ``value`` is not a graph output."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output() or uses[0].node.op_type != op:
+        return None
+    return uses[0].node
+
+
+def _from_heads(value: ir.Value) -> ir.Value | None:
+    """x for ``value = Transpose(Reshape(x), perm=[0, 2, 1, 3])``, each read once, else None."""
+    t = value.producer()
+    if t is None or t.op_type != "Transpose" or list(t.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    r = t.inputs[0].producer()
+    if r is None or r.op_type != "Reshape" or len(value.uses()) != 1 or len(t.inputs[0].uses()) != 1:
+        return None
+    return r.inputs[0]
+
+
+def _match_decoder(node: ir.Node) -> dict | None:
+    """The traced decoder pattern around one KV-cache Attention node (after fuse_rotary), or None."""
+    if len(node.inputs) < 6 or node.inputs[4] is None or node.attributes.get_int("q_num_heads", 0):
+        return None
+    if len(node.outputs) > 3 and node.outputs[3] is not None and node.outputs[3].uses():
+        return None  # probabilities are used
+    shapes = [v.shape for v in node.inputs[:2]]
+    if any(s is None or len(s) != 4 or not isinstance(s[1], int) for s in shapes):
+        return None
+    inputs = []
+    for index, value in enumerate(node.inputs[:3]):
+        rotary = value.producer() if index < 2 else None
+        if rotary is not None:
+            if rotary.op_type != "RotaryEmbedding" or rotary.attributes.get_int("interleaved", 0) or \
+                    "num_heads" in rotary.attributes or len(value.uses()) != 1 or \
+                    (len(rotary.inputs) > 3 and rotary.inputs[3] is not None):
+                return None
+            value = rotary.inputs[0]
+        x = _from_heads(value)
+        if x is None:
+            return None
+        inputs.append((x, rotary))
+    t = _single_use(node.outputs[0], "Transpose")
+    if t is None or list(t.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    r = _single_use(t.outputs[0], "Reshape")
+    if r is None:
+        return None
+    return {"inputs": inputs, "heads": (shapes[0][1], shapes[1][1], shapes[1][1]), "out": r.outputs[0]}
 
 
 def _match(node: ir.Node) -> dict | None:
