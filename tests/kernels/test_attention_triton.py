@@ -143,6 +143,13 @@ def test_split_kv_matches_reference(T, causal, key_starts, key_lengths) -> None:
         assert (got[2] == 0).all()  # a row whose padding covers every key: zeros, as in the single pass
 
 
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_empty_key_set_gives_zeros(num_splits) -> None:
+    # S == 0 (no cache and no new keys): every row sees nothing, on the single pass and when splits are asked for.
+    got = check(B=1, H=2, Hkv=2, T=3, S=0, D=32, num_splits=num_splits)
+    assert (got == 0).all()
+
+
 def test_key_range_both_sides() -> None:
     check(B=2, H=2, Hkv=2, T=7, S=37, D=32, key_starts=[3, 10], key_lengths=[30, 37])
 

@@ -270,8 +270,8 @@ def attention(
     constants = dict(QK_SCALE=scale * LOG2E, CAUSAL=bool(causal), IEEE_FP32=q.dtype == torch.float32 and not allow_tf32,
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=D, **options)
     splits = num_splits or split_count(grid[0] * grid[1], S, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key blocks per split
-    splits = triton.cdiv(S, split_len)
+    split_len = max(1, triton.cdiv(triton.cdiv(S, splits), block_n)) * block_n  # whole key blocks per split
+    splits = max(1, triton.cdiv(S, split_len))  # an empty cache (S == 0) is one pass that sees nothing
     if splits == 1:
         attention_kernel[grid](q, k, v, starts, lengths, T, S, H, Hkv, out, **constants)
         return out

@@ -23,9 +23,9 @@ _ORT_DTYPES = {
 
 
 # onnxruntime graph optimizers that slow kiln's graphs down on the CPU provider, by measurement. SkipLayerNormFusion
-# turns Add + LayerNormalization into com.microsoft.SkipLayerNormalization, whose CPU kernel accumulates in double
-# and runs 4x slower than the pair it replaces (8x128x384: 1.39 vs 0.33 ms; all-MiniLM-L6-v2 b8 s128 fp32 -5%,
-# int8 -6%, b1 s16 int8 -10%; benchmarks/RESULTS.md). GPU providers keep it: their fused kernel is the fast one.
+# turns Add + LayerNormalization into com.microsoft.SkipLayerNormalization, whose CPU kernel runs 4x slower than the
+# pair it replaces (8x128x384: 1.39 vs 0.33 ms; all-MiniLM-L6-v2 b8 s128 fp32 -5%,
+# int8 -6%, b1 s16 int8 -10%; benchmarks/RESULTS.md). GPU providers keep it: a different kernel, not measured here.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
