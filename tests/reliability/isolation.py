@@ -3,26 +3,58 @@
 A fuzz case must end in success or one of kiln's own errors. Running it in the pytest process could not tell a
 crash (the process dies), a hang or a huge allocation (the machine swaps) from a failure; a forked child can: it
 gets RLIMIT_AS = what the process maps already + ``headroom``, so an allocation sized by a hostile claim raises
-MemoryError (or kills the child) instead of succeeding, and it is killed after ``timeout`` seconds. A fork costs
-~10 ms here, so hundreds of cases stay cheap.
+MemoryError (or kills the child) instead of succeeding, and it is killed after ``timeout`` seconds.
+
+Children are forked from a lean server (multiprocessing's forkserver, started once, with the fuzzed loaders'
+modules imported: ``PRELOAD``), not from pytest: late in the full suite the pytest process holds torch, TensorFlow,
+JAX and the session's models, and forking it cost ~250 ms a case instead of ~15 (the fuzz suites took 10 of the
+suite's 21 minutes). The loader function travels by reference, so it must be a module-level function.
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
 import resource
-import select
 import signal
-import time
 import traceback
 from collections import Counter
+from pathlib import Path
 
 from kiln.errors import KilnError
 
-HEADROOM = 1 << 30  # a loader may map 1 GiB beyond the parent: ample for tiny files, far below a hostile claim
+HEADROOM = 1 << 30  # a loader may map 1 GiB beyond the server's child: ample for tiny files, far below a hostile claim
 TIMEOUT = 20.0  # seconds; every loader here finishes a tiny file in well under one
 ACCEPTED = ("ok", "kiln")
+# Imported once by the fork server, so no child pays for them: what the fuzzed loaders import, then the test modules
+# that define the loader functions (a child unpickles its function by module and name).
+PRELOAD = ["torch", "onnx", "onnxruntime", "gguf", "tokenizers", "safetensors", "kiln", "kiln.hub", "kiln.gguf",
+           "kiln.artifact", "kiln.graphs.registry", "kiln.graphs.checkpoint", "kiln.runtime.engines.onnxruntime",
+           "kiln.runtime.tokenizer", "kiln.runtime.generation", "kiln.runtime.image_processor",
+           *sorted(p.stem for p in Path(__file__).parent.glob("test_fuzz_*.py"))]
+_context = None
+
+
+def _server():
+    global _context
+    if _context is None:
+        from multiprocessing import forkserver
+
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+        # Python 3.11's fork server ignores the parent's sys.path (and skips a preload it cannot import, silently):
+        # it finds the test modules through PYTHONPATH, set while it starts.
+        saved = os.environ.get("PYTHONPATH")
+        here = Path(__file__).resolve().parent
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), *([saved] if saved else [])])
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = saved
+    return _context
 
 
 def _mapped_bytes() -> int:
@@ -33,50 +65,47 @@ def _mapped_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
+def _child(fn, args, headroom: int, conn) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # onnxruntime logs its own errors to stderr; the outcome says what happened
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_mapped_bytes() + headroom, hard))
+    try:
+        fn(*args)
+        outcome = ("ok", "")
+    except KilnError as err:
+        outcome = ("kiln", f"{type(err).__name__}: {err}"[:4000])
+    except BaseException as err:  # noqa: BLE001 - pyo3 panics derive from BaseException: report them too
+        outcome = ("other", "".join(traceback.format_exception(err))[-8000:])
+    conn.send(outcome)
+    conn.close()
+
+
 def isolated(fn, *args, headroom: int = HEADROOM, timeout: float = TIMEOUT) -> tuple[str, str]:
     """``fn(*args)`` in a child. Returns (outcome, detail): "ok", "kiln" (a KilnError: its type and message),
     "other" (any other exception: the traceback), "crash" (a signal or no result), "hang" (killed at ``timeout``)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read_end)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)  # onnxruntime logs its own errors to stderr; the outcome says what happened
-            soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-            resource.setrlimit(resource.RLIMIT_AS, (_mapped_bytes() + headroom, hard))
-            try:
-                fn(*args)
-                outcome = ("ok", "")
-            except KilnError as err:
-                outcome = ("kiln", f"{type(err).__name__}: {err}"[:4000])
-            except BaseException as err:  # noqa: BLE001 - pyo3 panics derive from BaseException: report them too
-                outcome = ("other", "".join(traceback.format_exception(err))[-8000:])
-            os.write(write_end, json.dumps(outcome).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    deadline, chunks = time.monotonic() + timeout, []
+    context = _server()
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(fn, args, headroom, sender), daemon=True)
+    child.start()
+    sender.close()
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        if not receiver.poll(timeout):
+            if child.is_alive():
+                child.kill()
+                child.join()
                 return "hang", f"no result within {timeout:.0f}s"
-            if select.select([read_end], [], [], left)[0]:
-                chunk = os.read(read_end, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+        try:
+            outcome, detail = receiver.recv()
+        except EOFError:
+            outcome = None
     finally:
-        os.close(read_end)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return "crash", f"killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
-    if not chunks:
-        return "crash", f"exited with status {os.waitstatus_to_exitcode(status)} and no result"
-    outcome, detail = json.loads(b"".join(chunks))
+        receiver.close()
+    child.join()
+    if child.exitcode is not None and child.exitcode < 0:
+        return "crash", f"killed by signal {signal.Signals(-child.exitcode).name}"
+    if outcome is None:
+        return "crash", f"exited with status {child.exitcode} and no result"
     return outcome, detail
 
 
