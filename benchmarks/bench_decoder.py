@@ -10,6 +10,7 @@ Run from the repository root (create the Optimum venv first):
     python3 -m venv .bench-venvs/optimum && .bench-venvs/optimum/bin/pip install torch==2.13.0 "optimum-onnx[onnxruntime]"
     .venv/bin/python benchmarks/bench_decoder.py --write --artifacts /tmp/bench-dec   # full run, updates RESULTS.md
     .venv/bin/python benchmarks/bench_decoder.py --quick                             # 2 rounds, table only
+    .venv/bin/python benchmarks/bench_decoder.py --precisions int8,int4 ...          # kiln's reduced precisions too
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def prepare(gguf: Path, workdir: Path) -> tuple[Path, Path]:
             if (artifact / name).is_file():
                 shutil.copy(artifact / name, hf_dir / name)
     return artifact, hf_dir
+
+
+def prepare_precision(gguf: Path, workdir: Path, precision: str) -> Path:
+    """kiln's ``precision`` artifact (reused when present); forced, since the benchmark reports agreement itself."""
+    artifact = workdir / f"kiln-smollm2-{precision}"
+    if not (artifact / "kiln.json").is_file():
+        kiln.export(gguf, artifact, task="text-generation", batch="1:4", seq="1:512", precision=precision,
+                    force_precision=True)
+    return artifact
 
 
 class FloorProbe:
@@ -197,7 +207,10 @@ def observations(rows: list[dict], floors: dict) -> str:
     others = ", ".join(f"{r['runner']} {r['decode'] / io['decode']:.2f}x" for r in rows if r is not io)
     agree = [r["runner"] for r in rows if r["first_diff"] is None]
     unstable = [r["runner"] for r in rows if not r["stable"]]
-    text = (f"Decode ms/token relative to kiln (IO binding): {others}; the fastest decoder here was {fastest['runner']} "
+    optimum = by["Optimum ORTModelForCausalLM"]
+    speed = ", ".join(f"{r['runner']} {r['tps'] / optimum['tps']:.2f}x" for r in rows if r["runner"].startswith("kiln"))
+    text = (f"Decode tokens/s relative to Optimum's: {speed}. "
+            f"Decode ms/token relative to kiln (IO binding): {others}; the fastest decoder here was {fastest['runner']} "
             f"at {fastest['decode_ratio']:.2f}x the read-bandwidth floor. Binding the KV cache as OrtValues instead of "
             f"feeding numpy arrays changed kiln's decode median from {feeds['decode']:.1f} to {io['decode']:.1f} ms/token "
             f"(at batch 1 the cache is at most {floors['cache_bytes'] / 1e6:.1f} MB against "
@@ -239,7 +252,9 @@ def section(rows, floors, info, command, rounds, machine) -> str:
         f"tokens (median and p90 over all steps of all rounds); tokens/s = {NEW_TOKENS - 1} / decode time, median "
         f"over rounds; total = the whole generate call. One warm-up generation per runner, then {rounds} rounds with "
         f"the runners interleaved (order reversed every other round, {PAUSE_S} s idle before each run; Optimum in a "
-        f"long-lived subprocess of its own venv); medians over rounds.", "",
+        f"long-lived subprocess of its own venv); medians over rounds. kiln int8/int4 rows (`--precisions`): "
+        f"artifacts exported at that precision, run like the first; their floor ratios are against the fp32 floors, "
+        f"and their tokens equal to kiln's count the greedy tokens they share with fp32.", "",
         f"Floors, measured once per round interleaved with the runners (median over rounds, range in brackets): "
         f"decode floor = weight bytes / read bandwidth = {floors['weight_bytes'] / 1e6:.0f} MB / "
         f"{gb(floors, 'read_bw')} GB/s = {floors['decode_floor']:.1f} ms/token (read bandwidth: {THREADS}-thread numpy "
@@ -258,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="keep/reuse the exports and checkpoint in DIR")
     parser.add_argument("--write", action="store_true", help="write the section into RESULTS.md")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="RESULTS.md path for --write")
+    parser.add_argument("--precisions", default="", help="also kiln at these reduced precisions, e.g. int8,int4")
     args = parser.parse_args(argv)
+    precisions = [p for p in args.precisions.split(",") if p]
     rounds = args.rounds or (2 if args.quick else 20)
     command = shlex.join([".venv/bin/python", *sys.argv]) if argv is None else shlex.join(argv)
     torch.set_num_threads(THREADS)
@@ -278,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
                    "kiln (numpy feeds)": lambda: kiln_round(feeds, ids),
                    f"transformers ({model.config._attn_implementation})": lambda: hf_round(model, ids, NEW_TOKENS),
                    "Optimum ORTModelForCausalLM": optimum, "floor probe": FloorProbe()}
+        for precision in precisions:
+            reduced = kiln.pipeline("text-generation", prepare_precision(gguf_file(), workdir, precision),
+                                    threads=THREADS)
+            runners[f"kiln {precision} (IO binding)"] = lambda decoder=reduced.decoder: kiln_round(decoder, ids)
         try:
             warm, results = time_interleaved(runners, rounds)
         finally:

@@ -198,7 +198,7 @@ def _reduce_precision(reference, spec, directory: Path, precision: str):
     from kiln.exporter.passes.quantize import accuracy, accuracy_model, quantize
 
     fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
-    quantize(fp32, reduced, precision)
+    quantize(fp32, reduced, precision, weight_only=spec.task == "text-generation")
     measured = accuracy_model(fp32, reduced, precision)  # bf16: an fp32 simulation, since the CPU cannot run it
     figures = accuracy(reference, spec, measured, directory)
     if measured != reduced:
