@@ -174,6 +174,10 @@ def test_decoder_weights_are_blockwise_and_the_tied_head_too(tmp_path, precision
     (torch.onnx folds the Transpose itself below 262,144 elements: the vocabulary here is just above.)"""
     from conftest import make_causal_lm
 
+    from kiln.runtime.decoding import DecoderSession, generate
+    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
+    from kiln.runtime.generation import GenerationConfig
+
     make_causal_lm(tmp_path / "ckpt", "llama", vocab_size=4200, hidden_size=64, intermediate_size=96,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                    tie_word_embeddings=True)
@@ -188,10 +192,6 @@ def test_decoder_weights_are_blockwise_and_the_tied_head_too(tmp_path, precision
     assert {i.data_type for i in graph.initializer if i.name in tables} <= {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
     # A random tiny model has many near-ties; 8 bits keep most greedy tokens (0.84 measured), 4 bits far fewer (0.37).
     assert manifest["accuracy"]["next_token_agreement"] >= (0.75 if bits == 8 else 0.2)
-    from kiln.runtime.decoding import DecoderSession, generate
-    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
-    from kiln.runtime.generation import GenerationConfig
-
     ids = np.array([[5, 6, 7]])
     tokens = generate(DecoderSession(OnnxRuntimeEngine(tmp_path / precision / "model.onnx")), ids, np.ones_like(ids),
                       GenerationConfig(max_new_tokens=3))
