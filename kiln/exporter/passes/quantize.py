@@ -12,7 +12,8 @@ typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider r
   above. A decode step is bound by reading weights, and per-tensor activation scales (dynamic int8) lose LLaMA's MLP
   outliers: SmolLM2-135M's teacher-forced next-token agreement is 0.93 weight-only int8 against 0.53 dynamic (the
   down projection alone takes it to 0.80 when left fp32), at the same decode speed. The price, on a CPU without VNNI:
-  prefill at 2.2x the dynamic int8 time (onnxruntime's 8-bit blockwise kernel is slower than its u8 x s8 GEMM there).
+  prefill at about 2x the dynamic int8 time (116 vs 58 ms for 32 tokens: onnxruntime's 8-bit blockwise kernel is
+  slower than its u8 x s8 GEMM there).
 
 - ``fp16`` / ``bf16``: weights and safe arithmetic in half precision, normalisations, Softmax and reductions in
   fp32, graph inputs and outputs fp32 (see ``half.py``).
@@ -135,9 +136,9 @@ def _dynamic_int8(src: Path, dst: Path, op_types: list[str], const_weights_only:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # reduce_range: 7-bit weights. Without VNNI (AVX2, AVX-512 before Cascade Lake) onnxruntime's u8 x s8 kernel
-    # adds pairs of products in int16 (vpmaddubsw), which saturates on full-range weights: SmolLM2's greedy tokens
-    # agreed 0.0 with fp32 on a Zen 3, 0.53 with reduce_range (0.54 full-range on a VNNI Zen 4). The artifact may run
-    # on either kind of CPU, so it is built for both.
+    # adds pairs of products in int16 (vpmaddubsw), which saturates on full-range weights: SmolLM2 quantized this way
+    # (decoders are weight-only now) agreed 0.0 with fp32 on a Zen 3, 0.53 with reduce_range (0.54 full-range on a
+    # VNNI Zen 4). The artifact may run on either kind of CPU, so it is built for both.
     quantize_dynamic(str(src), str(dst), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=op_types, extra_options={"MatMulConstBOnly": const_weights_only})
 
