@@ -2,7 +2,8 @@
 
 The graph takes ``past_key_values.{i}.key/value`` and returns ``present.{i}.key/value`` (past + new). With
 onnxruntime the presents stay OrtValues bound as the next step's pasts (IO binding), so the cache never round-trips
-through numpy; only the last position's logits are read back. Sampling and stopping are in ``generation.py``.
+through numpy, and graphs that take ``logits_to_keep`` compute and return the last position's logits only (the
+LM head of a prefill is otherwise run for every prompt token). Sampling and stopping are in ``generation.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class DecoderSession:
         self.dtype = np.dtype(infos[self.past_names[0]].dtype)
         # IO binding objects hold per-call state: one per thread, so a pipeline can serve several threads at once.
         self.io_binding = getattr(engine, "session", None) is not None
+        # Graphs exported since logits_to_keep (kiln.exporter.passes.logits) compute the LM head for the last
+        # position only when asked: in a prefill that is most of the head's work and all but one row of its output.
+        self.keep_last = self.io_binding and any(
+            i.name == "logits_to_keep" for i in engine.session.get_overridable_initializers())
         self._local = threading.local()
 
     def empty_cache(self, batch: int) -> dict:
@@ -57,6 +62,8 @@ class DecoderSession:
         binding.clear_binding_outputs()
         for name, value in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
+        if self.keep_last:  # bind_cpu_input looks for a graph input of that name; an OrtValue binds an initializer
+            binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
         for name, value in cache.items():
             binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value))
         binding.bind_output("logits", "cpu")

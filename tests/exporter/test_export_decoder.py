@@ -69,7 +69,8 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     counts = Counter(n.op_type for n in graph.node)
     assert counts["Attention"] == LAYERS
     # RoPE as one standard RotaryEmbedding per query and key tensor (passes/rotary.py), nothing of rotate_half left.
-    assert counts["RotaryEmbedding"] == 2 * LAYERS and counts["Neg"] == 0
+    assert counts["RotaryEmbedding"] == 2 * LAYERS
+    assert [n.name for n in graph.node if n.op_type == "Neg"] == ["logits_to_keep_neg"]  # none from rotate_half
     assert load_manifest(artifact)["attention"]["rotary_nodes"] == 2 * LAYERS
     # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left.
     assert counts["Transpose"] == 0 and counts["Reshape"] == 0
@@ -79,8 +80,13 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     assert (heads["q_num_heads"], heads["kv_num_heads"]) == (HEADS, kv_heads)
     kinds = ("key", "value")
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
-                                             *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+                                             *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds),
+                                             "logits_to_keep"]
     assert [o.name for o in graph.output] == ["logits", *(f"present.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+    # logits_to_keep (passes/logits.py) is an input with a default: an initializer callers may override.
+    assert [i.name for i in graph.initializer if i.name == "logits_to_keep"] == ["logits_to_keep"]
+    assert load_manifest(artifact)["optional_inputs"] == [
+        {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
 
 
 def test_traced_attention_keeps_rotate_half_and_agrees(exported, tmp_path):
@@ -89,7 +95,7 @@ def test_traced_attention_keeps_rotate_half_and_agrees(exported, tmp_path):
     source = load_manifest(artifact)["source"]["path"]
     kiln.export(source, tmp_path / "traced", task="text-generation", batch="1:4", attention="onnx")
     counts = Counter(n.op_type for n in onnx.load(str(tmp_path / "traced" / "model.onnx")).graph.node)
-    assert counts["RotaryEmbedding"] == 0 and counts["Neg"] == 2 * LAYERS
+    assert counts["RotaryEmbedding"] == 0 and counts["Neg"] == 2 * LAYERS + 1  # rotate_half's, logits_to_keep's
     rng = np.random.default_rng(3)
     ids = rng.integers(0, VOCAB, (2, 6))
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(6), (2, 1))}
@@ -122,3 +128,38 @@ def test_onnxruntime_cache_equals_no_cache(exported):
     step2 = engine.run(ort_feed(ids2, mask2, pos2, kv_heads, past=step))
     full2 = engine.run(ort_feed(np.concatenate([ids, ids2], 1), mask2, np.concatenate([pos, pos2], 1), kv_heads))
     np.testing.assert_allclose(step2["logits"][:, -1], full2["logits"][:, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3])
+def test_logits_to_keep_is_transformers_argument(exported, keep):
+    """Fed ``logits_to_keep=k``, the graph returns the last k positions' logits (0: all), as transformers' forward
+    does with the same argument; not fed, every position, as before the pass."""
+    artifact, theirs, kv_heads = exported
+    engine = OnnxRuntimeEngine(artifact / "model.onnx")
+    ids, mask, pos = left_padded([6, 3], 6, seed=1)
+    feed = ort_feed(ids, mask, pos, kv_heads)
+    full = engine.session.run(["logits"], feed)[0]
+    kept = engine.session.run(["logits"], {**feed, "logits_to_keep": np.array(keep, np.int64)})[0]
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos),
+                      logits_to_keep=keep).logits.numpy()
+    assert full.shape == (2, 6, VOCAB) and kept.shape == want.shape == (2, keep or 6, VOCAB)
+    np.testing.assert_array_equal(kept, full[:, -keep:] if keep else full)
+    rows = mask[:, -kept.shape[1]:] == 1  # transformers' logits at padded positions are not comparable
+    assert np.abs(kept - want)[rows].max() < 1e-4
+
+
+def test_decoder_session_prefills_only_the_last_position(exported):
+    """The runtime's decode loop feeds logits_to_keep=1: the same last-position logits and cache as a full run."""
+    from kiln.runtime.decoding import DecoderSession
+
+    artifact, _, kv_heads = exported
+    engine = OnnxRuntimeEngine(artifact / "model.onnx")
+    session = DecoderSession(engine)
+    assert session.keep_last
+    ids, mask, pos = left_padded([5, 2], 5, seed=2)
+    logits, cache = session.step(ids, mask, pos, session.empty_cache(2))
+    full = engine.run(ort_feed(ids, mask, pos, kv_heads))
+    assert logits.shape == (2, VOCAB)
+    np.testing.assert_allclose(logits, full["logits"][:, -1], atol=1e-6)
+    np.testing.assert_allclose(cache["past_key_values.1.value"].numpy(), full["present.1.value"], atol=1e-6)
