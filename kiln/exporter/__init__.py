@@ -154,8 +154,9 @@ def _graph_passes(onnx_path: Path, form: str | None, rotary: bool, decoder: bool
                   ops: Counter) -> tuple[int, int, bool, Counter]:
     """The traced graph rewritten for onnxruntime, loaded and saved once: encoder attention into ``form`` where its
     layers match, and for decoders (``rotary``) RoPE as standard RotaryEmbedding nodes (decode measured 4.9% faster on
-    SmolLM2) with the KV-cache attention fed (B, T, C) (``decoder_3d``; ``kiln build`` turns both back for TensorRT).
-    Every ``decoder`` gets the ``logits_to_keep`` input (``passes/logits.py``; prefill 11-17% faster on SmolLM2).
+    SmolLM2) with the KV-cache attention fed (B, T, C) (``decoder_3d``; ``kiln build`` turns both back for TensorRT)
+    and q/k/v and gate/up each computed by one packed MatMul (``passes/pack.py``; decode 4-6% faster). Every
+    ``decoder`` gets the ``logits_to_keep`` input (``passes/logits.py``; prefill 11-17% faster on SmolLM2).
     Returns (layers rewritten, RotaryEmbedding nodes written, whether logits_to_keep was added, op counts)."""
     if form is None and not rotary and not decoder:
         return 0, 0, False, ops
@@ -163,14 +164,16 @@ def _graph_passes(onnx_path: Path, form: str | None, rotary: bool, decoder: bool
 
     from kiln.exporter.passes.attention_forms import decoder_3d, rewrite
     from kiln.exporter.passes.logits import keep_last_logits
+    from kiln.exporter.passes.pack import pack_projections
     from kiln.exporter.passes.rotary import fuse_rotary
 
     model = ir.load(str(onnx_path))
     rewritten = rewrite(model, form)["rewritten"] if form else 0
     fused = fuse_rotary(model) if rotary else 0
     rewritten += decoder_3d(model) if fused else 0
+    packed = pack_projections(model) if rotary else 0
     kept = keep_last_logits(model) if decoder else False
-    if not rewritten and not fused and not kept:
+    if not rewritten and not fused and not packed and not kept:
         return 0, 0, False, ops
     ir.save(model, str(onnx_path), external_data="model.onnx.data" if Path(f"{onnx_path}.data").is_file() else None)
     return rewritten, fused, kept, Counter(node.op_type for node in model.graph)

@@ -75,6 +75,8 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left.
     assert counts["Transpose"] == 0 and counts["Reshape"] == 0
     assert load_manifest(artifact)["attention"]["form"] == "onnx-3d"
+    # q/k/v and gate/up read one activation each: one packed MatMul and a Split apiece (passes/pack.py).
+    assert counts["MatMul"] == 4 * LAYERS + 1 and counts["Split"] == 2 * LAYERS
     attention = next(n for n in graph.node if n.op_type == "Attention")
     heads = {a.name: a.i for a in attention.attribute}
     assert (heads["q_num_heads"], heads["kv_num_heads"]) == (HEADS, kv_heads)
@@ -163,3 +165,28 @@ def test_decoder_session_prefills_only_the_last_position(exported):
     assert logits.shape == (2, VOCAB)
     np.testing.assert_allclose(logits, full["logits"][:, -1], atol=1e-6)
     np.testing.assert_allclose(cache["past_key_values.1.value"].numpy(), full["present.1.value"], atol=1e-6)
+
+
+def test_packing_keeps_the_numbers(exported, tmp_path):
+    """passes/pack.py on the traced graph (--attention onnx packs nothing): five MatMuls per layer become two and two
+    Splits, and the outputs stay those of the unpacked graph."""
+    import onnx_ir as ir
+
+    from kiln.exporter.passes.pack import pack_projections
+
+    artifact, _, kv_heads = exported
+    kiln.export(load_manifest(artifact)["source"]["path"], tmp_path / "traced", task="text-generation", batch="1:4",
+                attention="onnx")
+    model = ir.load(str(tmp_path / "traced" / "model.onnx"))
+    before = Counter(n.op_type for n in model.graph)
+    assert before["MatMul"] == 7 * LAYERS + 1 and before["Split"] == 2 * LAYERS  # rotate_half's Splits
+    assert pack_projections(model) == 2 * LAYERS
+    ir.save(model, str(tmp_path / "packed.onnx"))
+    after = Counter(n.op_type for n in onnx.load(str(tmp_path / "packed.onnx")).graph.node)
+    assert after["MatMul"] == 4 * LAYERS + 1 and after["Split"] == 4 * LAYERS
+    ids, mask, pos = left_padded([6, 4], 6, seed=4)
+    feed = ort_feed(ids, mask, pos, kv_heads)
+    want = OnnxRuntimeEngine(tmp_path / "traced" / "model.onnx").run(feed)
+    got = OnnxRuntimeEngine(tmp_path / "packed.onnx").run(feed)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)

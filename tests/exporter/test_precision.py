@@ -186,7 +186,7 @@ def test_decoder_weights_are_blockwise_and_the_tied_head_too(tmp_path, precision
     graph = onnx.load(str(tmp_path / precision / "model.onnx")).graph
     counts = Counter(n.op_type for n in graph.node)
     assert counts["MatMul"] == 0 and counts["MatMulInteger"] == 0
-    assert counts["MatMulNBits"] == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert counts["MatMulNBits"] == 2 * 4 + 1  # packed qkv, o, packed gate|up, down per layer, and the head
     assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {bits}
     tables = {n.input[0] for n in graph.node if n.op_type == "Gather"}
     assert {i.data_type for i in graph.initializer if i.name in tables} <= {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}

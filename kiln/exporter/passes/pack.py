@@ -1,0 +1,77 @@
+"""Packed projections: the MatMuls that read one activation with constant weights become one MatMul and a Split.
+
+A LLaMA layer projects its normed input three times (q, k, v) and its second normed input twice (gate, up): five
+products of the same rows with different weights. One (K, N1 + N2 + ...) product reads the activation once and runs
+one kernel instead of several smaller ones; its Split hands each consumer the columns it had. Column n of the packed
+product is column n of one original weight, so the result is the same numbers (the GEMM's blocking may round
+differently) and the quantizers, which quantize per output column (MatMulNBits: blocks along K per column), store the
+same integers. Measured on SmolLM2-135M (onnxruntime CPU, interleaved, 16 rounds; benchmarks/RESULTS.md): decode
+-6% fp32, -4% int8, -6% int4 per token, prefill -3% to -5%, the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+log = logging.getLogger("kiln")
+
+
+def pack_projections(model: ir.Model) -> int:
+    """Rewrite ``model`` in place; returns the number of packed MatMuls written (one per shared activation)."""
+    graph = model.graph
+    readers: dict[ir.Value, list[ir.Node]] = defaultdict(list)
+    for node in graph:
+        if _constant_weight(node) is not None:
+            readers[node.inputs[0]].append(node)
+    order = {node: i for i, node in enumerate(graph)}
+    packed = 0
+    for x, nodes in readers.items():
+        weights = [_constant_weight(n) for n in nodes]
+        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+            continue
+        first = min(nodes, key=order.__getitem__)
+        name = f"{first.name}_packed"
+        weight = _initializer(graph, f"{name}_weight", np.concatenate(weights, axis=1))
+        sizes = _initializer(graph, f"{name}_sizes", np.array([w.shape[1] for w in weights], dtype=np.int64))
+        matmul = ir.node("MatMul", [x, weight], name=name)
+        split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes),
+                        name=f"{name}_split")
+        graph.insert_before(first, [matmul, split])
+        outs = [n.outputs[0] for n in nodes]
+        matmul.outputs[0].dtype = outs[0].dtype
+        if outs[0].shape is not None:
+            matmul.outputs[0].shape = ir.Shape([*outs[0].shape[:-1], int(weight.shape[1])])
+        for old, new in zip(outs, split.outputs):
+            new.dtype, new.shape = old.dtype, old.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        for node in nodes:
+            old_weight = node.inputs[1]
+            graph.remove(node, safe=True)
+            if not old_weight.uses() and old_weight.name in graph.initializers:
+                del graph.initializers[old_weight.name]
+        packed += 1
+    log.info("pack: %d packed MatMul(s) written", packed)
+    return packed
+
+
+def _constant_weight(node: ir.Node) -> np.ndarray | None:
+    """The (K, N) weight of ``MatMul(x, W)`` when W is a stored constant, else None."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    w = node.inputs[1]
+    if w is None or w.const_value is None or not w.is_initializer() or w.shape is None or len(w.shape) != 2:
+        return None
+    if node.inputs[0] is None or node.inputs[0].is_initializer():
+        return None
+    return w.const_value.numpy()
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
