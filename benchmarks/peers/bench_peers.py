@@ -423,9 +423,10 @@ def write_results(output: Path, text: str) -> None:
 
 
 def run_decoder(workdir: Path, quick: bool) -> str:
-    """bench_decoder.py's comparison as a subprocess; returns its markdown table (its stdout)."""
+    """bench_decoder.py's comparison (with kiln int8 and int4) as a subprocess; returns its markdown table."""
     print("SmolLM2 decode (bench_decoder.py)", file=sys.stderr, flush=True)
-    command = [sys.executable, str(BENCHMARKS / "bench_decoder.py"), "--artifacts", str(workdir / "decoder")]
+    command = [sys.executable, str(BENCHMARKS / "bench_decoder.py"), "--artifacts", str(workdir / "decoder"),
+               "--precisions", "int8,int4"]  # the weight-only decode targets are against Optimum's fp32
     done = subprocess.run(command + (["--quick"] if quick else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if done.returncode != 0:
         return f"bench_decoder.py failed (exit {done.returncode}); see its messages on stderr."
