@@ -39,6 +39,8 @@ def run(args) -> int:
         _attention_line(m.get("attention", {}), m.get("framework")),
         "inputs",
         *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["inputs"]),
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}  optional, default {t.get('default')}"
+          for t in m.get("optional_inputs") or []),
         "outputs",
         *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["outputs"]),
         "dynamic axes  " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in m.get("dynamic_axes", {}).items()),

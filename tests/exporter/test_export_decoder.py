@@ -190,3 +190,12 @@ def test_packing_keeps_the_numbers(exported, tmp_path):
     got = OnnxRuntimeEngine(tmp_path / "packed.onnx").run(feed)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def test_inspect_lists_the_optional_input(exported, capsys):
+    from kiln.cli.__main__ import main
+
+    artifact, _, _ = exported
+    assert main(["inspect", str(artifact)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "logits_to_keep" in line)
+    assert line.split() == ["logits_to_keep", "int64", "[]", "optional,", "default", "0"]
