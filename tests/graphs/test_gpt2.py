@@ -237,7 +237,9 @@ def test_export_validates_with_one_attention_node_per_layer(artifact):
     graph = onnx.load(str(artifact / "model.onnx")).graph
     assert Counter(n.op_type for n in graph.node)["Attention"] == 2
     past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
-    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *past]
+    # logits_to_keep: an input with a default of 0 (every position), kiln/exporter/passes/logits.py
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids", *past, "logits_to_keep"]
+    assert "logits_to_keep" in {i.name for i in graph.initializer}
     assert [o.name for o in graph.output] == [
         "logits", *(f"present.{i}.{k}" for i in range(2) for k in ("key", "value"))]
 
@@ -253,3 +255,5 @@ def test_onnxruntime_cache_equals_no_cache(artifact, hf):
     step = engine.run(ort_feed(ids[:, -1:], mask, pos[:, -1:], past=prefix))
     assert step["present.0.key"].shape == (2, 4, 7, 8)
     np.testing.assert_allclose(step["logits"][:, -1], full["logits"][:, -1], atol=ATOL)
+    last = engine.session.run(["logits"], {**ort_feed(ids, mask, pos), "logits_to_keep": np.array(1, np.int64)})[0]
+    np.testing.assert_array_equal(last, full["logits"][:, -1:])  # GPT-2's tied head (a MatMul) is sliced too
