@@ -6,7 +6,7 @@ one kernel instead of several smaller ones; its Split hands each consumer the co
 product is column n of one original weight, so the result is the same numbers (the GEMM's blocking may round
 differently) and the quantizers, which quantize per output column (MatMulNBits: blocks along K per column), store the
 same integers. Measured on SmolLM2-135M (onnxruntime CPU, interleaved, 16 rounds; benchmarks/RESULTS.md): decode
--6% fp32, -4% int8, -6% int4 per token, prefill -3% to -5%, the same greedy tokens.
+-6% fp32, -4% int8, -6% int4 per token, prefill -1% to -5%, the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ def pack_projections(model: ir.Model) -> int:
     graph = model.graph
     readers: dict[ir.Value, list[ir.Node]] = defaultdict(list)
     for node in graph:
-        if _constant_weight(node) is not None:
+        if _is_projection(node):
             readers[node.inputs[0]].append(node)
     order = {node: i for i, node in enumerate(graph)}
     packed = 0
     for x, nodes in readers.items():
-        weights = [_constant_weight(n) for n in nodes]
-        if len(nodes) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+        if len(nodes) < 2:
+            continue
+        weights = [n.inputs[1].const_value.numpy() for n in nodes]  # read only where there is something to pack
+        if len({(w.shape[0], w.dtype) for w in weights}) != 1:
             continue
         first = min(nodes, key=order.__getitem__)
         name = f"{first.name}_packed"
@@ -58,16 +60,14 @@ def pack_projections(model: ir.Model) -> int:
     return packed
 
 
-def _constant_weight(node: ir.Node) -> np.ndarray | None:
-    """The (K, N) weight of ``MatMul(x, W)`` when W is a stored constant, else None."""
+def _is_projection(node: ir.Node) -> bool:
+    """``MatMul(x, W)`` with x computed and W a stored (K, N) constant."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or not w.is_initializer() or w.shape is None or len(w.shape) != 2:
-        return None
-    if node.inputs[0] is None or node.inputs[0].is_initializer():
-        return None
-    return w.const_value.numpy()
+        return False
+    x, w = node.inputs
+    if x is None or x.is_initializer() or w is None or w.const_value is None or not w.is_initializer():
+        return False
+    return w.shape is not None and len(w.shape) == 2
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
