@@ -124,8 +124,10 @@ def export(model, output, task: str = "feature-extraction", *, opset: int = DEFA
         steps("Writing the artifact")
         manifest = _manifest(checkpoint, weights_sha, raw, task, opset, spec, ops, report, copied, framework, lowering)
         manifest["attention"].update(form=form, rotary_nodes=rotary)
-        if keep_logits:  # inputs with a default, that callers may feed (kiln.exporter.passes.logits)
-            manifest["optional_inputs"] = [{"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
+        if keep_logits:  # inputs with a default, that callers may feed
+            from kiln.exporter.passes.logits import OPTIONAL_INPUT
+
+            manifest["optional_inputs"] = [dict(OPTIONAL_INPUT)]
         manifest.update(precision=precision, accuracy=accuracy)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these

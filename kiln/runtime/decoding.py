@@ -37,6 +37,11 @@ class DecoderSession:
         # position only when asked: in a prefill that is most of the head's work and all but one row of its output.
         self.keep_last = self.io_binding and any(
             i.name == "logits_to_keep" for i in engine.session.get_overridable_initializers())
+        self._keep_one = None
+        if self.keep_last:  # one read-only value, bound by every step of every thread
+            import onnxruntime as ort
+
+            self._keep_one = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
         self._local = threading.local()
 
     def empty_cache(self, batch: int) -> dict:
@@ -63,7 +68,7 @@ class DecoderSession:
         for name, value in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
         if self.keep_last:  # bind_cpu_input looks for a graph input of that name; an OrtValue binds an initializer
-            binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
+            binding.bind_ortvalue_input("logits_to_keep", self._keep_one)
         for name, value in cache.items():
             binding.bind_ortvalue_input(name, value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value))
         binding.bind_output("logits", "cpu")

@@ -20,6 +20,8 @@ import onnx_ir as ir
 log = logging.getLogger("kiln")
 
 NAME = "logits_to_keep"
+# Its entry in kiln.json's ``optional_inputs``.
+OPTIONAL_INPUT = {"name": NAME, "dtype": "int64", "shape": [], "default": 0}
 
 
 def keep_last_logits(model: ir.Model, output: str = "logits") -> bool:
