@@ -199,8 +199,9 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
     from kiln.kernels.attention.trt_plugin import supports_plugin, tensorrt_version
 
     form = (manifest.get("attention") or {}).get("form", "onnx")
-    if form == "contrib":
-        raise ExportError("This artifact's attention is onnxruntime's com.microsoft.Attention (--attention contrib), "
+    if form in ("contrib", "contrib-mha"):
+        op = "Attention" if form == "contrib" else "MultiHeadAttention"
+        raise ExportError(f"This artifact's attention is onnxruntime's com.microsoft.{op} (--attention {form}), "
                           "which TensorRT cannot parse. Re-export with --attention onnx.")
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))

@@ -67,6 +67,10 @@ def test_forms_compute_the_same_function(traced, model_type, task, form):
     elif form == "contrib":
         assert after[("com.microsoft", "Attention")] == LAYERS and after[("", "Attention")] == 0
         assert after[("", "MatMul")] == before[("", "MatMul")] - 3 * LAYERS  # projections inside the op
+    elif form == "contrib-mha":
+        assert after[("com.microsoft", "MultiHeadAttention")] == LAYERS and after[("", "Attention")] == 0
+        assert after[("", "MatMul")] == before[("", "MatMul")]  # q, k, v keep their MatMuls; their biases go inside
+        assert after[("", "Add")] == before[("", "Add")] - 3 * LAYERS
     else:
         assert after[("", "Attention")] == LAYERS
         packed = form == "onnx-packed"
@@ -110,24 +114,25 @@ def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
 
 
 def test_unknown_form():
-    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib, decomposed"):
+    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib, contrib-mha, decomposed"):
         rewrite(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), "fused")
 
 
-def test_export_in_a_form_validates_records_it_and_tensorrt_refuses_it(checkpoints, tmp_path):
+@pytest.mark.parametrize("form,op", [("contrib", "Attention"), ("contrib-mha", "MultiHeadAttention")])
+def test_export_in_a_form_validates_records_it_and_tensorrt_refuses_it(checkpoints, tmp_path, form, op):
     import json
 
     from kiln.errors import ExportError, InputError
     from kiln.exporter.tensorrt import _lower
 
     path, _ = checkpoints("bert", "text-classification")
-    manifest = kiln.export(str(path), tmp_path / "contrib", task="text-classification", attention="contrib",
+    manifest = kiln.export(str(path), tmp_path / form, task="text-classification", attention=form,
                            batch="1:8", seq="1:32")
-    assert manifest["validation"]["passed"] and manifest["attention"]["form"] == "contrib"
-    assert manifest["op_counts"]["Attention"] == LAYERS and "Transpose" not in manifest["op_counts"]
-    labels = kiln.pipeline("text-classification", tmp_path / "contrib")(["i love paris", "so bad"])
+    assert manifest["validation"]["passed"] and manifest["attention"]["form"] == form
+    assert manifest["op_counts"][op] == LAYERS and "Transpose" not in manifest["op_counts"]
+    labels = kiln.pipeline("text-classification", tmp_path / form)(["i love paris", "so bad"])
     assert len(labels) == 2
-    with pytest.raises(ExportError, match="com.microsoft.Attention .*Re-export with --attention onnx"):
-        _lower(tmp_path / "contrib", json.loads((tmp_path / "contrib" / "kiln.json").read_text()), tmp_path, "10.14.1", True)
+    with pytest.raises(ExportError, match=f"com.microsoft.{op} .*Re-export with --attention onnx"):
+        _lower(tmp_path / form, json.loads((tmp_path / form / "kiln.json").read_text()), tmp_path, "10.14.1", True)
     with pytest.raises(InputError, match="--attention 'fused'"):
         kiln.export(str(path), tmp_path / "x", attention="fused")

@@ -152,10 +152,11 @@ def test_fp16_of_a_tf_graph_keeps_its_mask_constant_finite(checkpoints, tmp_path
 
 def test_int8_quantizes_what_the_attention_form_allows(checkpoints, tmp_path):
     """Default form: MatMuls with constant weights and the embedding tables; the standard Attention node stays fp32.
-    contrib: onnxruntime's QAttention (its projection quantized). decomposed: also the two activation products."""
+    contrib: onnxruntime's QAttention (its projection quantized). contrib-mha: the q/k/v MatMuls as in the default form,
+    MultiHeadAttention fp32. decomposed: also the two activation products."""
     path, _ = checkpoints("bert", "feature-extraction")
     counts = {}
-    for form in ("auto", "contrib", "decomposed"):
+    for form in ("auto", "contrib", "contrib-mha", "decomposed"):
         kiln.export(str(path), tmp_path / form, attention=form, precision="int8", force_precision=True,
                     batch="1:4", seq="1:32")
         counts[form] = ops(tmp_path / form)
@@ -163,6 +164,8 @@ def test_int8_quantizes_what_the_attention_form_allows(checkpoints, tmp_path):
     assert counts["auto"]["MatMulInteger"] > 0 and counts["auto"]["Gather"] >= 3  # word/position/type tables
     assert counts["auto"]["DequantizeLinear"] >= 3  # ... read from int8 storage
     assert counts["contrib"]["QAttention"] == 2
+    assert counts["contrib-mha"]["MultiHeadAttention"] == 2
+    assert counts["contrib-mha"]["MatMulInteger"] == counts["auto"]["MatMulInteger"]
     assert counts["decomposed"]["MatMulInteger"] == counts["auto"]["MatMulInteger"] + 2 * 2  # q k^T, probs v
 
 

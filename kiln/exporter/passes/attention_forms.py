@@ -10,6 +10,9 @@ torch.onnx writes each layer as ``MatMul+Add`` for q, k and v, each followed by 
 - ``onnx-packed``: ``onnx-3d`` with q, k and v from one (C, 3C) MatMul and a Split.
 - ``contrib``: onnxruntime's ``com.microsoft.Attention``: the input projection inside the op (one packed GEMM), the
   raw (B, T) ``attention_mask`` as its mask, output (B, T, C). The form onnxruntime's own BERT fusions produce.
+- ``contrib-mha``: onnxruntime's ``com.microsoft.MultiHeadAttention``: q, k, v from their own MatMuls (bias-free), the
+  three biases added inside the op, the raw (B, T) mask as ``key_padding_mask``, output (B, T, C). The form
+  onnxruntime's fusions produce for its GPU flash/memory-efficient kernels.
 - ``decomposed``: MatMul, Where (mask), Softmax, MatMul: no fused node, but the two activation products become
   ordinary MatMuls that int8 quantization can take (as Optimum's int8 export does).
 
@@ -26,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 log = logging.getLogger("kiln")
-FORMS = ("onnx", "onnx-3d", "onnx-packed", "contrib", "decomposed")
+FORMS = ("onnx", "onnx-3d", "onnx-packed", "contrib", "contrib-mha", "decomposed")
 
 
 def rewrite(model: ir.Model, form: str) -> dict:
@@ -47,18 +50,18 @@ def rewrite(model: ir.Model, form: str) -> dict:
             ir.convenience.replace_all_uses_with(node.outputs[0], new, replace_graph_outputs=True)
             counts["rewritten"] += 1
             continue
-        if form == "contrib":
+        if form in ("contrib", "contrib-mha"):
             mask = _raw_mask(graph, node.inputs[3], mask_cache)
             if mask is None:
                 counts["kept"] += 1
                 continue
-            new = _contrib(graph, node, layer, mask)
+            new = (_contrib if form == "contrib" else _multi_head)(graph, node, layer, mask)
         else:
             new = _standard_3d(graph, node, layer, packed=form == "onnx-packed")
         out = layer["out"]
         ir.convenience.replace_all_uses_with(out, new, replace_graph_outputs=True)
         counts["rewritten"] += 1
-    if form == "contrib" and counts["rewritten"]:
+    if form.startswith("contrib") and counts["rewritten"]:
         model.opset_imports["com.microsoft"] = 1
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
@@ -310,6 +313,18 @@ def _contrib(graph: ir.Graph, node: ir.Node, layer: dict, mask: ir.Value) -> ir.
     bias = _initializer(graph, f"{node.name}.qkv.bias",
                         np.concatenate([p["b"].const_value.numpy() for p in layer["projections"]]))
     attention = ir.node("Attention", [x, weight, bias, mask], domain="com.microsoft", name=f"{node.name}_contrib",
+                        attributes={"num_heads": layer["heads"], **_scale_attribute(layer)})
+    graph.insert_before(node, attention)
+    out = attention.outputs[0]
+    out.shape, out.dtype = layer["out"].shape, layer["out"].dtype
+    return out
+
+
+def _multi_head(graph: ir.Graph, node: ir.Node, layer: dict, mask: ir.Value) -> ir.Value:
+    projected = [p["y"].producer().inputs[0] for p in layer["projections"]]  # MatMul outputs, before their Adds
+    bias = _initializer(graph, f"{node.name}.qkv.bias",
+                        np.concatenate([p["b"].const_value.numpy() for p in layer["projections"]]))
+    attention = ir.node("MultiHeadAttention", [*projected, bias, mask], domain="com.microsoft", name=f"{node.name}_mha",
                         attributes={"num_heads": layer["heads"], **_scale_attribute(layer)})
     graph.insert_before(node, attention)
     out = attention.outputs[0]
