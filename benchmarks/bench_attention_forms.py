@@ -2,9 +2,9 @@
 kiln's default (``kiln/exporter/passes/attention_forms.py``).
 
 For all-MiniLM-L6-v2 (real weights) and a random-init BERT-base, the kiln fp32 export is rewritten into each form
-(``onnx`` as traced, ``onnx-3d``, ``onnx-packed``, ``contrib``), each checked against the traced graph on a padded
-batch, then quantized the way ``--precision int8`` does (dynamic, per-channel int8 weights; with ``contrib`` the
-attention's own projection is quantized too, as onnxruntime's ``QAttention``). All graphs of a model are timed
+(``onnx`` as traced, ``onnx-3d``, ``onnx-packed``, ``contrib``, ``contrib-mha``, ``decomposed``), each checked against
+the traced graph on a padded batch, then quantized the way ``--precision int8`` does (dynamic, per-channel int8
+weights; with ``contrib`` the attention's own projection is quantized too, as onnxruntime's ``QAttention``). All graphs of a model are timed
 interleaved, 2 threads, on batch 1 / sequence 16, batch 1 / 128 and batch 8 / 128.
 
     .venv/bin/python benchmarks/bench_attention_forms.py --write --artifacts /tmp/bench-forms
@@ -44,7 +44,9 @@ def build_graphs(fp32: Path, workdir: Path) -> dict[tuple[str, str], Path]:
         path = workdir / f"{form}.fp32.onnx"
         if not path.is_file():
             model = ir.load(str(fp32))
-            rewrite(model, form)
+            counts = rewrite(model, form)
+            if form != "onnx" and counts["kept"]:
+                raise SystemExit(f"{form}: {counts['kept']} layer(s) not rewritten; the source must be the traced form")
             ir.save(model, str(path))
         graphs[form, "fp32"] = path
         int8 = workdir / f"{form}.int8.onnx"
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
         name, make_checkpoint = MODELS[model]
         workdir = root / model
         workdir.mkdir(parents=True, exist_ok=True)
-        fp32 = export_once(make_checkpoint(workdir), workdir / "artifact")
+        fp32 = export_once(make_checkpoint(workdir), workdir / "traced", attention="onnx")  # the forms' common source
         sessions = {key: session(path) for key, path in build_graphs(fp32, workdir).items()}
         diffs = check(sessions)
         results = {}

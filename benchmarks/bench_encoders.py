@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -55,12 +56,14 @@ def bert_base_checkpoint(workdir: Path) -> Path:
 MODELS = {"minilm": ("all-MiniLM-L6-v2", minilm_checkpoint), "bert-base": ("BERT-base (random init)", bert_base_checkpoint)}
 
 
-def export_once(checkpoint: Path, artifact: Path) -> Path:
-    if (artifact / "kiln.json").is_file() and (artifact / "model.onnx").is_file():
+def export_once(checkpoint: Path, artifact: Path, attention: str = "auto") -> Path:
+    manifest = artifact / "kiln.json"
+    if manifest.is_file() and (artifact / "model.onnx").is_file() and \
+            attention in ("auto", json.loads(manifest.read_text())["attention"].get("form")):
         print(f"  reusing artifact {artifact}", file=sys.stderr)
     else:
         started = time.perf_counter()
-        kiln.export(checkpoint, artifact, task="feature-extraction")
+        kiln.export(checkpoint, artifact, task="feature-extraction", attention=attention)
         print(f"  exported {artifact} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return artifact / "model.onnx"
 
