@@ -13,9 +13,11 @@ def add_parser(sub):
     p.add_argument("--framework", default="torch", choices=("torch", "jax", "tf"),
                    help="reference to trace and validate against: torch (torch.onnx), jax (flax nnx via jax2onnx) or "
                    "tf (keras via tf2onnx); BERT and LLaMA families (default torch)")
-    p.add_argument("--attention", default="auto", choices=("auto", "onnx", "onnx-3d", "onnx-packed", "contrib", "contrib-mha", "decomposed"),
+    p.add_argument("--attention", default="auto",
+                   choices=("auto", "onnx", "onnx-3d", "onnx-packed", "contrib", "contrib-mha", "decomposed"),
                    help="encoder attention form: auto (fastest measured on onnxruntime CPU), onnx (standard ONNX "
-                   "Attention as traced: for TensorRT), onnx-3d, onnx-packed, contrib (com.microsoft.Attention), contrib-mha (com.microsoft.MultiHeadAttention)")
+                   "Attention as traced: for TensorRT), onnx-3d, onnx-packed, contrib (com.microsoft.Attention), "
+                   "contrib-mha (com.microsoft.MultiHeadAttention), decomposed")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default 23)")
     p.add_argument("--batch", metavar="MIN:MAX", help="dynamic batch range (default 1:64)")
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")

@@ -11,8 +11,8 @@ torch.onnx writes each layer as ``MatMul+Add`` for q, k and v, each followed by 
 - ``contrib``: onnxruntime's ``com.microsoft.Attention``: the input projection inside the op (one packed GEMM), the
   raw (B, T) ``attention_mask`` as its mask, output (B, T, C). The form onnxruntime's own BERT fusions produce.
 - ``contrib-mha``: onnxruntime's ``com.microsoft.MultiHeadAttention``: q, k, v from their own MatMuls (bias-free), the
-  three biases added inside the op, the raw (B, T) mask as ``key_padding_mask``, output (B, T, C). The form
-  onnxruntime's fusions produce for its GPU flash/memory-efficient kernels.
+  three biases added inside the op, the raw (B, T) mask as ``key_padding_mask``, output (B, T, C); the op that
+  onnxruntime's CUDA provider runs with its flash/memory-efficient attention kernels.
 - ``decomposed``: MatMul, Where (mask), Softmax, MatMul: no fused node, but the two activation products become
   ordinary MatMuls that int8 quantization can take (as Optimum's int8 export does).
 
