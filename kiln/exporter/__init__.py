@@ -177,7 +177,10 @@ def _graph_passes(onnx_path: Path, form: str | None, rotary: bool, decoder: bool
     kept = keep_last_logits(model) if decoder else False
     if not rewritten and not fused and not packed and not kept:
         return 0, 0, False, ops
-    ir.save(model, str(onnx_path), external_data="model.onnx.data" if Path(f"{onnx_path}.data").is_file() else None)
+    external = Path(f"{onnx_path}.data").is_file()
+    if external:  # the weights are read before their file is written over (else onnx_ir warns per tensor)
+        ir.external_data.load_to_model(model)
+    ir.save(model, str(onnx_path), external_data="model.onnx.data" if external else None)
     return rewritten, fused, kept, Counter(node.op_type for node in model.graph)
 
 
@@ -203,11 +206,9 @@ def _attention_lowering(ops: Counter, layers: int, framework: str, probabilities
 
 def _reduce_precision(reference, spec, directory: Path, precision: str):
     """Replace model.onnx by its ``precision`` version; returns (accuracy figures, op counts of the new graph)."""
-    import os
-
     import onnx
 
-    from kiln.exporter.passes.quantize import accuracy, accuracy_model, quantize
+    from kiln.exporter.passes.quantize import accuracy, accuracy_model, quantize, remove_graph, replace_graph
 
     fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
     quantize(fp32, reduced, precision, weight_only=spec.task == "text-generation")
@@ -215,8 +216,8 @@ def _reduce_precision(reference, spec, directory: Path, precision: str):
     figures = accuracy(reference, spec, measured, directory)
     if measured != reduced:
         figures["measured_on"] = f"fp32 simulation of {precision} (values rounded to {precision} where the graph has them)"
-        measured.unlink()
-    os.replace(reduced, fp32)
+        remove_graph(measured)
+    replace_graph(reduced, fp32)
     ops = Counter(node.op_type for node in onnx.load(str(fp32), load_external_data=False).graph.node)
     log.info("      %s", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
     return figures, ops

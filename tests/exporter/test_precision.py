@@ -224,3 +224,42 @@ def test_int8_products_do_not_saturate_without_vnni(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert "MatMulInteger" in {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
     assert np.abs(got - x @ w).max() <= 0.02 * np.abs(x @ w).max()
+
+
+@pytest.mark.parametrize("task,precision", [("feature-extraction", "int8"), ("text-generation", "int4"),
+                                            ("feature-extraction", "fp16")])
+def test_weights_kept_beside_the_graph_stay_beside_it_at_every_precision(checkpoints, tmp_path, monkeypatch, task,
+                                                                          precision):
+    """A model above the tracer's external-data threshold (1.5 GB: protobuf's limit is 2 GB) keeps its weights in
+    model.onnx.data; its reduced graph must too, in a file of the reduced weights (not the stale fp32 one), and compute
+    what the same export with inline weights computes."""
+    from conftest import TINY_LLAMA, make_causal_lm
+
+    from kiln.exporter import trace_torch
+    from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
+
+    if task == "text-generation":
+        path = tmp_path / "llama"
+        make_causal_lm(path, "llama", **TINY_LLAMA)
+    else:
+        path, _ = checkpoints("bert", task)
+    options = dict(task=task, precision=precision, force_precision=True, batch="1:4", seq="1:32")
+    kiln.export(str(path), tmp_path / "inline", **options)
+    monkeypatch.setattr(trace_torch, "EXTERNAL_DATA_BYTES", 0)
+    kiln.export(str(path), tmp_path / "fp32", task=task, batch="1:4", seq="1:32")
+    manifest = kiln.export(str(path), tmp_path / "beside", **options)
+
+    beside = tmp_path / "beside"
+    assert sorted(manifest["files"]) == sorted(p.name for p in beside.iterdir() if p.name != "kiln.json")
+    assert (beside / "model.onnx.data").stat().st_size < 0.6 * (tmp_path / "fp32" / "model.onnx.data").stat().st_size
+    graph = onnx.load(str(beside / "model.onnx"), load_external_data=False)
+    locations = {entry.value for t in graph.graph.initializer for entry in t.external_data if entry.key == "location"}
+    assert locations == {"model.onnx.data"}
+    assert not list(tmp_path.glob("**/*.folded.onnx*")) and not list(tmp_path.glob("**/*.blockwise.onnx*"))
+    assert not (tmp_path / "inline" / "model.onnx.data").exists()
+    engines = [OnnxRuntimeEngine(tmp_path / name / "model.onnx") for name in ("inline", "beside")]
+    feed = {i.name: np.ones([2 if d == "batch" else 0 if "past" in str(d) else 5 if isinstance(d, str) else d
+                             for d in i.shape], np.float32 if "float" in i.type else np.int64)
+            for i in engines[0].session.get_inputs() if i.name != "logits_to_keep"}
+    for want, got in zip(engines[0].session.run(None, feed), engines[1].session.run(None, feed)):
+        np.testing.assert_array_equal(got, want)

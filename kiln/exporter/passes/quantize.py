@@ -18,6 +18,9 @@ typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider r
 - ``fp16`` / ``bf16``: weights and safe arithmetic in half precision, normalisations, Softmax and reductions in
   fp32, graph inputs and outputs fp32 (see ``half.py``).
 
+A graph whose weights live beside it (``model.onnx.data``: the tracers write those above 1.5 GB, near protobuf's 2 GB
+limit) gives reduced graphs written the same way, each intermediate file too (``weights_file``).
+
 Whether the result is good enough is measured by ``accuracy`` against the fp32 reference on real text, and the
 exporter refuses a precision below its gate unless forced. A bf16 graph cannot run on the CPU here, so its accuracy
 is measured on ``accuracy_model``: the same graph simulated in fp32 with every half-precision value rounded to bf16.
@@ -25,6 +28,7 @@ is measured on ``accuracy_model``: the same graph simulated in fp32 with every h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,21 @@ SENTENCES = [
 GATES = {"mean_cosine": 0.99, "label_agreement": 0.99, "token_agreement": 0.99, "next_token_agreement": 0.5}
 
 
+def weights_file(graph: Path) -> Path:
+    """Where ``graph`` keeps its weights when they are not inside it: ``<name>.data``, as kiln's tracers name it."""
+    return graph.with_name(graph.name + ".data")
+
+
+def external(graph: Path) -> bool:
+    """Whether ``graph`` keeps its weights in a file beside it; graphs derived from it are written the same way."""
+    return weights_file(graph).is_file()
+
+
+def remove_graph(graph: Path) -> None:
+    graph.unlink(missing_ok=True)
+    weights_file(graph).unlink(missing_ok=True)
+
+
 def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> None:
     """Write ``src`` at ``precision`` to ``dst``; ``weight_only`` (decoders) stores int8 weights blockwise as int4 does."""
     import logging
@@ -73,7 +92,7 @@ def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) ->
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
         if precision in ("int8", "int4"):
-            dst.with_name(dst.stem + ".folded.onnx").unlink(missing_ok=True)
+            remove_graph(dst.with_name(dst.stem + ".folded.onnx"))
 
 
 def _fold_weight_transposes(src: Path, dst: Path) -> bool:
@@ -101,7 +120,7 @@ def _fold_weight_transposes(src: Path, dst: Path) -> bool:
         model.graph.remove(node, safe=True)
         folded += 1
     if folded:
-        ir.save(model, str(dst))
+        _save(model, dst, external(src))
     return bool(folded)
 
 
@@ -123,11 +142,11 @@ def _quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=False, accuracy_level=4,
                                          bits=8 if precision == "int8" else 4)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(blockwise), use_external_data_format=False)
+        quantizer.model.save_model_to_file(str(blockwise), use_external_data_format=external(src))
         try:
             _dynamic_int8(blockwise, dst, ["Gather"])  # the embedding tables
         finally:
-            blockwise.unlink(missing_ok=True)
+            remove_graph(blockwise)
     else:
         raise ValueError(f"unknown precision {precision!r}")
 
@@ -140,7 +159,8 @@ def _dynamic_int8(src: Path, dst: Path, op_types: list[str], const_weights_only:
     # (decoders are weight-only now) agreed 0.0 with fp32 on a Zen 3, 0.53 with reduce_range (0.54 full-range on a
     # VNNI Zen 4). The artifact may run on either kind of CPU, so it is built for both.
     quantize_dynamic(str(src), str(dst), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=op_types, extra_options={"MatMulConstBOnly": const_weights_only})
+                     op_types_to_quantize=op_types, extra_options={"MatMulConstBOnly": const_weights_only},
+                     use_external_data_format=external(src))
 
 
 def _attention_ops(path: Path) -> str:
@@ -161,7 +181,28 @@ def _half(src: Path, dst: Path, precision: str, simulate: bool = False) -> None:
 
     model = ir.load(str(src))
     convert(model, precision, simulate=simulate)
-    ir.save(model, str(dst))
+    _save(model, dst, external(src))
+
+
+def _save(model, dst: Path, external_weights: bool) -> None:
+    """Write an onnx_ir ``model`` to ``dst``, its weights to ``weights_file(dst)`` when ``external_weights``."""
+    import onnx_ir as ir
+
+    ir.save(model, str(dst), external_data=weights_file(dst).name if external_weights else None)
+
+
+def replace_graph(src: Path, dst: Path) -> None:
+    """Move graph ``src`` to ``dst``, the artifact's model file: an inline graph by rename (and the old graph's
+    weights file goes with the old graph); one with a weights file is written again so that its tensors point at
+    ``weights_file(dst)``, the name the artifact format gives it."""
+    import onnx_ir as ir
+
+    if not weights_file(src).is_file():
+        os.replace(src, dst)
+        weights_file(dst).unlink(missing_ok=True)
+        return
+    _save(ir.load(str(src)), dst, True)  # reads src's weights file, writes dst's
+    remove_graph(src)
 
 
 def accuracy_model(src: Path, reduced: Path, precision: str) -> Path:
