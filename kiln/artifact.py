@@ -23,6 +23,13 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 
 
+def weights_file(graph: str | os.PathLike) -> Path:
+    """Where an ONNX graph keeps its weights when they are not inside it (protobuf's 2 GB limit): ``<name>.data``
+    beside it, ``model.onnx.data`` in an artifact."""
+    graph = Path(graph)
+    return graph.with_name(graph.name + ".data")
+
+
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from kiln import __version__, hub
-from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, write_manifest
+from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, weights_file, write_manifest
 from kiln.errors import ExportError, InputError, ValidationError
 
 log = logging.getLogger("kiln")
@@ -177,10 +177,10 @@ def _graph_passes(onnx_path: Path, form: str | None, rotary: bool, decoder: bool
     kept = keep_last_logits(model) if decoder else False
     if not rewritten and not fused and not packed and not kept:
         return 0, 0, False, ops
-    external = Path(f"{onnx_path}.data").is_file()
-    if external:  # the weights are read before their file is written over (else onnx_ir warns per tensor)
+    weights = weights_file(onnx_path)
+    if weights.is_file():  # the weights are read before their file is written over (else onnx_ir warns per tensor)
         ir.external_data.load_to_model(model)
-    ir.save(model, str(onnx_path), external_data="model.onnx.data" if external else None)
+    ir.save(model, str(onnx_path), external_data=weights.name if weights.is_file() else None)
     return rewritten, fused, kept, Counter(node.op_type for node in model.graph)
 
 

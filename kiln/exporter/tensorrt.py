@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.artifact import MANIFEST, artifact_file, load_manifest
+from kiln.artifact import MANIFEST, artifact_file, load_manifest, weights_file
 from kiln.errors import ExportError, InputError
 
 log = logging.getLogger("kiln")
@@ -226,8 +226,8 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
 
         counts["precision"] = convert(model, plan.precision, extra_half_ops={(DOMAIN, PLUGIN_NAME)})
     lowered = tmp / "model.onnx"
-    external = Path(f"{source}.data").is_file()  # keep big weights outside the protobuf's 2 GB limit
-    ir.save(model, str(lowered), external_data="model.onnx.data" if external else None)
+    external = weights_file(source).is_file()  # keep big weights outside the protobuf's 2 GB limit
+    ir.save(model, str(lowered), external_data=weights_file(lowered).name if external else None)
     return lowered, counts
 
 

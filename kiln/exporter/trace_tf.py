@@ -18,6 +18,7 @@ from kiln.graphs.layers_tf import tf  # noqa: E402  # isort: skip
 
 import numpy as np  # noqa: E402
 
+from kiln.artifact import weights_file  # noqa: E402
 from kiln.errors import ExportError  # noqa: E402
 from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: E402
 
@@ -85,7 +86,7 @@ def trace(model, spec: ExportSpec, path: Path, opset: int = 23) -> Path:
     # tf2onnx types only the graph's inputs and outputs; passes (fp16/bf16) need every value's type.
     model_ir = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(proto))
     _name_inputs_and_outputs(model_ir, spec)
-    ir.save(model_ir, path, external_data=Path(path).name + ".data" if weight_bytes > EXTERNAL_DATA_BYTES else None)
+    ir.save(model_ir, path, external_data=weights_file(path).name if weight_bytes > EXTERNAL_DATA_BYTES else None)
     return path
 
 

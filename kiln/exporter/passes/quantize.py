@@ -19,7 +19,7 @@ typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider r
   fp32, graph inputs and outputs fp32 (see ``half.py``).
 
 A graph whose weights live beside it (``model.onnx.data``: the tracers write those above 1.5 GB, near protobuf's 2 GB
-limit) gives reduced graphs written the same way, each intermediate file too (``weights_file``).
+limit) gives reduced graphs written the same way, each intermediate file too (``kiln.artifact.weights_file``).
 
 Whether the result is good enough is measured by ``accuracy`` against the fp32 reference on real text, and the
 exporter refuses a precision below its gate unless forced. A bf16 graph cannot run on the CPU here, so its accuracy
@@ -32,6 +32,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from kiln.artifact import weights_file
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Short, varied English: what the accuracy gate embeds or continues.
@@ -53,11 +55,6 @@ SENTENCES = [
 # with weight-only int8, 0.53 with int4, LM head included), so the gate only catches a broken quantization; the figure
 # is recorded for the user to judge.
 GATES = {"mean_cosine": 0.99, "label_agreement": 0.99, "token_agreement": 0.99, "next_token_agreement": 0.5}
-
-
-def weights_file(graph: Path) -> Path:
-    """Where ``graph`` keeps its weights when they are not inside it: ``<name>.data``, as kiln's tracers name it."""
-    return graph.with_name(graph.name + ".data")
 
 
 def external(graph: Path) -> bool:
@@ -197,7 +194,7 @@ def replace_graph(src: Path, dst: Path) -> None:
     ``weights_file(dst)``, the name the artifact format gives it."""
     import onnx_ir as ir
 
-    if not weights_file(src).is_file():
+    if not external(src):
         os.replace(src, dst)
         weights_file(dst).unlink(missing_ok=True)
         return
