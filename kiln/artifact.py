@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kiln.errors import ArtifactError
+from kiln.files import read_json, sha256_file
 
 MANIFEST = "kiln.json"
 FORMAT_VERSION = 1
@@ -42,12 +43,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         raise ArtifactError(
             f"{directory} is not a kiln artifact (no {MANIFEST}). Create one with `kiln export MODEL {directory}`."
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting 100k deep
-        raise ArtifactError(f"{path} is not valid JSON ({err}). Re-export the artifact.") from err
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} must hold a JSON object. Re-export the artifact.")
+    manifest = read_json(path, "Re-export the artifact.")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
@@ -106,18 +102,10 @@ def artifact_file(directory: str | os.PathLike, name: str) -> Path:
 
 
 def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file of an artifact except the manifest itself, by relative path."""
-    import hashlib
-
+    """sha256 of every file of an artifact except the manifest itself (and its lock), by relative path."""
     root = Path(directory)
-    hashes = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        hashes[path.relative_to(root).as_posix()] = digest.hexdigest()
-    return hashes
+    return {path.relative_to(root).as_posix(): sha256_file(path)
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST, f".{MANIFEST}")))}
 
 
 def verify(directory: str | os.PathLike) -> None:
@@ -143,8 +131,23 @@ def verify(directory: str | os.PathLike) -> None:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
-    manifest = {"format_version": FORMAT_VERSION, **manifest}
-    Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """The one writer of kiln.json: through a temp file and a rename, so a reader sees the old or the new file."""
+    manifest = {"format_version": FORMAT_VERSION, **{k: v for k, v in manifest.items() if k != "format_version"}}
+    staged = Path(directory, f".{MANIFEST}.tmp-{os.getpid()}")
+    staged.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(staged, Path(directory, MANIFEST))
+
+
+def update_manifest(directory: str | os.PathLike, change) -> dict:
+    """Read kiln.json, apply ``change(manifest)`` (in place) and write it back, under a lock so that concurrent
+    updaters (two ``kiln build`` runs) do not lose each other's entries. Returns the new manifest."""
+    from filelock import FileLock
+
+    with FileLock(str(Path(directory, f".{MANIFEST}.lock"))):
+        manifest = load_manifest(directory)
+        change(manifest)
+        write_manifest(directory, manifest)
+    return manifest
 
 
 @contextlib.contextmanager

@@ -1,0 +1,8 @@
+"""The tasks kiln exports and runs: the one list. Each task has a pipeline in ``kiln/runtime/pipelines/<task>.py``
+(dashes as underscores) named ``<Task>Pipeline``, and families declare which of them they support
+(``kiln.graphs.registry.Architecture.tasks``)."""
+
+TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
+         "image-classification", "text-generation")
+# transformers' TASK_ALIASES that name one of kiln's tasks
+ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
