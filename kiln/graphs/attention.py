@@ -2,7 +2,9 @@
 
 ``eager`` is the readable spec (and the only one that can return the probabilities); ``sdpa`` calls
 ``torch.nn.functional.scaled_dot_product_attention``, which ``torch.onnx`` at opset >= 23 turns into ONE standard
-ONNX ``Attention`` node. The NumPy twin of this math is ``kiln.kernels.attention.reference``.
+ONNX ``Attention`` node. Where that is not enough (probabilities returned, a KV cache), the models call kiln's
+custom ops (``kiln.kernels.attention.torch_ops``), each also one node. The NumPy twin of this math is
+``kiln.kernels.attention.reference``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from kiln.kernels.attention.torch_ops import attention_kv, attention_probs  # noqa: F401 (the models call attention_kv)
 
 
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
@@ -43,43 +47,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
         mask, causal = (keep if mask is None else mask & keep), False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
     return out, None
-
-
-@torch.library.custom_op("kiln::attention_probs", mutates_args=())
-def attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention that also returns its probabilities, as ONE op: torch.onnx maps it (through
-    ``kiln.kernels.attention.onnx``) to a single ONNX ``Attention`` node whose ``qk_matmul_output`` (mode 3) carries
-    the probabilities. Eagerly it is the ``eager`` math. mask: bool (B, 1|H, T, S), True = attend."""
-    out, probs = eager(q, k, v, mask, scale, causal=False)
-    return out.contiguous(), probs.contiguous()
-
-
-@attention_probs.register_fake
-def _(q, k, v, mask, scale):
-    B, H, T, _ = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, k.shape[2])
-
-
-@torch.library.custom_op("kiln::attention_kv", mutates_args=())
-def attention_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, past_key: torch.Tensor,
-                 past_value: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder attention with a KV cache, as ONE op: exported as one ONNX ``Attention`` node with ``past_key`` /
-    ``past_value`` inputs and ``present_key`` / ``present_value`` outputs (opset 23+; onnxruntime runs it on CPU,
-    grouped-query heads included). q (B, H, T, D); k, v (B, Hkv, T, D); past (B, Hkv, P, D), P may be 0;
-    mask bool (B, 1, T, P + T), True = attend, causality already folded in. Returns out (B, H, T, D) and the
-    presents (B, Hkv, P + T, D)."""
-    present_key = torch.cat([past_key, k], dim=2)
-    present_value = torch.cat([past_value, v], dim=2)
-    out, _ = sdpa(q, present_key, present_value, mask, scale, causal=False)
-    return out.contiguous(), present_key, present_value
-
-
-@attention_kv.register_fake
-def _(q, k, v, mask, past_key, past_value, scale):
-    B, Hkv, P, D = past_key.shape
-    S = P + k.shape[2]
-    return q.new_empty(q.shape[:3] + (v.shape[-1],)), k.new_empty(B, Hkv, S, D), v.new_empty(B, Hkv, S, v.shape[-1])
 
 
 ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}

@@ -1,8 +1,9 @@
 """Reading and writing Hugging Face checkpoints for the references of every framework.
 
-``kiln.hub`` locates the files; this module reads the tensors (safetensors, ``pytorch_model.bin`` through
-``torch.load(weights_only=True)`` only, or a GGUF file through ``kiln.gguf``) as torch tensors for the PyTorch
-references or NumPy arrays for the JAX and TensorFlow ones, checks every tensor against the model, and writes
+``kiln.hub`` locates the files (converting other formats, such as GGUF, into safetensors first); this module reads
+the tensors (safetensors, or ``pytorch_model.bin`` through ``torch.load(weights_only=True)`` only) as torch tensors
+for the PyTorch references or NumPy arrays for the JAX and TensorFlow ones, checks every tensor against the model,
+and writes
 ``save_pretrained`` output that transformers loads back. torch is imported only where a torch model needs it.
 
 A reference of any framework offers ``state_dict()`` (kiln names -> arrays in PyTorch layout, e.g. Linear weights
@@ -37,15 +38,7 @@ def read_state_dict(files, framework: str = "torch") -> dict:
     state: dict = {}
     for path in files:
         path = Path(path)
-        if path.suffix.lower() == ".gguf":  # llama.cpp file: dequantized to float32, HF names, Q/K rows in HF order
-            from kiln import gguf
-
-            part = gguf.read_tensors(path)
-            if framework == "torch":
-                import torch
-
-                part = {name: torch.from_numpy(array) for name, array in part.items()}
-        elif path.suffix == ".bin":
+        if path.suffix == ".bin":
             import torch
 
             try:
@@ -202,9 +195,9 @@ class SavePretrainedMixin:
         config = self.config
         raw = dict(config.raw) or {k: v for k, v in dataclasses.asdict(config).items() if k != "raw"}
         raw.setdefault("model_type", config.model_type)
-        weights = registry.architecture(raw).weights
-        hf_state = weights.kiln_to_hf(self.state_dict(), config, self.task)
-        return save_pretrained(directory, raw, hf_state, weights.ARCHITECTURE_NAMES[(config.model_type, self.task)])
+        arch = registry.architecture(raw)
+        hf_state = arch.weights.kiln_to_hf(self.state_dict(), config, self.task)
+        return save_pretrained(directory, raw, hf_state, arch.hf_class(config.model_type, self.task))
 
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa",
@@ -215,31 +208,10 @@ def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str 
 
     checkpoint = hub.resolve(path_or_id, revision)
     raw = hub.read_config(checkpoint)
-    registry.check_task(raw, task)
     arch = registry.architecture(raw)
-    check_framework(arch, raw, framework)
+    arch.check_task(raw["model_type"], task)
+    arch.check_framework(raw["model_type"], framework)
     state = read_state_dict(checkpoint.weight_files, framework)
-    model = arch.build(raw, task, state, attn_impl=attn_impl, framework=framework)
+    model = registry.build(raw, task, state, attn_impl=attn_impl, framework=framework)
     model.checkpoint = checkpoint
     return model.eval() if framework == "torch" else model
-
-
-FRAMEWORK_EXTRAS = {"jax": ("jax", "jax, flax and jax2onnx"), "tf": ("tf", "tensorflow, keras and tf2onnx")}
-
-
-def check_framework(arch, raw: dict, framework: str) -> None:
-    """A clear error for a framework this architecture has no reference in, or one that is not installed."""
-    import importlib.util
-
-    from kiln.errors import ConfigError, InputError
-
-    available = getattr(arch, "FRAMEWORKS", ("torch",))
-    if framework not in ("torch", "jax", "tf"):
-        raise InputError(f"Unknown framework {framework!r}; choose torch, jax or tf.")
-    if framework not in available:
-        raise ConfigError(f"model_type {raw.get('model_type')!r} has a reference in {', '.join(available)} only, "
-                          f"not {framework}. Use --framework torch.")
-    module = {"torch": "torch", "jax": "flax", "tf": "tensorflow"}[framework]
-    if importlib.util.find_spec(module) is None:
-        extra, what = FRAMEWORK_EXTRAS.get(framework, ("torch", "torch"))
-        raise InputError(f"--framework {framework} needs {what}: pip install 'kiln[{extra}]'.")

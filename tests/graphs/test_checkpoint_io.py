@@ -211,7 +211,7 @@ BAD = {
     "heads not dividing": (edit_config(num_attention_heads=5), ConfigError, r"'hidden_size' \(32\) must be divisible by 'num_attention_heads' \(5\)"),
     "layers 10**9": (edit_config(num_hidden_layers=10**9), ConfigError, "'num_hidden_layers' = 1000000000 is implausibly large"),
     "num_labels str": (edit_config(num_labels="abc", id2label=None), ConfigError, "'num_labels' must be a positive integer"),
-    "unknown model_type": (edit_config(model_type="bloom"), ConfigError, "'bloom' is not supported.*Supported model types: bert, distilbert, .*roberta"),
+    "unknown model_type": (edit_config(model_type="bloom"), ConfigError, "'bloom' is not supported.*Supported model types: bert, camembert, distilbert, .*roberta"),
     "model_type a list": (edit_config(model_type=["bert"]), ConfigError, r"\['bert'\] is not supported.*bert, distilbert, .*roberta"),
     "no model_type": (edit_config(model_type=None), ConfigError, "no 'model_type'.*bert, distilbert, .*roberta"),
     "no weights": (lambda d: os.remove(d / "model.safetensors"), CheckpointError, "No weights in .*model.safetensors"),

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 import kiln
 from kiln.artifact import load_manifest
 from kiln.errors import ConfigError
-from kiln.graphs import gpt2
+from kiln.graphs import registry
 from kiln.graphs.checkpoint import from_pretrained
+from kiln.graphs.gpt2.config import GPT2Config
 from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
 # initializer_range 0.3 (not 0.02): with the default init a tiny model repeats one token, and greedy parity would
@@ -40,7 +41,7 @@ def tiny_gpt2(seed: int = 0, **overrides) -> transformers.GPT2LMHeadModel:
 
 def kiln_from(hf, attn_impl: str = "sdpa"):
     """The kiln reference built straight from a transformers model's config and state dict (no files)."""
-    return gpt2.build(hf.config.to_dict(), "text-generation", hf.state_dict(), attn_impl=attn_impl).eval()
+    return registry.build(hf.config.to_dict(), "text-generation", hf.state_dict(), attn_impl=attn_impl).eval()
 
 
 def left_padded(lengths, T: int, vocab: int = 100, seed: int = 0):
@@ -201,14 +202,14 @@ def test_gpt2model_checkpoint_loads(hf, tmp_path, caplog):
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
-        gpt2.GPT2Config.from_dict({**TINY, "model_type": "gpt2", **overrides})
+        GPT2Config.from_dict({**TINY, "model_type": "gpt2", **overrides})
 
 
 def test_generic_names_map_to_gpt2_names():
-    config = gpt2.GPT2Config.from_dict({"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 3,
+    config = GPT2Config.from_dict({"model_type": "gpt2", "hidden_size": 64, "num_hidden_layers": 3,
                                         "num_attention_heads": 4, "max_position_embeddings": 128})
     assert (config.n_embd, config.n_layer, config.n_head, config.n_positions) == (64, 3, 4, 128)
-    assert (config.num_hidden_layers, config.kv_heads, config.dim, config.max_position_embeddings) == (3, 4, 16, 128)
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.max_position_embeddings) == (3, 4, 16, 128)
 
 
 # ---------------------------------------------------------------------------------------------------- export

@@ -86,7 +86,7 @@ def test_outputs_and_cache_match_torch(name, checkpoint):
     prefill = ours(ids[:, :9], mask[:, :9], pos[:, :9])
     step = ours(ids[:, 9:], mask, pos[:, 9:], past_key_values=prefill["present_key_values"])
     torch_step = torch_run(theirs, ids[:, 9:], mask, pos[:, 9:], past=prefill["present_key_values"])
-    assert step["present_key_values"][0][0].shape == (3, ours.config.kv_heads, 10, ours.config.dim)
+    assert step["present_key_values"][0][0].shape == (3, ours.config.num_key_value_heads, 10, ours.config.head_dim)
     np.testing.assert_allclose(np.asarray(step["logits"]), torch_step["logits"].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(step["logits"][:, 0]), np.asarray(full["logits"][:, -1]), atol=1e-5, rtol=0)
 

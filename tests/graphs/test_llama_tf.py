@@ -104,7 +104,7 @@ def test_logits_hidden_states_attentions_and_cache_match_torch(name, models):
     torch_step = torch_run(theirs, ids[:, 9:], mask, pos[:, 9:], past=numpy_presents(torch_prefix))
     np.testing.assert_allclose(np.asarray(step["logits"])[:, 0], np.asarray(got["logits"])[:, 9], atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.asarray(step["logits"]), torch_step["logits"].numpy(), atol=ATOL, rtol=0)
-    assert np.asarray(step["present_key_values"][0][0]).shape == (3, ours.config.kv_heads, 10, ours.config.dim)
+    assert np.asarray(step["present_key_values"][0][0]).shape == (3, ours.config.num_key_value_heads, 10, ours.config.head_dim)
 
 
 def test_defaults_continue_positions_from_the_cache(models):

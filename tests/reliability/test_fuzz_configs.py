@@ -59,18 +59,14 @@ ABSURD = [None, True, "32", "", [], {}, [32], {"a": 1}, 0, -1, -8, 2**24, 2**24 
 
 def _load_config(directory):
     from kiln.graphs import registry
-    from kiln.graphs.bert.config import BertConfig
-    from kiln.graphs.gpt2.config import GPT2Config
-    from kiln.graphs.llama.config import LlamaConfig
-    from kiln.graphs.vit.config import ViTConfig
 
     raw = hub.read_config(directory)
-    package = registry.package_for(raw)
-    for task in registry.architecture(raw).TASKS:
+    arch = registry.architecture(raw)
+    for task in arch.tasks:
         registry.check_task(raw, task)
-    config = {"bert": BertConfig, "llama": LlamaConfig, "gpt2": GPT2Config, "vit": ViTConfig}[package].from_dict(raw)
+    config = arch.config.from_dict(raw)
     # What the exporter derives from the config next: sizes must be numbers by now.
-    for name in ("num_hidden_layers", "hidden_size", "head_dim", "dim", "kv_heads", "max_position_embeddings",
+    for name in ("num_hidden_layers", "hidden_size", "head_dim", "num_key_value_heads", "max_position_embeddings",
                  "max_sequence_length", "sequence_length", "num_labels", "intermediate_size"):
         value = getattr(config, name, None)
         assert value is None or (isinstance(value, int) and value > 0), (name, value)
@@ -98,7 +94,7 @@ def test_config_json(arch, tmp_path, report):
 
 # --------------------------------------------------------------------------------------- tokenizer.json & co
 def _load_tokenizer(directory):
-    from kiln.runtime.generation import chat_template_from
+    from kiln.runtime.generate import chat_template_from
     from kiln.runtime.tokenizer import Tokenizer
 
     chat_template_from(directory)  # text generation reads tokenizer_config.json for its chat template
@@ -222,7 +218,7 @@ def test_preprocessor_config(tmp_path, report):
 
 # ---------------------------------------------------------------------------------- generation_config.json
 def _load_generation_config(directory):
-    from kiln.runtime.generation import GenerationConfig
+    from kiln.runtime.generate import GenerationConfig
 
     GenerationConfig.from_artifact(directory)
 

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
-
 from kiln.graphs.bert import weights
-from kiln.graphs.bert.config import BertConfig
+from kiln.graphs.bert.config import VARIANTS, BertConfig
+from kiln.graphs.registry import Architecture
 
-TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask")
-# Sibling references with the same classes and parameter names: model_torch.py, model_jax.py, model_tf.py.
-FRAMEWORKS = ("torch", "jax", "tf")
-
-
-def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa", framework: str = "torch"):
-    """The ``framework`` reference for ``task`` with the checkpoint's weights loaded and checked."""
-    from kiln.graphs.checkpoint import attach_weights
-
-    models = importlib.import_module(f"kiln.graphs.bert.model_{framework}")
-    config = BertConfig.from_dict(raw_config)
-    state, unused = weights.hf_to_kiln(hf_state, config, task)
-    if task == "feature-extraction":
-        model = models.BertModel(config, add_pooler="pooler.weight" in state, attn_impl=attn_impl)
-    else:
-        model = models.TASK_MODELS[task](config, attn_impl=attn_impl)
-    return attach_weights(model, weights, state, unused, task)
+ARCHITECTURE = Architecture(
+    family="bert",
+    config=BertConfig,
+    weights=weights,
+    variants=VARIANTS,
+    tasks={
+        "feature-extraction": ("BertModel", "Model"),
+        "text-classification": ("BertForSequenceClassification", "ForSequenceClassification"),
+        "token-classification": ("BertForTokenClassification", "ForTokenClassification"),
+        "question-answering": ("BertForQuestionAnswering", "ForQuestionAnswering"),
+        "fill-mask": ("BertForMaskedLM", "ForMaskedLM"),
+    },
+    spec="text-encoder",
+    frameworks=("torch", "jax", "tf"),
+    pooler="pooler.weight",
+    description="text encoders: sentence embeddings, classifiers, NER, extractive QA, masked LM",
+)

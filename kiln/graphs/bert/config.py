@@ -5,11 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.registry import Variant
 
-# DistilBERT names the same hyper-parameters differently.
+# The model types this family reads. "layout" names the weight layout and heads (weights.py, the task models);
+# RoBERTa numbers positions from padding_idx + 1 (fairseq's make_positions), BERT from 0; DistilBERT names the
+# hyper-parameters differently and has no token types.
 DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                     "hidden_dim": "intermediate_size", "activation": "hidden_act"}
-ROBERTA_LIKE = ("roberta", "xlm-roberta")
+VARIANTS = {
+    "bert": Variant("Bert", {"layout": "bert"}),
+    "roberta": Variant("Roberta", {"layout": "roberta", "positions_after_pad": True}),
+    "xlm-roberta": Variant("XLMRoberta", {"layout": "roberta", "positions_after_pad": True}),
+    "camembert": Variant("Camembert", {"layout": "roberta", "positions_after_pad": True}),
+    "distilbert": Variant("DistilBert", {"layout": "distilbert", "renamed": DISTILBERT_NAMES,
+                                         "fixed": {"type_vocab_size": 0, "layer_norm_eps": 1e-12}}),
+}
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -37,13 +47,21 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def variant(self) -> Variant:
+        return VARIANTS.get(self.model_type, VARIANTS["bert"])
+
+    @property
+    def layout(self) -> str:
+        """bert | roberta | distilbert: the weight layout and task heads of this model type."""
+        return self.variant["layout"]
+
+    @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
     @property
     def position_offset(self) -> int:
-        # RoBERTa numbers positions from padding_idx + 1 (fairseq's make_positions); BERT from 0.
-        return self.pad_token_id + 1 if self.model_type in ROBERTA_LIKE else 0
+        return self.pad_token_id + 1 if self.variant.get("positions_after_pad") else 0
 
     @property
     def max_sequence_length(self) -> int:
@@ -53,9 +71,10 @@ class BertConfig:
     def from_dict(cls, raw: dict) -> "BertConfig":
         known = {name for name in cls.__dataclass_fields__ if name != "raw"}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
-        if raw.get("model_type") == "distilbert":  # no token types, fixed LayerNorm eps
-            values.update({ours: raw[theirs] for theirs, ours in DISTILBERT_NAMES.items() if raw.get(theirs) is not None})
-            values.update(type_vocab_size=0, layer_norm_eps=1e-12)
+        variant = VARIANTS.get(raw.get("model_type"), VARIANTS["bert"])
+        renamed = variant.get("renamed", {})
+        values.update({ours: raw[theirs] for theirs, ours in renamed.items() if raw.get(theirs) is not None})
+        values.update(variant.get("fixed", {}))
         if "id2label" in raw and raw["id2label"] is not None:
             try:
                 values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}

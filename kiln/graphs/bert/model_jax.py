@@ -182,7 +182,7 @@ class BertForSequenceClassification(_TaskModel):
     task = "text-classification"
 
     def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
-        family = config.model_type
+        family = config.layout
         super().__init__(config, attn_impl, pooler=family == "bert")
         if family == "bert":
             self.classifier = Linear(config.hidden_size, config.num_labels)
@@ -235,11 +235,3 @@ class BertForMaskedLM(_TaskModel):
     def head(self, out):
         return {"logits": self.lm_head(out["last_hidden_state"], self.bert.embeddings.word.weight[...])}
 
-
-TASK_MODELS = {
-    "feature-extraction": BertModel,
-    "text-classification": BertForSequenceClassification,
-    "token-classification": BertForTokenClassification,
-    "question-answering": BertForQuestionAnswering,
-    "fill-mask": BertForMaskedLM,
-}

@@ -36,8 +36,8 @@ DISTILBERT_TABLE = [
     ("layers.{i}.mlp.down", "transformer.layer.{i}.ffn.lin2"),
     ("layers.{i}.mlp_norm", "transformer.layer.{i}.output_layer_norm"),
 ]
-# Families: BERT; RoBERTa and XLM-RoBERTa (same weights, "roberta." nesting); DistilBERT.
-FAMILY = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "distilbert": "distilbert"}
+# Layouts (config.layout, from the model type's variant): BERT; RoBERTa and XLM-RoBERTa (same weights, "roberta."
+# nesting); DistilBERT.
 BASE_TABLE = {"bert": TABLE, "roberta": TABLE, "distilbert": DISTILBERT_TABLE}
 BASE_PREFIX = {"bert": "bert.", "roberta": "roberta.", "distilbert": "distilbert."}
 # Task heads sit beside the base model, which task checkpoints nest under the prefix. The masked-LM decoder weight
@@ -55,11 +55,6 @@ HEADS = {
     ("distilbert", "fill-mask"): [("lm_head.dense", "vocab_transform"), ("lm_head.norm", "vocab_layer_norm"),
                                   ("lm_head", "vocab_projector")],
 }
-CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}
-CLASS_SUFFIX = {"feature-extraction": "Model", "text-classification": "ForSequenceClassification",
-                "token-classification": "ForTokenClassification", "question-answering": "ForQuestionAnswering",
-                "fill-mask": "ForMaskedLM"}
-ARCHITECTURE_NAMES = {(m, t): CLASS_PREFIX[m] + c for m in CLASS_PREFIX for t, c in CLASS_SUFFIX.items()}
 # Buffers, tied copies and heads of other tasks that a checkpoint may carry and kiln does not use.
 IGNORED = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head|qa_outputs|classifier|pre_classifier|"
                      r"vocab_transform|vocab_layer_norm|vocab_projector)\.|(^|\.)decoder\.(weight|bias)$")
@@ -69,7 +64,7 @@ LEGACY = {".gamma": ".weight", ".beta": ".bias"}
 
 def _rules(config: BertConfig, task: str) -> list[tuple[str, str]]:
     """(kiln prefix, HF prefix) pairs for this model and task, full names from the top of each model."""
-    family = FAMILY[config.model_type]
+    family = config.layout
     if task == "feature-extraction":  # BertModel/RobertaModel: no nesting on either side
         return list(BASE_TABLE[family])
     base = BASE_PREFIX[family]
@@ -84,7 +79,7 @@ def hf_to_kiln(hf_state: dict, config: BertConfig, task: str) -> tuple[dict, lis
             if key.endswith(old):
                 key = key[: -len(old)] + new
         fixed[key] = value
-    rules, prefix = _rules(config, task), BASE_PREFIX[FAMILY[config.model_type]]
+    rules, prefix = _rules(config, task), BASE_PREFIX[config.layout]
     nested = any(k.startswith(prefix) for k in fixed)
     if task != "feature-extraction" and not nested:
         # A base-model checkpoint (no "bert." nesting) loaded under a task head: transformers accepts it too.

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from kiln.graphs.gpt2 import weights
-from kiln.graphs.gpt2.config import GPT2Config
+from kiln.graphs.gpt2.config import VARIANTS, GPT2Config
+from kiln.graphs.registry import Architecture
 
-TASKS = ("text-generation",)
-
-
-FRAMEWORKS = ("torch",)  # no JAX/TensorFlow sibling yet
-
-
-def build(raw_config: dict, task: str, hf_state: dict, attn_impl: str = "sdpa", framework: str = "torch"):
-    from kiln.graphs.checkpoint import attach_weights
-    from kiln.graphs.gpt2.model_torch import GPT2LMHeadModel
-
-    config = GPT2Config.from_dict(raw_config)
-    state, unused = weights.hf_to_kiln(hf_state, config, task)
-    model = GPT2LMHeadModel(config, attn_impl=attn_impl)
-    return attach_weights(model, weights, state, unused, task)
+ARCHITECTURE = Architecture(
+    family="gpt2",
+    config=GPT2Config,
+    weights=weights,
+    variants=VARIANTS,
+    tasks={"text-generation": ("GPT2LMHeadModel", "LMHeadModel")},
+    spec="decoder",
+    description="decoders with learned positions",
+)

@@ -2,7 +2,7 @@
 
 Fields keep GPT-2's own names (``n_embd``, ``n_layer``, ``n_head``, ``n_positions``), so ``save_pretrained`` writes a
 config.json transformers reads back; the properties give the generic names the exporter reads (``num_hidden_layers``,
-``kv_heads``, ``dim``, ``max_position_embeddings``).
+``num_key_value_heads``, ``head_dim``, ``max_position_embeddings``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.registry import Variant
 
 # transformers' GPT2Config.attribute_map: a config.json written with the generic names means the same thing.
 ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
@@ -18,6 +19,9 @@ ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attenti
 # gelu_new, gelu_fast and gelu_pytorch_tanh are the same tanh formula written three ways (equal to ~1e-7).
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+VARIANTS = {"gpt2": Variant("GPT2")}  # the model types this family reads
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,11 @@ class GPT2Config:
         return self.n_head
 
     @property
-    def kv_heads(self) -> int:  # GPT-2 has no grouped-query attention
+    def num_key_value_heads(self) -> int:  # GPT-2 has no grouped-query attention
         return self.n_head
 
     @property
-    def dim(self) -> int:  # per-head size
+    def head_dim(self) -> int:  # per-head size
         return self.n_embd // self.n_head
 
     @property
@@ -78,7 +82,7 @@ class GPT2Config:
 
     def attention_scale(self, layer: int) -> float:
         """The factor on q.k for layer ``layer`` (0-based), as transformers' GPT2Attention.scaling."""
-        scale = self.dim ** -0.5 if self.scale_attn_weights else 1.0
+        scale = self.head_dim ** -0.5 if self.scale_attn_weights else 1.0
         return scale / (layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
 
     @classmethod

@@ -27,7 +27,7 @@ ACTIVATION_FUNCTIONS = {
 class Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer: int, attn_impl: str):
         super().__init__()
-        self.H, self.D, self.attn_impl = config.num_attention_heads, config.dim, attn_impl
+        self.H, self.D, self.attn_impl = config.num_attention_heads, config.head_dim, attn_impl
         self.scale = config.attention_scale(layer)
         C = config.hidden_size
         self.qkv = nn.Linear(C, 3 * C)  # GPT-2's c_attn: q, k and v side by side along the output

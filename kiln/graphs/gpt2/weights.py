@@ -26,7 +26,6 @@ TABLE = [
 HEAD = ("lm_head", "lm_head")  # outside the "transformer." prefix; only when not tied to the embedding
 PREFIX = "transformer."
 CONV1D = re.compile(r"^layers\.\d+\.(attn\.(qkv|o)|mlp\.(fc|proj))\.weight$")  # kiln names stored (in, out) by HF
-ARCHITECTURE_NAMES = {("gpt2", "text-generation"): "GPT2LMHeadModel"}
 # Buffers older checkpoints carry (the causal mask as `attn.bias`, and `attn.masked_bias`); kiln builds its own mask.
 # GPT2DoubleHeadsModel's multiple-choice head is not part of text generation.
 IGNORED = re.compile(r"\.attn\.(bias|masked_bias)$|^multiple_choice_head\.")

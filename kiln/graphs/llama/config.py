@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kiln.errors import ConfigError
+from kiln.graphs.registry import Variant
 
 ROPE_TYPES = ("default", "linear", "llama3")
-# Qwen2 always has q/k/v biases and no o_proj bias; Llama/Mistral/SmolLM follow `attention_bias` (default off).
-QKV_BIAS_ALWAYS = ("qwen2",)
+# The model types this family reads. Qwen2 always has q/k/v biases and no o_proj bias; the others follow
+# `attention_bias` (default off). A sliding window applies as config.json gives it (Llama), unless
+# `use_sliding_window` says otherwise, which defaults to on for Mistral and off for Qwen2 (which lists a window it
+# does not use).
+VARIANTS = {
+    "llama": Variant("Llama"),
+    "mistral": Variant("Mistral", {"use_sliding_window": True}),
+    "qwen2": Variant("Qwen2", {"qkv_bias": True, "use_sliding_window": False}),
+}
 
 
 @dataclass(frozen=True)
@@ -35,34 +45,55 @@ class LlamaConfig:
     pad_token_id: int | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
+    def __post_init__(self):
+        # transformers' names, resolved once: a config.json may leave both out (then heads share the hidden size).
+        self.validate_sizes()
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
-    @property
-    def dim(self) -> int:  # per-head size; may differ from hidden_size // heads (explicit head_dim)
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+    def inverse_frequencies(self) -> np.ndarray:
+        """RoPE frequencies (D/2,) in float32, with linear or llama3 scaling: one definition for the torch, JAX and
+        TensorFlow references, in float32 arithmetic as transformers computes them (its torch pow and NumPy's can
+        round one of the D/2 values to the neighbouring float; SmolLM2's and Llama 3's sizes agree exactly)."""
+        rope, D, f32 = self.rope, self.head_dim, np.float32
+        inv_freq = f32(1.0) / (f32(rope["rope_theta"]) ** (np.arange(0, D, 2).astype(f32) / f32(D)))
+        if rope["rope_type"] == "linear":
+            inv_freq = inv_freq / f32(rope["factor"])
+        elif rope["rope_type"] == "llama3":
+            # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+            factor, low, high = (f32(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+            context = f32(rope["original_max_position_embeddings"])
+            wavelen = f32(2 * math.pi) / inv_freq
+            smooth = np.clip((context / wavelen - low) / (high - low), 0, 1)
+            between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+            inv_freq = np.where(wavelen > context / low, inv_freq / factor,
+                                np.where(wavelen < context / high, inv_freq, between))
+        return inv_freq.astype(f32)
 
     @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or self.model_type in QKV_BIAS_ALWAYS
+        return self.attention_bias or bool(VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias"))
 
     @property
     def o_bias(self) -> bool:
-        return self.attention_bias and self.model_type not in QKV_BIAS_ALWAYS
+        return self.attention_bias and not VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
         known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "rope")}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
-        if raw.get("model_type") in ("mistral", "qwen2") and not raw.get("use_sliding_window", raw.get("model_type") == "mistral"):
-            values.pop("sliding_window", None)  # Qwen2 lists a window it does not use unless use_sliding_window
+        window_default = VARIANTS.get(raw.get("model_type"), VARIANTS["llama"]).get("use_sliding_window")
+        if window_default is not None and not raw.get("use_sliding_window", window_default):
+            values.pop("sliding_window", None)
         values["rope"] = _rope(raw)
         config = cls(**values, raw=dict(raw))
         config.validate()
         return config
 
-    def validate(self) -> None:
+    def validate_sizes(self) -> None:
+        """The sizes the derived fields are computed from (run before they are)."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings"):
             value = getattr(self, name)
@@ -75,14 +106,17 @@ class LlamaConfig:
             positive = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 24
             if value is not None and not positive:
                 raise ConfigError(f"config.json '{name}' must be a positive integer or null, got {value!r}.")
-        if not isinstance(self.kv_heads, int) or self.kv_heads <= 0 or self.num_attention_heads % self.kv_heads:
-            raise ConfigError(f"config.json 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
-                              f"'num_key_value_heads' ({self.num_key_value_heads}).")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"config.json 'hidden_size' ({self.hidden_size}) must be divisible by "
                               f"'num_attention_heads' ({self.num_attention_heads}), or give 'head_dim'.")
-        if self.dim % 2:
-            raise ConfigError(f"The head dimension ({self.dim}) must be even for rotary embeddings.")
+
+    def validate(self) -> None:
+        self.validate_sizes()
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"config.json 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
+                              f"'num_key_value_heads' ({self.num_key_value_heads}).")
+        if self.head_dim % 2:
+            raise ConfigError(f"The head dimension ({self.head_dim}) must be even for rotary embeddings.")
         if self.hidden_act not in ("silu", "swish"):
             raise ConfigError(f"config.json 'hidden_act' {self.hidden_act!r} is not supported; LLaMA-family models use 'silu'.")
         if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:

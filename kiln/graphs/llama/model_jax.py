@@ -9,11 +9,8 @@ The cache keeps transformers' (B, Hkv, S, D) layout; attention runs on flax's (B
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kiln.graphs.attention_jax import attention
@@ -31,21 +28,6 @@ class RMSNorm(nnx.Module):
         return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * self.weight[...]
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-    """RoPE frequencies (D/2,), with linear or llama3 scaling; float32 as in the torch reference."""
-    rope, D = config.rope, config.dim
-    inv_freq = 1.0 / (rope["rope_theta"] ** (np.arange(0, D, 2).astype(np.float32) / D))
-    if rope["rope_type"] == "linear":
-        inv_freq = inv_freq / rope["factor"]
-    elif rope["rope_type"] == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
-        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        context = rope["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = np.clip((context / wavelen - low) / (high - low), 0, 1)
-        inv_freq = np.where(wavelen > context / low, inv_freq / factor,
-                            np.where(wavelen < context / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
-    return inv_freq.astype(np.float32)
 
 
 def rotate_half(x):
@@ -59,7 +41,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, attn_impl: str):
-        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.kv_heads, config.dim, attn_impl
+        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.num_key_value_heads, config.head_dim, attn_impl
         self.q = Linear(config.hidden_size, self.H * self.D, bias=config.qkv_bias)
         self.k = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
@@ -133,7 +115,7 @@ class LlamaForCausalLM(SavePretrainedMixin, StateDict, nnx.Module):
         self.layers = nnx.List([Layer(config, attn_impl) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.inv_freq = nnx.Variable(jnp.asarray(inverse_frequencies(config)))  # a buffer: not a Param, not saved
+        self.inv_freq = nnx.Variable(jnp.asarray(config.inverse_frequencies()))  # a buffer: not a Param, not saved
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                  output_hidden_states=False, output_attentions=False):

@@ -9,9 +9,7 @@ from __future__ import annotations
 # layers_tf first: it loads triton before TensorFlow (see there), and hands over tf.
 from kiln.graphs.layers_tf import Embedding, Linear, Module, tf  # isort: skip
 
-import math
-
-import numpy as np
+import math  # noqa: E402
 
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.llama.config import LlamaConfig
@@ -27,22 +25,6 @@ class RMSNorm(Module):
         return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + self.eps) * self.weight
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-    """RoPE frequencies (D/2,) in float32, with linear or llama3 scaling; the torch reference's arithmetic."""
-    rope, D = config.rope, config.dim
-    inv_freq = 1.0 / (np.float32(rope["rope_theta"]) ** (np.arange(0, D, 2).astype(np.float32) / np.float32(D)))
-    if rope["rope_type"] == "linear":
-        inv_freq = inv_freq / np.float32(rope["factor"])
-    elif rope["rope_type"] == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
-        factor, low, high = (np.float32(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
-        context = np.float32(rope["original_max_position_embeddings"])
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        smooth = np.clip((context / wavelen - low) / (high - low), 0, 1)
-        between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > context / low, inv_freq / factor,
-                            np.where(wavelen < context / high, inv_freq, between))
-    return inv_freq.astype(np.float32)
 
 
 def rotate_half(x):
@@ -71,7 +53,7 @@ def attention(q, k, v, mask, scale: float):
 class Attention(Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.H, self.Hkv, self.D = config.num_attention_heads, config.kv_heads, config.dim
+        self.H, self.Hkv, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.q = Linear(config.hidden_size, self.H * self.D, bias=config.qkv_bias)
         self.k = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
@@ -149,7 +131,7 @@ class LlamaForCausalLM(SavePretrainedMixin, Module):
         self.layers = [Layer(config) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.inv_freq = inverse_frequencies(config)  # a constant, not a weight (torch: a non-persistent buffer)
+        self.inv_freq = config.inverse_frequencies()  # a constant, not a weight (torch: a non-persistent buffer)
 
     def call(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
              output_hidden_states=False, output_attentions=False):

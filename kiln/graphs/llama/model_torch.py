@@ -27,23 +27,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # exported as one RMSNormalization node
 
 
-def inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """RoPE frequencies (D/2,), with linear or llama3 scaling."""
-    rope, D = config.rope, config.dim
-    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
-    if rope["rope_type"] == "linear":
-        inv_freq = inv_freq / rope["factor"]
-    elif rope["rope_type"] == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
-        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        context = rope["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = torch.where(wavelen > context / low, inv_freq / factor,
-                               torch.where(wavelen < context / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
-    return inv_freq
-
-
 def rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -56,7 +39,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, attn_impl: str):
         super().__init__()
-        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.kv_heads, config.dim, attn_impl
+        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.num_key_value_heads, config.head_dim, attn_impl
         self.q = nn.Linear(config.hidden_size, self.H * self.D, bias=config.qkv_bias)
         self.k = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
@@ -137,7 +120,7 @@ class LlamaForCausalLM(SavePretrainedMixin, nn.Module):
         self.layers = nn.ModuleList(Layer(config, attn_impl) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        self.register_buffer("inv_freq", torch.from_numpy(config.inverse_frequencies()), persistent=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 output_hidden_states=False, output_attentions=False):

@@ -21,11 +21,6 @@ TABLE = [
     ("norm", "model.norm"),
     ("lm_head", "lm_head"),
 ]
-ARCHITECTURE_NAMES = {
-    ("llama", "text-generation"): "LlamaForCausalLM",
-    ("mistral", "text-generation"): "MistralForCausalLM",
-    ("qwen2", "text-generation"): "Qwen2ForCausalLM",
-}
 # Rotary caches some converters store; kiln recomputes them.
 IGNORED = re.compile(r"rotary_emb\.inv_freq$|\.masked_bias$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.registry import Variant
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
@@ -16,6 +17,9 @@ def _pair(value, name: str) -> tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16 for v in pair):
         raise ConfigError(f"config.json '{name}' must be a positive integer or a [height, width] pair, got {value!r}.")
     return pair
+
+
+VARIANTS = {"vit": Variant("ViT")}  # the model types this family reads
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.errors import InputError
+from kiln.errors import ConfigError, InputError
 from kiln.graphs.attention import attention
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vit.config import ViTConfig
@@ -149,6 +149,9 @@ class ViTForImageClassification(SavePretrainedMixin, nn.Module):
     task = "image-classification"
 
     def __init__(self, config: ViTConfig, attn_impl: str = "sdpa"):
+        if config.num_labels < 1:
+            raise ConfigError("config.json has no labels (empty 'id2label'); image-classification needs at least one. "
+                              "Export with --task feature-extraction for the image embeddings instead.")
         super().__init__()
         self.config = config
         self.vit = ViTModel(config, add_pooler=False, attn_impl=attn_impl)
@@ -160,8 +163,3 @@ class ViTForImageClassification(SavePretrainedMixin, nn.Module):
         result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
         return result
 
-
-TASK_MODELS = {
-    "feature-extraction": ViTModel,
-    "image-classification": ViTForImageClassification,
-}

@@ -30,8 +30,6 @@ TABLE = [
 # Task checkpoints nest the base model under "vit." and put the head beside it.
 BASE_PREFIX = "vit."
 HEADS = {"image-classification": [("classifier", "classifier")]}
-ARCHITECTURE_NAMES = {("vit", "feature-extraction"): "ViTModel",
-                      ("vit", "image-classification"): "ViTForImageClassification"}
 # Tensors a checkpoint may carry that kiln does not use: the masked-image-modeling token and decoder, a pooler or
 # classifier the chosen task has no place for.
 IGNORED = re.compile(r"(^|\.)mask_token$|^decoder\.|^(vit\.)?pooler\.|^classifier\.")

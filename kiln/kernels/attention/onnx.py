@@ -36,10 +36,10 @@ def attention_kv_translation(opset: int = MIN_OPSET):
 
 
 def translation_table(opset: int = MIN_OPSET) -> dict:
-    """custom_translation_table entries for torch.onnx.export (needs torch; kiln.graphs registers the ops)."""
+    """custom_translation_table entries for torch.onnx.export (needs torch)."""
     import torch
 
-    import kiln.graphs.attention  # noqa: F401  registers torch.ops.kiln.*
+    import kiln.kernels.attention.torch_ops  # noqa: F401  registers torch.ops.kiln.*
 
     return {torch.ops.kiln.attention_probs.default: attention_probs_translation(opset),
             torch.ops.kiln.attention_kv.default: attention_kv_translation(opset)}
