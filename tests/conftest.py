@@ -12,6 +12,8 @@ import string
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Converted checkpoints (GGUF) and exported-once artifacts go to a cache of this session, not the user's.
+os.environ.setdefault("KILN_CACHE", __import__("tempfile").mkdtemp(prefix="kiln-test-cache-"))
 
 
 def _has_cuda() -> bool:
@@ -236,6 +238,76 @@ def vit_artifacts(vit_checkpoints, tmp_path_factory):
         return cache[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def traced(checkpoints, tmp_path_factory):
+    """Artifacts exported with attention as torch.onnx writes it (attention="onnx": no form, no rotary or packing
+    pass; decoders still get logits_to_keep), by (model_type, task): the graphs the passes' tests start from."""
+    import kiln
+
+    made = {}
+
+    def get(model_type: str = "bert", task: str = "feature-extraction"):
+        if (model_type, task) not in made:
+            out = tmp_path_factory.mktemp(f"traced-{model_type}-{task}") / "artifact"
+            if task == "text-generation":
+                make_causal_lm(out.parent / "checkpoint", model_type, **TINY_LLAMA)
+                kiln.export(str(out.parent / "checkpoint"), out, task=task, attention="onnx", batch="1:4")
+            else:
+                path, _ = checkpoints(model_type, task)
+                kiln.export(str(path), out, task=task, attention="onnx", batch="1:8", seq="1:32")
+            made[model_type, task] = out
+        return made[model_type, task]
+
+    return get
+
+
+def graph_ops(model):
+    """(domain, op type) -> count of an onnx_ir model."""
+    from collections import Counter
+
+    return Counter((n.domain or "", n.op_type) for n in model.graph)
+
+
+def run_graph(model, feed: dict) -> list:
+    """An onnx_ir model's outputs in onnxruntime, fed the inputs it takes."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feed.items() if k in names})
+
+
+def padded_feed(vocab=100, batch=3, seq=11, seed=0):
+    """Token ids with two right-padded rows, as an encoder's tokenizer gives them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, 4:] = 0
+    mask[2, 9:] = 0
+    return {"input_ids": rng.integers(5, vocab, (batch, seq)), "attention_mask": mask,
+            "token_type_ids": np.zeros((batch, seq), np.int64)}
+
+
+def decoder_feed(graph_inputs, batch=2, seq=6, past=3, seed=0, vocab=100):
+    """A left-padded decoder feed with a random past, for every input a decoder graph takes (names -> shapes from
+    an onnx_ir model's inputs)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = past + seq
+    mask = np.ones((batch, total), np.int64)
+    mask[1:, : total // 2] = 0  # left padding
+    feed = {"input_ids": rng.integers(3, vocab, (batch, seq)), "attention_mask": mask,
+            "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)[:, past:]}
+    for value in graph_inputs:
+        if value.name.startswith("past_key_values."):
+            heads, dim = value.shape[1], value.shape[3]
+            feed[value.name] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
+    return feed
 
 
 def pytest_runtest_setup(item):

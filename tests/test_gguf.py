@@ -171,7 +171,7 @@ def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
 def test_tokenizer_encodes_like_transformers(tmp_path, vocab, pre, add_bos):
     from transformers import AutoTokenizer
 
-    from kiln import gguf as kiln_gguf
+    from kiln.hub import gguf as kiln_gguf
 
     tokens, merges = vocab
     path = write_gguf(tmp_path / "tok.gguf", tiny_llama(len(tokens), tie=True), pre=pre, tokens=tokens, merges=merges,
@@ -192,7 +192,10 @@ def test_export_writes_the_derived_config_and_tokenizer(tmp_path, vocab):
     path = write_gguf(tmp_path / "src" / "model.gguf", tiny_llama(len(tokens), tie=True), tokens=tokens, merges=merges)
     manifest = kiln.export(tmp_path / "src", tmp_path / "out", task="text-generation", seq="1:32")
     assert manifest["validation"]["passed"] and manifest["source"]["weight_files"] == ["model.gguf"]
-    assert sorted(manifest["preprocessing_files"]) == ["tokenizer.json", "tokenizer_config.json"]
+    assert manifest["source"]["path"] == str((tmp_path / "src").resolve())
+    assert manifest["preprocessing_files"] == ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config == hub.read_config(path)
     tok_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
@@ -207,8 +210,13 @@ def test_resolve_gguf_directories(tmp_path, vocab):
     one.mkdir()
     write_gguf(one / "a.gguf", model)
     checkpoint = hub.resolve(one)
-    assert checkpoint.gguf == (one / "a.gguf").resolve() and checkpoint.weight_format == "gguf"
-    assert checkpoint.weight_files == (checkpoint.gguf,) and checkpoint.path == one.resolve()
+    assert checkpoint.origin == ((one / "a.gguf").resolve(),) and checkpoint.weight_format == "gguf"
+    assert checkpoint.source_files == checkpoint.origin and checkpoint.source_dir == one.resolve()
+    # converted once into a Hugging Face style directory that nothing downstream tells from any other (this file
+    # has no vocabulary, so no tokenizer and no special token ids)
+    assert sorted(p.name for p in checkpoint.path.iterdir()) == ["config.json", "model.safetensors"]
+    assert checkpoint.weight_files == (checkpoint.path / "model.safetensors",)
+    assert hub.resolve(one / "a.gguf").path == checkpoint.path  # the same file: the same conversion, reused
     write_gguf(one / "b.gguf", model)
     with pytest.raises(CheckpointError, match="2 GGUF files .*give the path"):
         hub.resolve(one)
@@ -272,7 +280,7 @@ def smollm2():
 
 
 def test_smollm2_config_and_types():
-    from kiln import gguf as kiln_gguf
+    from kiln.hub import gguf as kiln_gguf
 
     path = smollm2_path()
     config = hub.read_config(path)
@@ -299,7 +307,7 @@ def test_smollm2_logits_and_greedy_generation_match_transformers(smollm2):
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2):
-    from kiln import gguf as kiln_gguf
+    from kiln.hub import gguf as kiln_gguf
 
     path, _, _, theirs = smollm2
     ours = kiln_gguf.build_tokenizer(path)

@@ -28,9 +28,9 @@ TIMEOUT = 20.0  # seconds; every loader here finishes a tiny file in well under 
 ACCEPTED = ("ok", "kiln")
 # Imported once by the fork server, so no child pays for them: what the fuzzed loaders import, then the test modules
 # that define the loader functions (a child unpickles its function by module and name).
-PRELOAD = ["torch", "onnx", "onnxruntime", "gguf", "tokenizers", "safetensors", "kiln", "kiln.hub", "kiln.gguf",
+PRELOAD = ["torch", "onnx", "onnxruntime", "gguf", "tokenizers", "safetensors", "kiln", "kiln.hub", "kiln.hub.gguf",
            "kiln.artifact", "kiln.graphs.registry", "kiln.graphs.checkpoint", "kiln.runtime.engines.onnxruntime",
-           "kiln.runtime.tokenizer", "kiln.runtime.generation", "kiln.runtime.image_processor",
+           "kiln.runtime.tokenizer", "kiln.runtime.generate", "kiln.runtime.image_processor",
            *sorted(p.stem for p in Path(__file__).parent.glob("test_fuzz_*.py"))]
 _context = None
 

@@ -352,15 +352,12 @@ def length_fields(path: Path) -> list[int]:
 
 
 def _load_gguf(path):
-    from kiln import gguf
     from kiln.graphs.llama.config import LlamaConfig
 
-    checkpoint = hub.resolve(path)  # what `kiln export model.gguf` runs first
+    checkpoint = hub.resolve(path)  # what `kiln export model.gguf` runs first: converts config, weights, tokenizer
     LlamaConfig.from_dict(hub.read_config(checkpoint))
-    _read_state_dict(path)
-    out = path.parent / "tokenizer"
-    out.mkdir()
-    gguf.write_tokenizer(path, out)
+    read_state_dict = __import__("kiln.graphs.checkpoint", fromlist=["read_state_dict"]).read_state_dict
+    read_state_dict(checkpoint.weight_files)
 
 
 def gguf_metadata_edits():

@@ -1,17 +1,23 @@
-"""Model id or path -> local files: download, cache, revision and offline handling through huggingface_hub.
+"""Model id or path -> a local Hugging Face style checkpoint directory: download, cache, revision and offline
+handling through huggingface_hub; other checkpoint formats converted once into that form.
+
+Everything downstream reads one format: ``config.json`` + safetensors (or ``pytorch_model.bin``) + tokenizer files.
+A llama.cpp GGUF file is converted at resolve time (``kiln.hub.gguf``) into such a directory in kiln's cache, keyed by
+the file's sha256, so the references, the exporter and the cache need not know GGUF; ``Checkpoint.origin`` remembers
+the file it came from.
 
 Nothing here imports a framework. Weights are only *located* (and hashed) here; ``kiln.graphs.checkpoint`` reads them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import CheckpointError, ConfigError
+from kiln.files import read_json, sha256_files  # noqa: F401 (sha256_files: part of this module's interface)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = (
@@ -35,20 +41,33 @@ _ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint resolved to a local directory."""
+    """A checkpoint resolved to a local Hugging Face style directory."""
 
     source: str  # what the user gave: a hub id or a path
-    path: Path
+    path: Path  # config.json, weights, tokenizer files (for a converted format, kiln's converted copy)
     revision: str | None = None
     weight_files: tuple[Path, ...] = field(default=())
-    # A llama.cpp GGUF file: config, weights and tokenizer all come from it (``path`` is the directory holding it).
-    gguf: Path | None = None
+    origin: tuple[Path, ...] = field(default=())  # the files it was converted from (a GGUF file), if any
+
+    @property
+    def source_files(self) -> tuple[Path, ...]:
+        """The files the user's checkpoint holds its weights in: what kiln.json hashes and names."""
+        return self.origin or self.weight_files
+
+    @property
+    def source_dir(self) -> Path:
+        return self.origin[0].parent if self.origin else self.path
 
     @property
     def weight_format(self) -> str:
-        if self.gguf is not None:
+        if self.origin:
             return "gguf"
         return "pytorch" if self.weight_files and self.weight_files[0].suffix == ".bin" else "safetensors"
+
+
+def cache_root() -> Path:
+    """kiln's cache (``KILN_CACHE``, default ~/.cache/kiln): converted checkpoints and exported artifacts."""
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
 
 
 def _offline() -> bool:
@@ -81,11 +100,11 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Check
 
 
 def _gguf_checkpoint(source: str, file: Path, revision: str | None) -> Checkpoint:
-    from kiln import gguf
+    from kiln.hub import gguf
 
     file = file.resolve()
-    gguf.read_config(file)  # a file that is not GGUF, is cut off, or holds another architecture fails here
-    return Checkpoint(source, file.parent, revision, (file,), gguf=file)
+    directory = gguf.convert(file, cache_root() / "checkpoints")
+    return Checkpoint(source, directory, revision, find_weights(directory), origin=(file,))
 
 
 def _download(repo_id: str, revision: str | None) -> Checkpoint:
@@ -131,7 +150,7 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict) or not all(
                     isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
                     for name in weight_map.values()):
@@ -154,36 +173,18 @@ def find_weights(directory: Path) -> tuple[Path, ...]:
 
 
 def read_config(directory: Checkpoint | str | os.PathLike) -> dict:
-    """Read ``config.json`` as a dict, with errors that name the file. Given a Checkpoint or a ``.gguf`` file, a GGUF
-    checkpoint's config is derived from the file's metadata instead (``kiln.gguf.read_config``)."""
+    """Read ``config.json`` as a dict, with errors that name the file. Given a ``.gguf`` file, the config derived from
+    its metadata (what its converted checkpoint holds)."""
     if isinstance(directory, Checkpoint):
-        directory = directory.gguf or directory.path
+        directory = directory.path
     if Path(directory).suffix.lower() == ".gguf" and Path(directory).is_file():
-        from kiln import gguf
+        from kiln.hub import gguf
 
         return gguf.read_config(directory)
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"No config.json in {directory}. A checkpoint directory needs config.json next to its weights.")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5000-digit number, nesting 100k deep
-        raise ConfigError(f"{path} is not valid JSON ({err}). Restore it from the original checkpoint.") from err
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a JSON object, found {type(config).__name__}.")
-    return config
-
-
-def sha256_files(paths, chunk: int = 1 << 20) -> str:
-    """One sha256 over the given files in order (name + content), so shards and renames both count."""
-    digest = hashlib.sha256()
-    for path in paths:
-        path = Path(path)
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
+    return read_json(path, "Restore it from the original checkpoint.", error=ConfigError,
+                     missing=f"No config.json in {directory}. A checkpoint directory needs config.json next to its "
+                             "weights.")
 
 
 def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, commit_message: str = "Upload with kiln",

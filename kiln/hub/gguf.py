@@ -1,11 +1,14 @@
-"""GGUF (llama.cpp) checkpoints -> a Hugging Face style config dict, HF-named float32 tensors and a fast tokenizer.
+"""GGUF (llama.cpp) checkpoints -> a Hugging Face style checkpoint directory, converted once.
 
 A GGUF file is config, weights and tokenizer in one: metadata keys (``llama.block_count``, ``tokenizer.ggml.tokens``)
-and tensors under llama.cpp's names (``blk.0.attn_q.weight``), often block-quantized (Q4_1, Q8_0, ...). kiln reads it
-into what a Hugging Face checkpoint directory would hold, so the references and the exporter need not know GGUF:
-quantized weights are dequantized to float32 (the exported graph is fp32 like any other).
+and tensors under llama.cpp's names (``blk.0.attn_q.weight``), often block-quantized (Q4_1, Q8_0, ...). :func:`convert`
+writes what a Hugging Face checkpoint directory would hold (config.json, model.safetensors, tokenizer.json and
+tokenizer_config.json, generation_config.json) into kiln's cache, so the references and the exporter need not know
+GGUF: quantized weights are dequantized to float32 (the exported graph is fp32 like any other). The tensor names are
+mapped per llama.cpp architecture (``TENSORS``).
 
-Light like ``kiln.hub``: numpy, ``gguf`` and ``tokenizers`` are imported lazily, never torch or transformers.
+Light like ``kiln.hub``: numpy, ``gguf``, ``safetensors`` and ``tokenizers`` are imported lazily, never torch or
+transformers.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ log = logging.getLogger("kiln")
 
 # general.architecture -> HF model_type. Mistral GGUFs also say "llama" (llama.cpp runs them as one architecture).
 ARCHITECTURES = {"llama": "llama"}
-# llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
-TENSORS = {
+# Per architecture: llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
+LLAMA_TENSORS = {
     "token_embd": "model.embed_tokens",
     "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
     "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
@@ -38,6 +41,7 @@ TENSORS = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+TENSORS = {"llama": LLAMA_TENSORS}
 
 
 def _reader(path: str | os.PathLike):
@@ -300,14 +304,15 @@ def _unpermute(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, arch: str = "llama") -> str:
     """llama.cpp tensor name -> HF name; an unknown name comes back unchanged (the builder reports it as unused)."""
+    table = TENSORS[arch]
     stem, _, kind = name.rpartition(".")
     parts = stem.split(".")
     if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
-        target = TENSORS.get(f"blk.{{i}}.{'.'.join(parts[2:])}")
+        target = table.get(f"blk.{{i}}.{'.'.join(parts[2:])}")
         return f"{target.replace('{i}', parts[1])}.{kind}" if target else name
-    return f"{TENSORS[stem]}.{kind}" if stem in TENSORS else name
+    return f"{table[stem]}.{kind}" if stem in table else name
 
 
 def read_tensors(path: str | os.PathLike) -> dict:
@@ -318,6 +323,7 @@ def read_tensors(path: str | os.PathLike) -> dict:
 
     config = read_config(path)
     reader, path = _reader(path), Path(path)
+    arch = _get(reader, "general.architecture")
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state = {}
     for tensor in reader.tensors:
@@ -335,7 +341,7 @@ def read_tensors(path: str | os.PathLike) -> dict:
         role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") and tensor.name.count(".") >= 3 else None
         if role in heads:
             data = _unpermute(data, heads[role])
-        state[hf_name(tensor.name)] = data
+        state[hf_name(tensor.name, arch)] = data
     return state
 
 
@@ -464,3 +470,46 @@ def write_tokenizer(path: str | os.PathLike, directory: str | os.PathLike) -> li
     text = json.dumps(tokenizer_config(path), indent=2, ensure_ascii=False) + "\n"
     (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
     return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def convert(path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """The Hugging Face style directory for GGUF ``path`` under ``root``, converted on first use (keyed by the file's
+    sha256, so a changed file converts again) and written atomically: config.json, model.safetensors (float32),
+    tokenizer.json + tokenizer_config.json rebuilt from the vocabulary (or, for tokenizers kiln cannot rebuild, the
+    tokenizer files found beside the GGUF file) and generation_config.json (the special token ids)."""
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    from kiln.files import sha256_files
+    from kiln.hub import PROCESSOR_FILES, TOKENIZER_FILES
+
+    path = Path(path).resolve()
+    config = read_config(path)  # a file that is not GGUF, is cut off, or holds another architecture fails here
+    target = Path(root) / f"gguf-{sha256_files([path])[:24]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # two processes resolving the same file convert it once
+        if (target / "config.json").is_file():
+            return target
+        log.info("Converting %s to a Hugging Face style checkpoint in %s", path.name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            from safetensors.numpy import save_file
+
+            save_file(read_tensors(path), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if not write_tokenizer(path, tmp):
+                for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
+                    if (path.parent / name).is_file():
+                        shutil.copyfile(path.parent / name, tmp / name)
+            generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+            if generation:
+                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")  # last: the mark
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
