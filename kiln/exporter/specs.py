@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from kiln.runtime.generate import position_ids
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -192,12 +194,59 @@ def vit_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | 
                       image_feed(config.num_channels, Hi, Wi))
 
 
-SPECS = {"bert": bert_spec, "vit": vit_spec}
+# Decoders export ONE graph for prefill and decode, with the KV cache as inputs and outputs. Inputs: ``input_ids``
+# (batch, sequence), ``attention_mask`` (batch, total_sequence = past_sequence + sequence), ``position_ids`` (batch,
+# sequence), ``past_key_values.{i}.key/value`` (batch, kv_heads, past_sequence, head_dim), whose past_sequence may be
+# 0. Outputs: ``logits`` (batch, sequence, vocab) and ``present.{i}.key/value`` (batch, kv_heads, total_sequence,
+# head_dim). The names match Optimum's, so tools interoperate.
+
+def decoder_feed(config, names: list[str]):
+    """Random prompts, every other row left-padded (as batched generation pads), with a random past of the sizes."""
+    layers, Hkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        B, T, P = sizes["batch"], sizes["sequence"], sizes["past_sequence"]
+        S = P + T
+        lengths = np.full(B, S)
+        if B > 1:
+            lengths[1::2] = rng.integers(max(1, T // 2 + 1), S + 1, size=len(lengths[1::2]))
+        mask = (np.arange(S)[None, :] >= (S - lengths)[:, None]).astype(np.int64)  # left padding
+        positions = position_ids(mask)[:, P:]
+        feed = {"input_ids": rng.integers(0, config.vocab_size, size=(B, T)).astype(np.int64),
+                "attention_mask": mask, "position_ids": positions.astype(np.int64)}
+        for i in range(layers):
+            for kind in ("key", "value"):
+                feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, Hkv, P, D)).astype(np.float32)
+        return {name: feed[name] for name in names}
+
+    return make
 
 
-def spec_for(package: str, model, task: str, **options) -> ExportSpec:
-    if task == "text-generation":
-        from kiln.exporter.decoder import decoder_spec
+def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+                 hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    if hidden_states or attentions:
+        raise ValueError("--output-hidden-states/--output-attentions are not supported for text-generation exports.")
+    config = model.config
+    B, T, P, S = "batch", "sequence", "past_sequence", "total_sequence"
+    inputs = [TensorSpec("input_ids", "int64", (B, T)), TensorSpec("attention_mask", "int64", (B, S)),
+              TensorSpec("position_ids", "int64", (B, T))]
+    outputs = [TensorSpec("logits", "float32", (B, T, config.vocab_size))]
+    for i in range(config.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", (B, config.num_key_value_heads, P, config.head_dim)))
+            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", (B, config.num_key_value_heads, S, config.head_dim)))
+    context = config.max_position_embeddings
+    seq = seq or AxisRange(1, context)
+    if seq.max > context:
+        raise ValueError(f"--seq max {seq.max} exceeds the model's context window {context} (max_position_embeddings).")
+    axes = {B: batch or AxisRange(1, 64), T: seq, P: AxisRange(0, context - 1)}
+    return ExportSpec(task, tuple(inputs), tuple(outputs), axes, decoder_feed(config, [t.name for t in inputs]),
+                      atol=1e-4, extra={"derived_axes": {S: (P, T)}})
 
-        return decoder_spec(model, task, **options)
-    return SPECS[package](model, task, **options)
+
+# A family's record names its layout (``Architecture.spec``).
+SPECS = {"text-encoder": bert_spec, "vision-encoder": vit_spec, "decoder": decoder_spec}
+
+
+def spec_for(kind: str, model, task: str, **options) -> ExportSpec:
+    return SPECS[kind](model, task, **options)

@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.artifact import MANIFEST, artifact_file, load_manifest, weights_file
+from kiln import hub
+from kiln.artifact import artifact_file, load_manifest, weights_file
 from kiln.errors import ExportError, InputError
+from kiln.files import sha256_file
 
 log = logging.getLogger("kiln")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -162,7 +164,7 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
     if cc is None:
         raise ExportError("Building a TensorRT engine needs an NVIDIA GPU, and CUDA found none on this machine.")
     model = artifact_file(artifact, manifest["model"])
-    onnx_sha = (manifest.get("files") or {}).get(manifest["model"]) or _sha256(model)
+    onnx_sha = (manifest.get("files") or {}).get(manifest["model"]) or sha256_file(model)
     key = cache_key(onnx_sha, trt.__version__, cc, shapes, precision, version_compatible=version_compatible)
     path = engine_path(artifact, key)
     existing = next((e for e in manifest.get("engines") or [] if e.get("key") == key), None)
@@ -178,7 +180,7 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
         staged = Path(tmp) / "engine.plan"
         staged.write_bytes(data)
         os.replace(staged, path)  # same directory tree: readers see the whole plan or none
-    entry = {"key": key, "file": path.relative_to(artifact).as_posix(), "sha256": _sha256(path),
+    entry = {"key": key, "file": path.relative_to(artifact).as_posix(), "sha256": sha256_file(path),
              "precision": precision, "profiles": {n: [list(s) for s in v] for n, v in shapes.items()},
              "axes": {n: list(r) for n, r in axis_ranges(manifest, profile).items()},
              "tensorrt": trt.__version__, "compute_capability": cc, "onnx_sha256": onnx_sha,
@@ -192,27 +194,22 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
 
 
 def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | None, plan: PrecisionPlan | None = None):
-    """Attention lowered for TensorRT, then (fp16/bf16) the types written into the graph; returns (path, counts)."""
+    """The artifact's graph after ``kiln.exporter.plan.tensorrt_passes`` (attention lowered for TensorRT, then fp16/bf16
+    typed into the graph); returns (path, counts)."""
     import onnx_ir as ir
 
-    from kiln.exporter.passes.lower_attention import lower_for_tensorrt
-    from kiln.kernels.attention.trt_plugin import supports_plugin, tensorrt_version
+    from kiln.exporter import passes
+    from kiln.exporter.plan import tensorrt_passes
+    from kiln.kernels.attention.trt_plugin import DOMAIN, PLUGIN_NAME, supports_plugin, tensorrt_version
 
     form = (manifest.get("attention") or {}).get("form", "onnx")
-    if form in ("contrib", "contrib-mha"):
-        op = "Attention" if form == "contrib" else "MultiHeadAttention"
-        raise ExportError(f"This artifact's attention is onnxruntime's com.microsoft.{op} (--attention {form}), "
-                          "which TensorRT cannot parse. Re-export with --attention onnx.")
+    precision = plan.precision if plan is not None else "fp32"
+    steps = tensorrt_passes(form, manifest.get("precision") or "fp32", precision)
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))
-    if form in ("onnx-3d", "onnx-packed"):  # standard ONNX, but TensorRT is only known to parse (B, H, T, D) inputs
-        from kiln.exporter.passes.attention_forms import to_4d
-
-        to_4d(model)
-    from kiln.exporter.passes.rotary import unfuse_rotary
-
-    unfuse_rotary(model)  # RotaryEmbedding (opset 23) back to Mul/Add: not every TensorRT parser knows the op
-    counts = lower_for_tensorrt(model, aot=aot, sliding_window=_sliding_window(artifact))
+    results = passes.run(model, steps, aot=aot, sliding_window=_sliding_window(artifact),
+                         extra_half_ops={(DOMAIN, PLUGIN_NAME)})
+    counts = dict(results["lower-attention"].details)
     if counts["skipped"]:
         raise ExportError(f"{counts['skipped']} decoder attention node(s) could not be lowered for TensorRT (see the "
                           "warnings above): TensorRT's ONNX Attention cannot return a KV cache.")
@@ -220,28 +217,26 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
         raise ExportError(f"TensorRT {version} has no Python plugins; decoders need TensorRT >= 10.6.")
     if counts["kept"] and tensorrt_version(version) < (10, 14):
         raise ExportError(f"TensorRT {version} cannot parse the ONNX Attention op (TensorRT >= 10.14 can). Upgrade it.")
-    if plan is not None and plan.graph_pass:
-        from kiln.exporter.passes.half import convert
-        from kiln.kernels.attention.trt_plugin import DOMAIN, PLUGIN_NAME
-
-        counts["precision"] = convert(model, plan.precision, extra_half_ops={(DOMAIN, PLUGIN_NAME)})
+    if "half" in results:
+        counts["precision"] = dict(results["half"].details)
     lowered = tmp / "model.onnx"
     external = weights_file(source).is_file()  # keep big weights outside the protobuf's 2 GB limit
     ir.save(model, str(lowered), external_data=weights_file(lowered).name if external else None)
     return lowered, counts
 
 
-# Copied from graphs.llama.config.LlamaConfig.from_dict (the window rule): kiln build must not need torch.
 def _sliding_window(artifact: Path) -> int | None:
-    """The attention window the decoder uses, if narrower than its context (the plugin has no window)."""
+    """The attention window the decoder uses, if narrower than its context (the plugin has no window): the family's
+    config decides, as when the model was exported."""
+    from kiln.errors import KilnError
+    from kiln.graphs import registry
+
     try:
-        raw = json.loads((artifact / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = hub.read_config(artifact)
+        config = registry.architecture(raw).config.from_dict(raw)
+    except KilnError:
         return None
-    window, model_type = raw.get("sliding_window"), raw.get("model_type")
-    if model_type in ("mistral", "qwen2") and not raw.get("use_sliding_window", model_type == "mistral"):
-        return None
-    context = raw.get("max_position_embeddings") or 0
+    window, context = getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", 0)
     return window if isinstance(window, int) and 0 < window < context else None
 
 
@@ -272,20 +267,10 @@ def _engine_bytes(trt, onnx_path: Path, plan: PrecisionPlan, shapes: dict, timin
 
 
 def _record(artifact: Path, entry: dict) -> None:
-    """Add the engine to kiln.json (replacing an entry of the same key), atomically and under a lock."""
-    from filelock import FileLock
+    """Add the engine to kiln.json, replacing an entry of the same key."""
+    from kiln.artifact import update_manifest
 
-    with FileLock(str(artifact / "engines" / ".lock")):
-        manifest = load_manifest(artifact)
+    def add(manifest: dict) -> None:
         manifest["engines"] = [e for e in manifest.get("engines") or [] if e.get("key") != entry["key"]] + [entry]
-        staged = artifact / "engines" / f".{MANIFEST}.tmp"
-        staged.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(staged, artifact / MANIFEST)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    update_manifest(artifact, add)

@@ -78,7 +78,7 @@ def perturbed_trace(monkeypatch):
     """Make the traced graph really disagree with the reference: trace a copy whose weights carry noise."""
     import copy
 
-    from kiln.exporter import trace_torch
+    from kiln.exporter.trace import torch as trace_torch
 
     original = trace_torch.trace
 

@@ -153,7 +153,7 @@ def test_logits_to_keep_is_transformers_argument(exported, keep):
 
 def test_decoder_session_prefills_only_the_last_position(exported):
     """The runtime's decode loop feeds logits_to_keep=1: the same last-position logits and cache as a full run."""
-    from kiln.runtime.decoding import DecoderSession
+    from kiln.runtime.generate import DecoderSession
 
     artifact, _, kv_heads = exported
     engine = OnnxRuntimeEngine(artifact / "model.onnx")
@@ -165,31 +165,6 @@ def test_decoder_session_prefills_only_the_last_position(exported):
     assert logits.shape == (2, VOCAB)
     np.testing.assert_allclose(logits, full["logits"][:, -1], atol=1e-6)
     np.testing.assert_allclose(cache["past_key_values.1.value"].numpy(), full["present.1.value"], atol=1e-6)
-
-
-def test_packing_keeps_the_numbers(exported, tmp_path):
-    """passes/pack.py on the traced graph (--attention onnx packs nothing): five MatMuls per layer become two and two
-    Splits, and the outputs stay those of the unpacked graph."""
-    import onnx_ir as ir
-
-    from kiln.exporter.passes.pack import pack_projections
-
-    artifact, _, kv_heads = exported
-    kiln.export(load_manifest(artifact)["source"]["path"], tmp_path / "traced", task="text-generation", batch="1:4",
-                attention="onnx")
-    model = ir.load(str(tmp_path / "traced" / "model.onnx"))
-    before = Counter(n.op_type for n in model.graph)
-    assert before["MatMul"] == 7 * LAYERS + 1 and before["Split"] == 2 * LAYERS  # rotate_half's Splits
-    assert pack_projections(model) == 2 * LAYERS
-    ir.save(model, str(tmp_path / "packed.onnx"))
-    after = Counter(n.op_type for n in onnx.load(str(tmp_path / "packed.onnx")).graph.node)
-    assert after["MatMul"] == 4 * LAYERS + 1 and after["Split"] == 4 * LAYERS
-    ids, mask, pos = left_padded([6, 4], 6, seed=4)
-    feed = ort_feed(ids, mask, pos, kv_heads)
-    want = OnnxRuntimeEngine(tmp_path / "traced" / "model.onnx").run(feed)
-    got = OnnxRuntimeEngine(tmp_path / "packed.onnx").run(feed)
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
 
 
 def test_inspect_lists_the_optional_input(exported, capsys):

@@ -94,19 +94,19 @@ def test_pipelines_run_the_jax_artifact(jax_artifacts, artifacts):
 
 def test_output_attentions_trace_decomposed(checkpoints, tmp_path):
     """Probabilities need the eager math, which jax2onnx keeps as MatMul/Softmax; the exporter records that."""
-    from kiln.exporter import _attention_lowering
+    from kiln.exporter.export import attention_lowering
     from kiln.exporter.specs import spec_for
-    from kiln.exporter.trace_jax import trace
+    from kiln.exporter.trace.jax import trace
     from kiln.graphs.checkpoint import from_pretrained
 
     path = checkpoints("bert", "feature-extraction")[0]
     model = from_pretrained(path, framework="jax")
-    spec = spec_for("bert", model, "feature-extraction", hidden_states=True, attentions=True)
+    spec = spec_for("text-encoder", model, "feature-extraction", hidden_states=True, attentions=True)
     onnx_path = trace(model, spec, tmp_path / "model.onnx")
     graph = onnx.load(str(onnx_path)).graph
     ops = Counter(n.op_type for n in graph.node)
     assert (ops["Attention"], ops["Softmax"]) == (0, 2)
-    assert _attention_lowering(ops, 2, "jax") == "decomposed"
+    assert attention_lowering(ops, 2, "jax") == "decomposed"
     assert [o.name for o in graph.output] == [t.name for t in spec.outputs]
     # The decomposed graph's probabilities and hidden states are the torch reference's.
     feed = spec.make_feed({"batch": 3, "sequence": 9}, np.random.default_rng(0))
@@ -120,7 +120,7 @@ def test_output_attentions_trace_decomposed(checkpoints, tmp_path):
 
 
 def test_trace_errors_are_one_line_export_errors(tmp_path):
-    from kiln.exporter.trace_jax import trace
+    from kiln.exporter.trace.jax import trace
 
     spec = ExportSpec("feature-extraction", (TensorSpec("input_ids", "int64", ("batch", "sequence")),),
                       (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", 4)),),
@@ -156,7 +156,7 @@ def decoders(tmp_path_factory):
 
 
 def test_decoder_export_matches_the_torch_artifact(decoders):
-    from kiln.exporter.decoder import decoder_feed
+    from kiln.exporter.specs import decoder_feed
     from kiln.graphs.llama.config import LlamaConfig
 
     ours, theirs = decoders
@@ -172,7 +172,7 @@ def test_decoder_export_matches_the_torch_artifact(decoders):
 
 
 def test_text_generation_greedy_tokens_equal(decoders):
-    from kiln.runtime.decoding import generate
+    from kiln.runtime.generate import generate
 
     ours, theirs = (kiln.pipeline("text-generation", artifact) for artifact in decoders)
     batch = ours.tokenizer(SENTENCES, padding_side="left")

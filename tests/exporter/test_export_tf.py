@@ -17,7 +17,7 @@ if importlib.util.find_spec("tensorflow") is None:
                 allow_module_level=True)
 
 # Before anything else imports TensorFlow: kiln's TensorFlow modules load triton first (kiln/graphs/bert/model_tf.py).
-from kiln.exporter import trace_tf  # noqa: E402, I001
+from kiln.exporter.trace import tf as trace_tf  # noqa: E402, I001
 
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
@@ -26,8 +26,7 @@ import transformers  # noqa: E402
 import kiln  # noqa: E402
 from kiln.artifact import load_manifest  # noqa: E402
 from kiln.errors import ExportError  # noqa: E402
-from kiln.exporter.decoder import decoder_feed  # noqa: E402
-from kiln.exporter.specs import AxisRange, ExportSpec, TensorSpec, text_feed  # noqa: E402
+from kiln.exporter.specs import AxisRange, ExportSpec, TensorSpec, decoder_feed, text_feed  # noqa: E402
 from kiln.graphs.checkpoint import from_pretrained  # noqa: E402
 from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
 
@@ -192,7 +191,7 @@ def test_decoder_artifact_matches_the_torch_artifact_and_takes_an_empty_cache(ll
 
 
 def test_text_generation_pipeline_greedy_tokens_equal_the_torch_artifact(llama):
-    from kiln.runtime.decoding import generate
+    from kiln.runtime.generate import generate
 
     _, torch_artifact, tf_artifact = llama
     pipes = [kiln.pipeline("text-generation", a) for a in (tf_artifact, torch_artifact)]
@@ -241,7 +240,7 @@ def test_big_weights_go_to_external_data_and_too_big_ones_are_refused(checkpoint
 
     path, _ = checkpoints("bert", "feature-extraction")
     reference = from_pretrained(path, "feature-extraction", framework="tf")
-    spec = spec_for("bert", reference, "feature-extraction", batch=AxisRange(1, 4), seq=AxisRange(1, 16))
+    spec = spec_for("text-encoder", reference, "feature-extraction", batch=AxisRange(1, 4), seq=AxisRange(1, 16))
     monkeypatch.setattr(trace_tf, "EXTERNAL_DATA_BYTES", 0)
     with caplog.at_level(logging.INFO, logger="kiln"):
         trace_tf.trace(reference, spec, tmp_path / "model.onnx", opset=23)

@@ -44,7 +44,7 @@ def test_decoder_int4_is_weight_only_and_gated(tmp_path, monkeypatch):
     import torch
     import transformers
 
-    from kiln.exporter.passes import quantize as q
+    from kiln.exporter import precision as q
 
     config = transformers.AutoConfig.for_model("llama", vocab_size=97, hidden_size=64, intermediate_size=96,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -91,56 +91,6 @@ def test_real_minilm_fp16_and_bf16(minilm_dir, tmp_path):
         kiln.pipeline("feature-extraction", tmp_path / "bf16")
 
 
-def _tiny_graph(path):
-    """x -> MatMul(W) -> LayerNormalization -> Softmax -> Mul(2) -> y: a half op, two fp32 islands, a half op."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    W = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")
-    scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
-    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("LayerNormalization", ["h", "scale"], ["n"]),
-             helper.make_node("Softmax", ["n"], ["p"]), helper.make_node("Mul", ["p", "two"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], [W, scale, two])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
-    model.ir_version = 10
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
-    return path
-
-
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_pass_types_and_islands(tmp_path, precision):
-    from kiln.exporter.passes.half import convert
-
-    src = _tiny_graph(tmp_path / "tiny.onnx")
-    model = ir.load(str(src))
-    counts = convert(model, precision)
-    low = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}[precision]
-    by_op = {n.op_type: n for n in model.graph}
-    assert by_op["MatMul"].outputs[0].dtype == low and by_op["MatMul"].inputs[1].dtype == low
-    assert by_op["LayerNormalization"].inputs[0].dtype == ir.DataType.FLOAT
-    assert by_op["Softmax"].outputs[0].dtype == ir.DataType.FLOAT and by_op["Mul"].outputs[0].dtype == low
-    assert [o.name for o in model.graph.outputs] == ["y"] and model.graph.outputs[0].dtype == ir.DataType.FLOAT
-    assert counts["weights"] == 2 and "W" not in model.graph.initializers  # W and the constant 2, converted
-    ir.save(model, str(tmp_path / "half.onnx"))
-    onnx.checker.check_model(onnx.load(str(tmp_path / "half.onnx")), full_check=True)
-
-    # The simulation: fp32 throughout, values rounded where the real graph holds them in half precision. For fp16
-    # it must agree with onnxruntime running the real fp16 graph, and differ from the fp32 graph.
-    sim = ir.load(str(src))
-    convert(sim, precision, simulate=True)
-    assert all(v.dtype in (ir.DataType.FLOAT, low, None) for n in sim.graph for v in n.outputs)
-    ir.save(sim, str(tmp_path / "sim.onnx"))
-    x = {"x": np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32) * 3}
-    fp32 = ort.InferenceSession(str(src)).run(None, x)[0]
-    simulated = ort.InferenceSession(str(tmp_path / "sim.onnx")).run(None, x)[0]
-    assert 0 < np.abs(simulated - fp32).max() < (2e-3 if precision == "fp16" else 2e-2)
-    if precision == "fp16":
-        real = ort.InferenceSession(str(tmp_path / "half.onnx")).run(None, x)[0]
-        np.testing.assert_allclose(simulated, real, atol=1e-3)
-
-
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("tensorflow") is None, reason="TensorFlow not installed")
 def test_fp16_of_a_tf_graph_keeps_its_mask_constant_finite(checkpoints, tmp_path):
     """tf2onnx writes masking as scores * m + float32.min * (1 - m): the constant must become the half type's most
@@ -177,9 +127,8 @@ def test_decoder_weights_are_blockwise_and_the_tied_head_too(tmp_path, precision
     (torch.onnx folds the Transpose itself below 262,144 elements: the vocabulary here is just above.)"""
     from conftest import make_causal_lm
 
-    from kiln.runtime.decoding import DecoderSession, generate
+    from kiln.runtime.generate import DecoderSession, GenerationConfig, generate
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
-    from kiln.runtime.generation import GenerationConfig
 
     make_causal_lm(tmp_path / "ckpt", "llama", vocab_size=4200, hidden_size=64, intermediate_size=96,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -207,7 +156,7 @@ def test_int8_products_do_not_saturate_without_vnni(tmp_path):
     weights (87% error on a Zen 3); the 7-bit weights of kiln's int8 stay exact to rounding on every CPU."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from kiln.exporter.passes.quantize import quantize
+    from kiln.exporter.precision import quantize
 
     rng = np.random.default_rng(0)
     K, N = 64, 16
@@ -235,7 +184,7 @@ def test_weights_kept_beside_the_graph_stay_beside_it_at_every_precision(checkpo
     what the same export with inline weights computes."""
     from conftest import TINY_LLAMA, make_causal_lm
 
-    from kiln.exporter import trace_torch
+    from kiln.exporter.trace import torch as trace_torch
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     if task == "text-generation":
@@ -263,3 +212,14 @@ def test_weights_kept_beside_the_graph_stay_beside_it_at_every_precision(checkpo
             for i in engines[0].session.get_inputs() if i.name != "logits_to_keep"}
     for want, got in zip(engines[0].session.run(None, feed), engines[1].session.run(None, feed)):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_image_classifier_precisions_are_gated_on_label_agreement(vit_checkpoints, tmp_path, precision):
+    """A ViT has no attention_mask: the accuracy gate takes the validator's image-classification check (the gate's
+    own copy of the metrics failed with KeyError 'attention_mask' before they were one)."""
+    path, _ = vit_checkpoints("image-classification")
+    manifest = kiln.export(str(path), tmp_path / precision, task="image-classification", precision=precision,
+                           force_precision=True, batch="1:4")
+    assert set(manifest["accuracy"]) >= {"label_agreement", "gate", "passed", "inputs"}
+    assert manifest["precision"] == precision

@@ -12,55 +12,67 @@ constant 0.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
-log = logging.getLogger("kiln")
+from kiln.exporter.passes.base import GraphPass, PassResult, Skip
+from kiln.exporter.passes.builder import initializer
 
 NAME = "logits_to_keep"
 # Its entry in kiln.json's ``optional_inputs``.
 OPTIONAL_INPUT = {"name": NAME, "dtype": "int64", "shape": [], "default": 0}
 
 
-def keep_last_logits(model: ir.Model, output: str = "logits") -> bool:
-    """Rewrite ``model`` in place; False (and nothing changed) when ``output`` is not the product of the hidden states
-    with a matrix, the form of every kiln decoder's LM head."""
-    graph = model.graph
-    logits = next((v for v in graph.outputs if v.name == output), None)
-    head = logits.producer() if logits is not None else None
-    if head is None or not _maps_sequence_axis(head):
-        log.info("logits_to_keep: %r is not a product of (batch, sequence, hidden) states; graph unchanged", output)
-        return False
-    if any(v.name == NAME for v in graph.inputs):
-        return False
-    hidden = head.inputs[0]
-    if hidden.shape is None or len(hidden.shape) != 3:
-        log.info("logits_to_keep: the LM head's input is not (batch, sequence, hidden); graph unchanged")
-        return False
-    keep = ir.Value(name=NAME, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
-                    const_value=ir.tensor(np.array(0, dtype=np.int64), name=NAME))
-    graph.inputs.append(keep)
-    graph.register_initializer(keep)
-    # Slice(hidden, starts=[-k], ends=[INT64_MAX], axes=[1]): k = 0 starts at 0 (every position), k = 1 at -1.
-    neg = ir.node("Neg", [keep], name=f"{NAME}_neg")
-    starts = ir.node("Unsqueeze", [neg.outputs[0], _constant(graph, f"{NAME}_axes0", [0])], name=f"{NAME}_starts")
-    sliced = ir.node("Slice", [hidden, starts.outputs[0], _constant(graph, f"{NAME}_ends", [np.iinfo(np.int64).max]),
-                               _constant(graph, f"{NAME}_axes", [1])], name=f"{NAME}_slice")
-    for node in (neg, starts, sliced):
-        graph.insert_before(head, node)
-    # Every value typed: the fp16/bf16 pass reads the types (tf2onnx's graphs carry them all).
-    neg.outputs[0].dtype, neg.outputs[0].shape = ir.DataType.INT64, ir.Shape([])
-    starts.outputs[0].dtype, starts.outputs[0].shape = ir.DataType.INT64, ir.Shape([1])
-    sliced.outputs[0].name = f"{hidden.name}_kept"
-    sliced.outputs[0].dtype = hidden.dtype
-    sliced.outputs[0].shape = ir.Shape([hidden.shape[0], ir.SymbolicDim("logits_sequence"), hidden.shape[2]])
-    head.replace_input_with(0, sliced.outputs[0])
-    if logits.shape is not None and len(logits.shape) == 3:
-        logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("logits_sequence"), logits.shape[2]])
-    log.info("logits_to_keep: the LM head reads the last logits_to_keep positions (default 0: all)")
-    return True
+class KeepLastLogits(GraphPass):
+    """The graph output ``output`` (a decoder's logits) computed for the last ``logits_to_keep`` positions only."""
+
+    name = "logits_to_keep"
+
+    def __init__(self, output: str = "logits"):
+        self.output = output
+
+    def candidates(self, model):
+        return [model]
+
+    def match(self, model: ir.Model):
+        graph = model.graph
+        logits = next((v for v in graph.outputs if v.name == self.output), None)
+        head = logits.producer() if logits is not None else None
+        if head is None or not _maps_sequence_axis(head):
+            return Skip(f"{self.output!r} is not a product of (batch, sequence, hidden) states")
+        if any(v.name == NAME for v in graph.inputs):
+            return Skip(f"the graph already takes {NAME}")
+        hidden = head.inputs[0]
+        if hidden.shape is None or len(hidden.shape) != 3:
+            return Skip("the LM head's input is not (batch, sequence, hidden)")
+        return logits, head, hidden
+
+    def rewrite(self, model, match, result: PassResult) -> None:
+        logits, head, hidden = match
+        graph = model.graph
+        keep = ir.Value(name=NAME, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
+                        const_value=ir.tensor(np.array(0, dtype=np.int64), name=NAME))
+        graph.inputs.append(keep)
+        graph.register_initializer(keep)
+        # Slice(hidden, starts=[-k], ends=[INT64_MAX], axes=[1]): k = 0 starts at 0 (every position), k = 1 at -1.
+        neg = ir.node("Neg", [keep], name=f"{NAME}_neg")
+        starts = ir.node("Unsqueeze", [neg.outputs[0], _ints(graph, f"{NAME}_axes0", [0])], name=f"{NAME}_starts")
+        sliced = ir.node("Slice", [hidden, starts.outputs[0], _ints(graph, f"{NAME}_ends", [np.iinfo(np.int64).max]),
+                                   _ints(graph, f"{NAME}_axes", [1])], name=f"{NAME}_slice")
+        for node in (neg, starts, sliced):
+            graph.insert_before(head, node)
+        # Every value typed: the fp16/bf16 pass reads the types (tf2onnx's graphs carry them all).
+        neg.outputs[0].dtype, neg.outputs[0].shape = ir.DataType.INT64, ir.Shape([])
+        starts.outputs[0].dtype, starts.outputs[0].shape = ir.DataType.INT64, ir.Shape([1])
+        sliced.outputs[0].name = f"{hidden.name}_kept"
+        sliced.outputs[0].dtype = hidden.dtype
+        sliced.outputs[0].shape = ir.Shape([hidden.shape[0], ir.SymbolicDim("logits_sequence"), hidden.shape[2]])
+        head.replace_input_with(0, sliced.outputs[0])
+        if logits.shape is not None and len(logits.shape) == 3:
+            logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("logits_sequence"), logits.shape[2]])
+
+    def finish(self, model, result) -> None:
+        pass
 
 
 def _maps_sequence_axis(head: ir.Node) -> bool:
@@ -79,8 +91,5 @@ def _maps_sequence_axis(head: ir.Node) -> bool:
             and first[1] not in second)
 
 
-def _constant(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(values)]),
-                     const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
-    graph.register_initializer(value)
-    return value
+def _ints(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    return initializer(graph, name, np.array(values, dtype=np.int64))

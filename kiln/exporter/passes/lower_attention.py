@@ -1,6 +1,6 @@
 """Lower the fused ``Attention`` nodes for TensorRT, and back again for onnxruntime.
 
-``lower_for_tensorrt``: an encoder ``Attention`` (no KV cache) stays: TensorRT >= 10.14 parses it into its own fused
+``LowerForTensorRT``: an encoder ``Attention`` (no KV cache) stays: TensorRT >= 10.14 parses it into its own fused
 attention. A decoder ``Attention`` with past inputs and present outputs cannot stay (TensorRT's has one output and no
 past), so it becomes ``Concat(past, new)`` for each present plus the kiln plugin node over the whole cache
 (:mod:`kiln.kernels.attention.trt_plugin`). The plugin takes per-row key ranges instead of a mask; they are read off
@@ -11,53 +11,67 @@ spec says, where the exported mask let them attend everything; what they produce
 which every real query masks out. A sliding window is not expressible, so the pass leaves such nodes alone (the
 caller says so: the window is a config fact the graph does not show).
 
-``decompose`` replaces each plugin node by standard ONNX (the mask rebuilt from the ranges, ``Attention`` without a
+``DecomposePlugin``, the inverse, replaces each plugin node by standard ONNX (the mask rebuilt from the ranges, ``Attention`` without a
 cache, fully masked rows zeroed) so that onnxruntime can check a lowered graph against the original.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
+from kiln.exporter.passes.base import GraphPass, PassResult, Skip, standard_nodes
+from kiln.exporter.passes.builder import Builder
 from kiln.kernels.attention import trt_plugin
 
 log = logging.getLogger("kiln")
 _MAX_INT64 = np.iinfo(np.int64).max
-_names = itertools.count()  # unique names for the constants the passes add
+ENCODER = "encoder attention (no KV cache): TensorRT parses it"
 
 
-def lower_for_tensorrt(model: ir.Model, *, aot: bool | None = None, sliding_window: int | None = None) -> dict:
-    """Rewrite ``model`` in place; returns counts ``{"kept": encoder nodes left as Attention, "plugin": decoder nodes
-    lowered, "skipped": decoder nodes that could not be}``. ``aot`` goes on the plugin nodes (TensorRT >= 10.9)."""
-    graph, counts, ranges = model.graph, {"kept": 0, "plugin": 0, "skipped": 0}, {}
-    for node in list(graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
-            continue
+class LowerForTensorRT(GraphPass):
+    """Decoder attention nodes to the kiln plugin; ``details``: {"kept": encoder nodes left as Attention, "plugin":
+    decoder nodes lowered, "skipped": decoder nodes that could not be}. ``aot`` goes on the plugin nodes (TensorRT
+    >= 10.9); ``sliding_window``, a config fact the graph does not show, keeps a decoder from being lowered."""
+
+    name = "lower attention for TensorRT"
+
+    def __init__(self, *, aot: bool | None = None, sliding_window: int | None = None):
+        self.aot, self.sliding_window = aot, sliding_window
+
+    def candidates(self, model):
+        self._ranges = {}
+        return standard_nodes(model, "Attention")
+
+    def match(self, node):
         if not _has_cache(node):
             if _returns_probs(node):
                 log.warning("lower_for_tensorrt: %s returns attention probabilities (qk_matmul_output); TensorRT's "
                             "Attention has one output. Export without --output-attentions for TensorRT.", node.name)
-            counts["kept"] += 1
-            continue
-        reason = _why_not(node, sliding_window)
-        if reason:
-            log.warning("lower_for_tensorrt: %s stays an ONNX Attention node: %s.", node.name, reason)
-            counts["skipped"] += 1
-            continue
+            return Skip(ENCODER)
+        reason = _why_not(node, self.sliding_window)
+        return Skip(reason) if reason else node
+
+    def skipped(self, model, node, skip: Skip) -> None:
+        if skip.reason != ENCODER:
+            log.warning("lower_for_tensorrt: %s stays an ONNX Attention node: %s.", node.name, skip.reason)
+
+    def rewrite(self, model, node: ir.Node, result: PassResult) -> None:
         mask = node.inputs[3]
-        if mask not in ranges:
-            ranges[mask] = _key_ranges(graph, node, mask)
-        _replace_with_plugin(graph, node, *ranges[mask], aot=aot)
-        counts["plugin"] += 1
-    if counts["plugin"]:
+        if mask not in self._ranges:
+            self._ranges[mask] = _key_ranges(model.graph, node, mask)
+        _replace_with_plugin(model.graph, node, *self._ranges[mask], aot=self.aot)
+
+    def finish(self, model, result) -> None:
         model.opset_imports[trt_plugin.DOMAIN] = 1
-    log.info("lower_for_tensorrt: %d Attention node(s) kept for TensorRT, %d lowered to %s, %d skipped",
-             counts["kept"], counts["plugin"], trt_plugin.PLUGIN_ID, counts["skipped"])
-    return counts
+
+    def call(self, model: ir.Model) -> PassResult:
+        result = super().call(model)
+        kept = result.skipped[ENCODER]
+        result.details.update(kept=kept, plugin=result.rewritten, skipped=sum(result.skipped.values()) - kept)
+        return result
 
 
 def _has_cache(node: ir.Node) -> bool:
@@ -91,21 +105,16 @@ def _why_not(node: ir.Node, sliding_window: int | None) -> str | None:
 
 def _key_ranges(graph: ir.Graph, before: ir.Node, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """(key_starts, key_lengths), (B,) int32, from the mask's last query row: first attended key and their count."""
-    nodes = []
-
-    def add(op, inputs, **attributes):
-        nodes.append(ir.node(op, inputs, attributes=attributes, name=f"kiln_key_ranges_{len(nodes)}"))
-        return nodes[-1].outputs[0]
-
-    last = add("Slice", [mask, _const(nodes, [-1]), _const(nodes, [_MAX_INT64]), _const(nodes, [2])])  # (B, 1, 1, S)
-    row = add("Cast", [last], to=ir.DataType.FLOAT)  # ArgMax/ReduceSum on floats: the types every runtime takes
-    flat = _const(nodes, [-1])
-    starts = add("Reshape", [add("ArgMax", [row], axis=3, keepdims=0), flat])  # (B,) int64: the first True
-    count = add("Reshape", [add("ReduceSum", [row, _const(nodes, [3])], keepdims=0), flat])  # (B,) float
-    starts = add("Cast", [starts], to=ir.DataType.INT32)
-    lengths = add("Add", [starts, add("Cast", [count], to=ir.DataType.INT32)])
+    b = Builder("kiln_key_ranges")
+    last = b.op("Slice", [mask, b.const([-1]), b.const([_MAX_INT64]), b.const([2])])  # (B, 1, 1, S)
+    row = b.op("Cast", [last], to=ir.DataType.FLOAT)  # ArgMax/ReduceSum on floats: the types every runtime takes
+    flat = b.const([-1])
+    starts = b.op("Reshape", [b.op("ArgMax", [row], axis=3, keepdims=0), flat])  # (B,) int64: the first True
+    count = b.op("Reshape", [b.op("ReduceSum", [row, b.const([3])], keepdims=0), flat])  # (B,) float
+    starts = b.op("Cast", [starts], to=ir.DataType.INT32)
+    lengths = b.op("Add", [starts, b.op("Cast", [count], to=ir.DataType.INT32)])
     starts.name, lengths.name = "kiln_key_starts", "kiln_key_lengths"
-    graph.insert_before(before, nodes)
+    b.insert_before(graph, before)
     return starts, lengths
 
 
@@ -125,56 +134,54 @@ def _replace_with_plugin(graph: ir.Graph, node: ir.Node, starts: ir.Value, lengt
     ir.convenience.replace_nodes_and_values(graph, node, [node], new, old_values, new_values)
 
 
-def decompose(model: ir.Model) -> int:
-    """Replace every kiln plugin node by standard ONNX with the kernel's semantics; returns how many."""
-    graph, count = model.graph, 0
-    for node in list(graph):
-        if node.domain == trt_plugin.DOMAIN and node.op_type == trt_plugin.PLUGIN_NAME:
-            _decompose_one(graph, node)
-            count += 1
-    if count and not any(n.domain == trt_plugin.DOMAIN for n in graph):
-        model.opset_imports.pop(trt_plugin.DOMAIN, None)
-    return count
+class DecomposePlugin(GraphPass):
+    """The inverse: every kiln plugin node as standard ONNX with the kernel's semantics (onnxruntime can then check a
+    lowered graph against the original)."""
+
+    name = "decompose the TensorRT plugin"
+
+    def candidates(self, model):
+        return [n for n in model.graph if n.domain == trt_plugin.DOMAIN and n.op_type == trt_plugin.PLUGIN_NAME]
+
+    def match(self, node):
+        return node
+
+    def rewrite(self, model, node: ir.Node, result: PassResult) -> None:
+        _decompose_one(model.graph, node)
+
+    def finish(self, model, result) -> None:
+        if not any(n.domain == trt_plugin.DOMAIN for n in model.graph):
+            model.opset_imports.pop(trt_plugin.DOMAIN, None)
 
 
 def _decompose_one(graph: ir.Graph, node: ir.Node) -> None:
     q, k, v, starts, lengths = node.inputs
-    nodes = []
-
-    def add(op, inputs, **attributes):
-        nodes.append(ir.node(op, inputs, attributes=attributes, name=f"{node.name}_ref_{len(nodes)}"))
-        return nodes[-1].outputs[0]
+    b = Builder(f"{node.name}_ref")
 
     def length(x, axis):  # a scalar int64: x.shape[axis]
-        return add("Squeeze", [add("Shape", [x], start=axis, end=axis + 1), _const(nodes, [0])])
+        return b.op("Squeeze", [b.op("Shape", [x], start=axis, end=axis + 1), b.const([0])])
 
-    zero, one = _const(nodes, 0), _const(nodes, 1)
+    zero, one = b.const(0), b.const(1)
     T, S = length(q, 2), length(k, 2)
-    j = add("Range", [zero, S, one])  # (S,) key index
-    i = add("Unsqueeze", [add("Range", [zero, T, one]), _const(nodes, [1])])  # (T, 1) query index
+    j = b.op("Range", [zero, S, one])  # (S,) key index
+    i = b.op("Unsqueeze", [b.op("Range", [zero, T, one]), b.const([1])])  # (T, 1) query index
     causal = node.attributes.get_int("causal", 1)
     # Bottom-right causal: query i sees j <= i + S - T. Without causality every j < S passes the same test at i + S.
-    limit = add("Add", [i, add("Sub", [S, T]) if causal else S])  # (T, 1)
-    rows = add("LessOrEqual", [j, limit]) if causal else add("Less", [j, limit])  # (T, S)
-    lo = add("Unsqueeze", [add("Cast", [starts], to=ir.DataType.INT64), _const(nodes, [1])])  # (B, 1)
-    hi = add("Unsqueeze", [add("Cast", [lengths], to=ir.DataType.INT64), _const(nodes, [1])])
-    keys = add("And", [add("GreaterOrEqual", [j, lo]), add("Less", [j, hi])])  # (B, S)
-    keys = add("Unsqueeze", [keys, _const(nodes, [1, 2])])  # (B, 1, 1, S)
-    mask = add("And", [keys, rows])  # (B, 1, T, S): T explicit, as onnxruntime's Attention wants
-    y = add("Attention", [q, k, v, mask], scale=node.attributes.get_float("scale"))
+    limit = b.op("Add", [i, b.op("Sub", [S, T]) if causal else S])  # (T, 1)
+    rows = b.op("LessOrEqual", [j, limit]) if causal else b.op("Less", [j, limit])  # (T, S)
+    lo = b.op("Unsqueeze", [b.op("Cast", [starts], to=ir.DataType.INT64), b.const([1])])  # (B, 1)
+    hi = b.op("Unsqueeze", [b.op("Cast", [lengths], to=ir.DataType.INT64), b.const([1])])
+    keys = b.op("And", [b.op("GreaterOrEqual", [j, lo]), b.op("Less", [j, hi])])  # (B, S)
+    keys = b.op("Unsqueeze", [keys, b.const([1, 2])])  # (B, 1, 1, S)
+    mask = b.op("And", [keys, rows])  # (B, 1, T, S): T explicit, as onnxruntime's Attention wants
+    y = b.op("Attention", [q, k, v, mask], scale=node.attributes.get_float("scale"))
     # A query row that sees no key outputs zeros (the spec); onnxruntime's softmax over nothing would not.
-    seen = add("Cast", [add("ReduceMax", [add("Cast", [mask], to=ir.DataType.INT32), _const(nodes, [3])])],
-               to=ir.DataType.BOOL)  # (B, 1, T, 1)
-    out = add("Where", [seen, y, add("CastLike", [zero, q])])
-    graph.insert_before(node, nodes)
+    seen = b.op("Cast", [b.op("ReduceMax", [b.op("Cast", [mask], to=ir.DataType.INT32), b.const([3])])],
+                to=ir.DataType.BOOL)  # (B, 1, T, 1)
+    out = b.op("Where", [seen, y, b.op("CastLike", [zero, q])])
+    b.insert_before(graph, node)
     old = node.outputs[0]
     name, shape, type_ = old.name, old.shape, old.type
     ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
     graph.remove(node, safe=True)
     out.name, out.shape, out.type = name, shape, type_
-
-
-def _const(nodes: list, value) -> ir.Value:
-    array = np.asarray(value, dtype=np.int64)
-    nodes.append(ir.node("Constant", [], attributes={"value": ir.tensor(array)}, name=f"kiln_const_{next(_names)}"))
-    return nodes[-1].outputs[0]

@@ -11,34 +11,44 @@ same integers. Measured on SmolLM2-135M (onnxruntime CPU, interleaved, 16 rounds
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
 
-log = logging.getLogger("kiln")
+from kiln.exporter.passes.base import GraphPass, PassResult, Skip
+from kiln.exporter.passes.builder import initializer
 
 
-def pack_projections(model: ir.Model) -> int:
-    """Rewrite ``model`` in place; returns the number of packed MatMuls written (one per shared activation)."""
-    graph = model.graph
-    readers: dict[ir.Value, list[ir.Node]] = defaultdict(list)
-    for node in graph:
-        if _is_projection(node):
-            readers[node.inputs[0]].append(node)
-    order = {node: i for i, node in enumerate(graph)}
-    packed = 0
-    for x, nodes in readers.items():
+class PackProjections(GraphPass):
+    """Every activation read by two or more constant-weight MatMuls: one packed MatMul and a Split."""
+
+    name = "pack projections"
+
+    def candidates(self, model):
+        readers: dict[ir.Value, list[ir.Node]] = defaultdict(list)
+        for node in model.graph:
+            if _is_projection(node):
+                readers[node.inputs[0]].append(node)
+        self._order = {node: i for i, node in enumerate(model.graph)}
+        return list(readers.values())
+
+    def match(self, nodes: list[ir.Node]):
         if len(nodes) < 2:
-            continue
+            return Skip("one projection reads the activation")
         weights = [n.inputs[1].const_value.numpy() for n in nodes]  # read only where there is something to pack
         if len({(w.shape[0], w.dtype) for w in weights}) != 1:
-            continue
-        first = min(nodes, key=order.__getitem__)
+            return Skip("the weights differ in rows or type")
+        return nodes, weights
+
+    def rewrite(self, model, match, result: PassResult) -> None:
+        nodes, weights = match
+        graph = model.graph
+        first = min(nodes, key=self._order.__getitem__)
         name = f"{first.name}_packed"
-        weight = _initializer(graph, f"{name}_weight", np.concatenate(weights, axis=1))
-        sizes = _initializer(graph, f"{name}_sizes", np.array([w.shape[1] for w in weights], dtype=np.int64))
+        weight = initializer(graph, f"{name}_weight", np.concatenate(weights, axis=1))
+        sizes = initializer(graph, f"{name}_sizes", np.array([w.shape[1] for w in weights], dtype=np.int64))
+        x = nodes[0].inputs[0]
         matmul = ir.node("MatMul", [x, weight], name=name)
         split = ir.node("Split", [matmul.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes),
                         name=f"{name}_split")
@@ -55,9 +65,9 @@ def pack_projections(model: ir.Model) -> int:
             graph.remove(node, safe=True)
             if not old_weight.uses() and old_weight.name in graph.initializers:
                 del graph.initializers[old_weight.name]
-        packed += 1
-    log.info("pack: %d packed MatMul(s) written", packed)
-    return packed
+
+    def finish(self, model, result) -> None:
+        pass  # the rewrite removed what it replaced
 
 
 def _is_projection(node: ir.Node) -> bool:
@@ -68,10 +78,3 @@ def _is_projection(node: ir.Node) -> bool:
     if x is None or x.is_initializer() or w is None or w.const_value is None or not w.is_initializer():
         return False
     return w.shape is not None and len(w.shape) == 2
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value

@@ -3,7 +3,7 @@
 The reference is called inside a ``tf.function`` whose input signature has ``None`` for every dynamic axis, and
 tf2onnx converts that function (its keras-3 ``from_keras`` path is unreliable). tf2onnx 1.17 writes opset 18 at most
 and knows no fused attention op, so attention stays MatMul/Softmax: the exporter records it as ``decomposed``.
-Inputs and outputs are then named, ordered and given axis names exactly as the spec says, as ``trace_torch`` does.
+Inputs and outputs are then named, ordered and given axis names exactly as the spec says, as ``trace.torch`` does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kiln.errors import ExportError  # noqa: E402
 from kiln.exporter.specs import ExportSpec, model_inputs, output_flags, pick  # noqa: E402
 
 log = logging.getLogger("kiln")
-# Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data (as trace_torch does).
+# Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data (as trace.torch does).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 # tf2onnx holds the frozen graph, weights included, in single protobufs, which cannot exceed 2 GB; its large-model
 # mode would lift that but calls np.product, which NumPy 2 removed.

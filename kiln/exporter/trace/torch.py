@@ -18,9 +18,20 @@ import torch
 
 from kiln.errors import ExportError
 from kiln.exporter.specs import ExportSpec, model_inputs, name_axes, output_flags, pick  # noqa: F401 (re-exported)
+from kiln.kernels.attention.onnx import MIN_OPSET
 
 log = logging.getLogger("kiln")
-from kiln.kernels.attention.onnx import MIN_OPSET  # noqa: E402
+
+
+class _NoTorchvision(logging.Filter):
+    """torch.onnx warns on every export that torchvision (which kiln does not use) is missing, four lines a time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_NoTorchvision())
+
 # Above this the protobuf limit (2 GB) is near: weights go to model.onnx.data.
 EXTERNAL_DATA_BYTES = 1_500_000_000
 

@@ -1,9 +1,10 @@
 """Reduced precision: int8/int4 through onnxruntime's own quantization tools (CPU deployment), fp16/bf16 through the
-typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider runs fp16 but not bf16).
+typed-graph pass ``passes/half.py`` (GPUs and TensorRT; onnxruntime's CPU provider runs fp16 but not bf16), and the
+accuracy gate that decides whether the result may ship.
 
 - ``int8`` for encoders: dynamic quantization, per-channel weights of every MatMul/Gemm in 7 bits (``reduce_range``:
-  CPUs without VNNI saturate on full-range weights, see ``_quantize``; activations quantized at run time), and int8
-  embedding tables (Gather): all-MiniLM-L6-v2 shrinks from 87 to 23 MB at mean cosine 0.9915 on every CPU (full
+  CPUs without VNNI saturate on full-range weights, see ``_dynamic_int8``; activations quantized at run time), and
+  int8 embedding tables (Gather): all-MiniLM-L6-v2 shrinks from 87 to 23 MB at mean cosine 0.9915 on every CPU (full
   range: 0.9931 with VNNI, 0.9916 without).
   The fused ``Attention`` nodes stay fp32: onnxruntime's quantizer would otherwise mistake the standard ``Attention``
   op for its contrib op of the same name and emit an invalid ``QAttention``.
@@ -14,27 +15,30 @@ typed-graph pass in ``half.py`` (GPUs and TensorRT; onnxruntime's CPU provider r
   down projection alone takes it to 0.80 when left fp32), at the same decode speed. The price, on a CPU without VNNI:
   prefill at about 2x the dynamic int8 time (116 vs 58 ms for 32 tokens: onnxruntime's 8-bit blockwise kernel is
   slower than its u8 x s8 GEMM there).
-
 - ``fp16`` / ``bf16``: weights and safe arithmetic in half precision, normalisations, Softmax and reductions in
-  fp32, graph inputs and outputs fp32 (see ``half.py``).
+  fp32, graph inputs and outputs fp32 (see ``passes/half.py``).
 
 A graph whose weights live beside it (``model.onnx.data``: the tracers write those above 1.5 GB, near protobuf's 2 GB
 limit) gives reduced graphs written the same way, each intermediate file too (``kiln.artifact.weights_file``).
 
-Whether the result is good enough is measured by ``accuracy`` against the fp32 reference on real text, and the
-exporter refuses a precision below its gate unless forced. A bf16 graph cannot run on the CPU here, so its accuracy
-is measured on ``accuracy_model``: the same graph simulated in fp32 with every half-precision value rounded to bf16.
+Whether the result is good enough is measured by :func:`accuracy` against the fp32 reference on real text, with the
+validator's task metrics (``validate.TASK_CHECKS``) averaged and a gate per metric; the exporter refuses a precision
+below its gate unless forced. A bf16 graph cannot run on the CPU here, so its accuracy is measured on
+:func:`accuracy_model`: the same graph simulated in fp32 with every half-precision value rounded to bf16.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from kiln.artifact import weights_file
+from kiln.artifact import MODEL_FILE, weights_file
 
+log = logging.getLogger("kiln")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Short, varied English: what the accuracy gate embeds or continues.
 SENTENCES = [
@@ -54,7 +58,26 @@ SENTENCES = [
 # Decoders are gated loosely: teacher-forced top-1 agreement of a small model flips at near-ties (SmolLM2-135M: 0.93
 # with weight-only int8, 0.53 with int4, LM head included), so the gate only catches a broken quantization; the figure
 # is recorded for the user to judge.
-GATES = {"mean_cosine": 0.99, "label_agreement": 0.99, "token_agreement": 0.99, "next_token_agreement": 0.5}
+GATES = {"mean_cosine": 0.99, "label_agreement": 0.99, "token_agreement": 0.99, "span_agreement": 0.99,
+         "next_token_agreement": 0.5}
+
+
+def reduce_precision(reference, spec, directory: Path, precision: str) -> tuple[dict, Counter]:
+    """Replace ``directory``'s model.onnx by its ``precision`` version; returns (accuracy figures, op counts of the
+    new graph)."""
+    import onnx
+
+    fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
+    quantize(fp32, reduced, precision, weight_only=spec.task == "text-generation")
+    measured = accuracy_model(fp32, reduced, precision)  # bf16: an fp32 simulation, since the CPU cannot run it
+    figures = accuracy(reference, spec, measured, directory)
+    if measured != reduced:
+        figures["measured_on"] = f"fp32 simulation of {precision} (values rounded to {precision} where the graph has them)"
+        remove_graph(measured)
+    replace_graph(reduced, fp32)
+    ops = Counter(node.op_type for node in onnx.load(str(fp32), load_external_data=False).graph.node)
+    log.info("      %s", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+    return figures, ops
 
 
 def external(graph: Path) -> bool:
@@ -69,8 +92,6 @@ def remove_graph(graph: Path) -> None:
 
 def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> None:
     """Write ``src`` at ``precision`` to ``dst``; ``weight_only`` (decoders) stores int8 weights blockwise as int4 does."""
-    import logging
-
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (creates its loggers, silenced below)
 
     # onnxruntime's quantizers log advice on the root logger and one INFO line per node on their own loggers.
@@ -79,46 +100,29 @@ def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) ->
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    folded = dst.with_name(dst.stem + ".folded.onnx")
     try:
-        if precision in ("int8", "int4"):
-            folded = dst.with_name(dst.stem + ".folded.onnx")
-            if _fold_weight_transposes(src, folded):
-                src = folded
+        if precision in ("int8", "int4") and _fold_weight_transposes(src, folded):
+            src = folded
         _quantize(src, dst, precision, weight_only)
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-        if precision in ("int8", "int4"):
-            remove_graph(dst.with_name(dst.stem + ".folded.onnx"))
+        remove_graph(folded)
 
 
 def _fold_weight_transposes(src: Path, dst: Path) -> bool:
-    """``MatMul(x, Transpose(W))`` with a constant W -> ``MatMul(x, W.T)`` with W.T stored, so the quantizers see a
-    constant weight. A tied LM head (logits = x @ embeddings.T) is written this way by torch.onnx; onnxruntime folds
-    it at load time, but the quantizer would leave the largest matrix of a small decoder in fp32."""
+    """A tied LM head's ``MatMul(x, Transpose(W))`` with W stored transposed, so the quantizers see a constant weight
+    (``passes/transpose_weights.py``); writes ``dst`` only when there was one."""
     import onnx_ir as ir
 
-    model, folded = ir.load(str(src)), 0
-    for node in list(model.graph):
-        weight = node.inputs[0] if node.op_type == "Transpose" else None
-        if weight is None or weight.const_value is None or not weight.is_initializer():
-            continue
-        users = node.outputs[0].uses()
-        if not users or any(u.node.op_type != "MatMul" or u.idx != 1 for u in users) or node.outputs[0].is_graph_output():
-            continue
-        perm = node.attributes.get_ints("perm", None)
-        array = weight.const_value.numpy()
-        transposed = np.ascontiguousarray(np.transpose(array, perm) if perm is not None else array.T)
-        name = f"{weight.name}.transposed"
-        value = ir.Value(name=name, shape=ir.Shape(transposed.shape), type=weight.type,
-                         const_value=ir.tensor(transposed, name=name))
-        model.graph.register_initializer(value)
-        ir.convenience.replace_all_uses_with(node.outputs[0], value)
-        model.graph.remove(node, safe=True)
-        folded += 1
-    if folded:
-        _save(model, dst, external(src))
-    return bool(folded)
+    from kiln.exporter.passes.transpose_weights import fold_weight_transposes
+
+    model = ir.load(str(src))
+    if not fold_weight_transposes(model):
+        return False
+    _save(model, dst, external(src))
+    return True
 
 
 def _quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> None:
@@ -174,10 +178,10 @@ def _attention_ops(path: Path) -> str:
 def _half(src: Path, dst: Path, precision: str, simulate: bool = False) -> None:
     import onnx_ir as ir
 
-    from kiln.exporter.passes.half import convert
+    from kiln.exporter.passes.half import HalfPrecision
 
     model = ir.load(str(src))
-    convert(model, precision, simulate=simulate)
+    HalfPrecision(precision, simulate=simulate)(model)
     _save(model, dst, external(src))
 
 
@@ -214,38 +218,24 @@ def accuracy_model(src: Path, reduced: Path, precision: str) -> Path:
 
 def accuracy(reference, spec, onnx_path: Path, tokenizer_dir: Path) -> dict:
     """The precision's agreement with the fp32 reference on ``SENTENCES`` (tokenized with the artifact's tokenizer,
-    or random tokens when it has none): one metric and its gate."""
+    or random tokens when it has none): the task's metric (the validator's, averaged) and its gate."""
+    from kiln.exporter.validate import TASK_CHECKS
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     engine = OnnxRuntimeEngine(onnx_path)
     feed = _feed(spec, tokenizer_dir)
     got = engine.run(feed)
     ref = reference(feed)  # run(feed) -> {output name: array}, as in the validator
-    mask = feed["attention_mask"].astype(bool)
-    if spec.task == "feature-extraction":
-        w = mask[..., None]
-        a, b = (ref["last_hidden_state"] * w).sum(1) / w.sum(1), (got["last_hidden_state"] * w).sum(1) / w.sum(1)
-        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-        # The gate is on the mean over the sentences (how embedding quality is usually reported); the worst is kept.
-        metric, value = "mean_cosine", float(cos.mean())
-        extra = {"min_cosine": float(cos.min())}
-    elif spec.task == "text-generation":  # teacher-forced: the same next token at every real position
-        valid = mask[:, -ref["logits"].shape[1]:]
-        same = ref["logits"].argmax(-1) == got["logits"].argmax(-1)
-        metric, value, extra = "next_token_agreement", float(same[valid].mean()), {}
-    elif spec.task == "question-answering":
-        same = [(ref[k].argmax(-1) == got[k].argmax(-1)) for k in ("start_logits", "end_logits")]
-        metric, value, extra = "label_agreement", float(np.mean(same[0] & same[1])), {}
-    else:
-        a, b = ref["logits"].argmax(-1), got["logits"].argmax(-1)
-        per_token = a.ndim == 2
-        agree = (a == b)[mask] if per_token else (a == b)
-        metric = "token_agreement" if per_token else "label_agreement"
-        value, extra = float(agree.mean()), {}
+    check = TASK_CHECKS[spec.task]
+    values = np.asarray(check.values(ref, got, feed), dtype=np.float64).ravel()
+    metric, value = check.accuracy_name, float(values.mean())
+    # The gate is on the mean over the sentences (how embedding quality is usually reported); the worst is kept.
+    extra = {"min_cosine": float(values.min())} if check.worst else {}
     return {metric: value, "gate": GATES[metric], "passed": value >= GATES[metric], "inputs": len(SENTENCES), **extra}
 
 
 def _feed(spec, tokenizer_dir: Path) -> dict:
+    from kiln.runtime.generate import position_ids
     from kiln.runtime.tokenizer import Tokenizer
 
     names = [t.name for t in spec.inputs]
@@ -255,7 +245,7 @@ def _feed(spec, tokenizer_dir: Path) -> dict:
         feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "token_type_ids": batch.token_type_ids}
         if spec.task == "text-generation":
-            feed["position_ids"] = np.clip(batch.attention_mask.cumsum(-1) - 1, 0, None)
+            feed["position_ids"] = position_ids(batch.attention_mask)
             empty = spec.make_feed({"batch": len(SENTENCES), "sequence": 1, "past_sequence": 0}, np.random.default_rng(0))
             feed.update({k: v for k, v in empty.items() if k.startswith("past_key_values.")})
         return {name: feed[name] for name in names}

@@ -1,4 +1,4 @@
-"""lower_for_tensorrt / decompose on graphs exported from kiln's own references: node counts after lowering, and in
+"""LowerForTensorRT / DecomposePlugin on graphs exported from kiln's own references: node counts after lowering, and in
 onnxruntime the lowered graph (plugin nodes replaced by their reference decomposition) equals the exported one."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from onnx import helper
 
 import kiln
 from kiln.errors import ExportError
-from kiln.exporter.decoder import decoder_feed
-from kiln.exporter.passes.attention_forms import to_4d
-from kiln.exporter.passes.lower_attention import decompose, lower_for_tensorrt
+from kiln.exporter.passes.attention_3d import To4D
+from kiln.exporter.passes.lower_attention import DecomposePlugin, LowerForTensorRT
+from kiln.exporter.specs import decoder_feed
 from kiln.exporter.tensorrt import _lower, precision_plan
 from kiln.kernels.attention import trt_plugin
 
@@ -48,10 +48,15 @@ def load(artifact) -> ir.Model:
 
 def as_4d(artifact) -> ir.Model:
     """The graph as ``kiln build`` hands it to the lowering: the exported decoder feeds attention (B, T, C)
-    (``decoder_3d``); TensorRT's side takes (B, H, T, D), so ``to_4d`` first, as ``exporter.tensorrt._lower`` does."""
+    (``DecoderAttention3D``); TensorRT's side takes (B, H, T, D), so ``To4D`` first, as kiln build's plan does."""
     model = load(artifact)
-    assert to_4d(model) == LAYERS
+    assert To4D()(model).rewritten == LAYERS
     return model
+
+
+def lower(model: ir.Model, **options) -> dict:
+    """LowerForTensorRT's counts: encoder nodes kept, decoder nodes lowered to the plugin, decoder nodes skipped."""
+    return LowerForTensorRT(**options)(model).details
 
 
 def ops(model: ir.Model) -> Counter:
@@ -64,7 +69,7 @@ def session(model: ir.Model) -> ort.InferenceSession:
 
 def make_feed(names, sizes, seed=0):
     class Config:
-        num_hidden_layers, kv_heads, dim, vocab_size = LAYERS, KV_HEADS, DIM, VOCAB
+        num_hidden_layers, num_key_value_heads, head_dim, vocab_size = LAYERS, KV_HEADS, DIM, VOCAB
 
     return decoder_feed(Config, names)(sizes, np.random.default_rng(seed))
 
@@ -72,7 +77,7 @@ def make_feed(names, sizes, seed=0):
 def test_decoder_attention_becomes_concat_and_the_plugin(decoder):
     model = as_4d(decoder)
     before = ops(model)
-    counts = lower_for_tensorrt(model, aot=True)
+    counts = lower(model, aot=True)
     after = ops(model)
     assert counts == {"kept": 0, "plugin": LAYERS, "skipped": 0}
     assert after[("", "Attention")] == 0 and after[("kiln", "attention_kv")] == LAYERS
@@ -97,8 +102,8 @@ def test_decoder_attention_becomes_concat_and_the_plugin(decoder):
 def test_lowered_then_decomposed_equals_the_export(decoder, sizes):
     original = session(load(decoder))
     lowered = as_4d(decoder)
-    lower_for_tensorrt(lowered)
-    assert decompose(lowered) == LAYERS and "kiln" not in lowered.opset_imports
+    lower(lowered)
+    assert DecomposePlugin()(lowered).rewritten == LAYERS and "kiln" not in lowered.opset_imports
     names = [i.name for i in original.get_inputs()]
     feed = make_feed(names, sizes)
     want, got = original.run(None, feed), session(lowered).run(None, feed)
@@ -111,8 +116,8 @@ def test_left_padded_queries_differ_only_where_nothing_is_read(decoder):
     and caches at real tokens are unchanged."""
     original = session(load(decoder))
     lowered = as_4d(decoder)
-    lower_for_tensorrt(lowered)
-    decompose(lowered)
+    lower(lowered)
+    DecomposePlugin()(lowered)
     names = [i.name for i in original.get_inputs()]
     feed = make_feed(names, {"batch": 2, "sequence": 12, "past_sequence": 0})
     feed["attention_mask"][1, :7] = 0
@@ -127,7 +132,7 @@ def test_left_padded_queries_differ_only_where_nothing_is_read(decoder):
 def test_sliding_window_is_a_logged_bail_out(decoder, caplog):
     model = as_4d(decoder)
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        counts = lower_for_tensorrt(model, sliding_window=8)
+        counts = lower(model, sliding_window=8)
     assert counts == {"kept": 0, "plugin": 0, "skipped": LAYERS}
     assert ops(model)[("", "Attention")] == LAYERS and "kiln" not in model.opset_imports
     assert caplog.text.count("sliding-window") == LAYERS
@@ -136,7 +141,7 @@ def test_sliding_window_is_a_logged_bail_out(decoder, caplog):
 def test_encoder_attention_stays_for_tensorrt(artifacts):
     model = load(artifacts("bert", "feature-extraction"))
     before = ops(model)
-    assert lower_for_tensorrt(model) == {"kept": 2, "plugin": 0, "skipped": 0}
+    assert lower(model) == {"kept": 2, "plugin": 0, "skipped": 0}
     assert ops(model) == before
 
 
@@ -155,10 +160,10 @@ def synthetic_decoder_attention(head_dim: int) -> ir.Model:
 
 def test_head_dim_the_kernel_cannot_take_is_a_logged_bail_out(caplog):
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        assert lower_for_tensorrt(synthetic_decoder_attention(8))["skipped"] == 1
+        assert lower(synthetic_decoder_attention(8))["skipped"] == 1
     assert "head dim 8 is not a power of two in [16, 256]" in caplog.text
     model = synthetic_decoder_attention(32)
-    assert lower_for_tensorrt(model)["plugin"] == 1
+    assert lower(model)["plugin"] == 1
     plugin = next(n for n in model.graph if n.op_type == trt_plugin.PLUGIN_NAME)
     assert plugin.attributes["scale"].value == pytest.approx(32 ** -0.5)  # the node had no scale: 1/sqrt(D)
     assert "aot" not in plugin.attributes

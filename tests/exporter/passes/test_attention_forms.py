@@ -1,54 +1,22 @@
 """The encoder attention forms (passes/attention_forms.py) on graphs exported from kiln's own references: the node
-counts each form promises, and in onnxruntime the same outputs as the traced graph on padded batches."""
+counts each form promises, in onnxruntime the same outputs as the traced graph on padded batches, and the reasons
+a layer is left alone."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 import kiln
-from kiln.exporter.passes.attention_forms import FORMS, rewrite, to_4d
+from kiln.exporter.passes.attention_forms import FORMS, EncoderAttention
 
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def traced(checkpoints, tmp_path_factory):
-    """Artifacts exported with the attention as torch.onnx writes it (attention="onnx"), one per (model, task)."""
-    made = {}
-
-    def get(model_type: str, task: str):
-        if (model_type, task) not in made:
-            path, _ = checkpoints(model_type, task)
-            out = tmp_path_factory.mktemp(f"traced-{model_type}-{task}")
-            kiln.export(str(path), out / "artifact", task=task, attention="onnx", batch="1:8", seq="1:32")
-            made[model_type, task] = out / "artifact"
-        return made[model_type, task]
-
-    return get
-
-
-def ops(model: ir.Model) -> Counter:
-    return Counter((n.domain or "", n.op_type) for n in model.graph)
-
-
-def run(model: ir.Model, feed: dict) -> list:
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString())
-    names = {i.name for i in session.get_inputs()}
-    return session.run(None, {k: v for k, v in feed.items() if k in names})
-
-
-def padded_feed(vocab=100, batch=3, seq=11, seed=0):
-    rng = np.random.default_rng(seed)
-    mask = np.ones((batch, seq), np.int64)
-    mask[1, 4:] = 0
-    mask[2, 9:] = 0
-    return {"input_ids": rng.integers(5, vocab, (batch, seq)), "attention_mask": mask,
-            "token_type_ids": np.zeros((batch, seq), np.int64)}
+from conftest import graph_ops as ops
+from conftest import padded_feed
+from conftest import run_graph as run
 
 
 @pytest.mark.parametrize("model_type,task", [("bert", "feature-extraction"), ("roberta", "text-classification"),
@@ -57,8 +25,8 @@ def padded_feed(vocab=100, batch=3, seq=11, seed=0):
 def test_forms_compute_the_same_function(traced, model_type, task, form):
     path = traced(model_type, task) / "model.onnx"
     original, model = ir.load(str(path)), ir.load(str(path))
-    counts = rewrite(model, form)
-    assert counts == {"rewritten": LAYERS, "kept": 0}
+    result = EncoderAttention(form)(model)
+    assert (result.rewritten, sum(result.skipped.values()), result.modified) == (LAYERS, 0, True)
     before, after = ops(original), ops(model)
     if form == "decomposed":
         assert after[("", "Attention")] == 0 and after[("", "Softmax")] == LAYERS
@@ -85,37 +53,25 @@ def test_forms_compute_the_same_function(traced, model_type, task, form):
         np.testing.assert_allclose(got[valid], want[valid], atol=2e-5)
 
 
-@pytest.mark.parametrize("form", ["onnx-3d", "onnx-packed"])
-def test_to_4d_undoes_the_3d_forms_for_tensorrt(traced, form):
-    path = traced("bert", "feature-extraction") / "model.onnx"
-    original, model = ir.load(str(path)), ir.load(str(path))
-    rewrite(model, form)
-    assert to_4d(model) == LAYERS
-    for node in model.graph:
-        if node.op_type == "Attention":
-            assert "q_num_heads" not in node.attributes
-            assert [v.producer().op_type for v in node.inputs[:3]] == ["Transpose"] * 3  # (B, H, T, D) again
-    feed = padded_feed()
-    mask = feed["attention_mask"].astype(bool)
-    np.testing.assert_allclose(run(model, feed)[0][mask], run(original, feed)[0][mask], atol=2e-5)
-
-
 def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
     path, _ = checkpoints("bert", "feature-extraction")
     kiln.export(str(path), tmp_path / "probs", output_attentions=True, batch="1:4", seq="1:32")
     model = ir.load(str(tmp_path / "probs" / "model.onnx"))
-    assert rewrite(model, "contrib") == {"rewritten": 0, "kept": LAYERS}
+    result = EncoderAttention("contrib")(model)
+    assert (result.rewritten, result.modified) == (0, False)
+    assert result.skipped == {"its presents or probabilities are used": LAYERS}
     from conftest import TINY_LLAMA, make_causal_lm
 
     make_causal_lm(tmp_path / "llama", "llama", **TINY_LLAMA)
     kiln.export(str(tmp_path / "llama"), tmp_path / "decoder", task="text-generation", batch="1:4")
     decoder = ir.load(str(tmp_path / "decoder" / "model.onnx"))
-    assert rewrite(decoder, "onnx-packed") == {"rewritten": 0, "kept": LAYERS}
+    result = EncoderAttention("onnx-packed")(decoder)
+    assert result.rewritten == 0 and result.skipped == {"it has a KV cache or extra inputs": LAYERS}
 
 
 def test_unknown_form():
-    with pytest.raises(ValueError, match="choose one of onnx, onnx-3d, onnx-packed, contrib, contrib-mha, decomposed"):
-        rewrite(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), "fused")
+    with pytest.raises(ValueError, match="choose one of onnx-3d, onnx-packed, contrib, contrib-mha, decomposed"):
+        EncoderAttention("fused")
 
 
 @pytest.mark.parametrize("form,op", [("contrib", "Attention"), ("contrib-mha", "MultiHeadAttention")])

@@ -1,0 +1,312 @@
+"""Checkpoint -> validated ONNX artifact, as named steps: resolve -> reference -> trace -> passes -> validate -> write.
+
+``export()`` reads top to bottom as those steps; each is a function below. What the graph passes do is decided up
+front by ``kiln.exporter.plan.ExportPlan`` (pure data), and the passes' results decide what kiln.json records.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln import hub
+from kiln.version import __version__
+from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, weights_file, write_manifest
+from kiln.errors import ExportError, InputError, ValidationError
+from kiln.exporter.plan import TRACED, ExportPlan
+
+log = logging.getLogger("kiln")
+DEFAULT_OPSET = 23
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """``kiln export``'s options (see ``kiln export -h``)."""
+
+    task: str = "feature-extraction"
+    opset: int = DEFAULT_OPSET
+    batch: str | None = None  # MIN:MAX of the dynamic batch axis
+    seq: str | None = None  # MIN:MAX of the dynamic sequence axis
+    revision: str | None = None
+    keep_failed: bool = False  # leave a failed artifact at OUT.failed
+    force: bool = True  # replace an existing artifact
+    output_hidden_states: bool = False
+    output_attentions: bool = False
+    precision: str = "fp32"
+    force_precision: bool = False  # write a reduced precision below its accuracy gate
+    framework: str = "torch"
+    attention: str = "auto"
+
+
+@dataclass
+class Source:
+    """The resolved checkpoint: where it is, its config.json and its family's record."""
+
+    checkpoint: hub.Checkpoint
+    raw: dict
+    arch: object  # kiln.graphs.registry.Architecture
+    weights_sha256: str
+
+
+@dataclass
+class Traced:
+    """The traced graph and what the converter made of attention (``onnx-attention`` or ``decomposed``)."""
+
+    path: Path
+    opset: int
+    lowering: str
+    ops: Counter
+
+
+def export(model, output, task: str = "feature-extraction", **options) -> dict:
+    """Export ``model`` (directory, hub id or GGUF file) for ``task`` into the artifact directory ``output``; returns
+    kiln.json. Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
+    ``precision`` falls below its accuracy gate and ``force_precision`` is not set; then nothing is written unless
+    ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection."""
+    opts = ExportOptions(task=task, **options)
+    ExportPlan("encoder", task, opts.precision, opts.attention)  # the options' own errors come before any work
+    steps, started = Progress(5 if opts.precision == "fp32" else 6), time.perf_counter()
+    steps(f"Resolving {model}")
+    source = resolve(model, opts)
+    plan = ExportPlan("decoder" if source.arch.spec == "decoder" else "encoder", task, opts.precision,
+                      opts.attention, opts.framework)
+    steps(f"Loading the {framework_title(opts.framework)} reference ({source.raw['model_type']}, {task})")
+    reference, spec = load_reference(source, opts)
+    with atomic_directory(output, overwrite=opts.force, keep_failed=opts.keep_failed) as tmp:
+        steps(f"Tracing with {converter(opts.framework)} (opset {opts.opset})")
+        traced = trace(reference, spec, tmp / MODEL_FILE, source, opts)
+        results = run_passes(plan, traced)
+        steps("Validating against the reference on shapes "
+              + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
+        runner = tracer_for(opts.framework).reference_runner(reference, [o.name for o in spec.outputs])
+        report = validate(runner, spec, traced.path)
+        preprocessing = copy_preprocessing(source.checkpoint, tmp)
+        accuracy = None
+        if opts.precision != "fp32" and report["passed"]:
+            steps(f"Converting to {opts.precision} and measuring its accuracy against the fp32 reference")
+            accuracy, traced.ops = reduce_precision(runner, spec, tmp, opts.precision)
+        steps("Writing the artifact")
+        manifest = build_manifest(source, opts, plan, spec, traced, results, report, accuracy, preprocessing)
+        manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
+        manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
+        write_manifest(tmp, manifest)
+        refuse_failures(report, accuracy, opts, output)
+    steps.finish()
+    log.info("Artifact written to %s (validation passed)", output)
+    return manifest
+
+
+class Progress:
+    """Numbered progress lines on the "kiln" logger: '[2/6] Tracing with torch.onnx ... done in 7.9s'."""
+
+    def __init__(self, total: int):
+        self.total, self.i, self.t0 = total, 0, None
+
+    def __call__(self, message: str):
+        self.finish()
+        self.i += 1
+        self.t0 = time.perf_counter()
+        log.info("[%d/%d] %s", self.i, self.total, message)
+
+    def finish(self):
+        if self.t0 is not None:
+            log.info("      done in %.1fs", time.perf_counter() - self.t0)
+            self.t0 = None
+
+
+def framework_title(framework: str) -> str:
+    from kiln.graphs.registry import FRAMEWORKS
+
+    return FRAMEWORKS[framework].title if framework in FRAMEWORKS else framework
+
+
+def converter(framework: str) -> str:
+    from kiln.graphs.registry import FRAMEWORKS
+
+    return FRAMEWORKS[framework].converter
+
+
+def tracer_for(framework: str):
+    from kiln.exporter.trace import tracer
+
+    return tracer(framework)
+
+
+def resolve(model, opts: ExportOptions) -> Source:
+    """The checkpoint, its config and family, with the task and framework checked against the family."""
+    from kiln.graphs import registry
+
+    checkpoint = hub.resolve(model, opts.revision)
+    raw = hub.read_config(checkpoint)
+    arch = registry.architecture(raw)
+    arch.check_task(raw["model_type"], opts.task)
+    arch.check_framework(raw["model_type"], opts.framework)
+    return Source(checkpoint, raw, arch, hub.sha256_files(checkpoint.source_files))
+
+
+def load_reference(source: Source, opts: ExportOptions):
+    """The framework's reference with the checkpoint's weights, and the spec of the graph to export."""
+    from kiln.exporter.specs import AxisRange, spec_for
+    from kiln.graphs import registry
+    from kiln.graphs.checkpoint import read_state_dict
+
+    state = read_state_dict(source.checkpoint.weight_files, opts.framework)
+    reference = registry.build(source.raw, opts.task, state, framework=opts.framework)
+    if opts.framework == "torch":
+        reference.eval()
+    try:
+        ranges = {"batch": AxisRange.parse(opts.batch, None, "batch"), "seq": AxisRange.parse(opts.seq, None, "seq")}
+        spec = spec_for(source.arch.spec, reference, opts.task, **ranges, hidden_states=opts.output_hidden_states,
+                        attentions=opts.output_attentions)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    return reference, spec
+
+
+def trace(reference, spec, path: Path, source: Source, opts: ExportOptions) -> Traced:
+    """model.onnx written by the framework's converter, and how it wrote attention."""
+    import onnx
+
+    path = tracer_for(opts.framework).trace(reference, spec, path, opset=opts.opset)
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = Counter(node.op_type for node in proto.graph.node)
+    # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opts.opset)
+    layers = reference.config.num_hidden_layers
+    return Traced(path, opset, attention_lowering(ops, layers, opts.framework, opts.output_attentions), ops)
+
+
+def attention_lowering(ops: Counter, layers: int, framework: str, probabilities: bool = False) -> str:
+    """``onnx-attention`` when every layer's attention is one standard ONNX ``Attention`` node. torch.onnx always
+    manages (anything else is an error); tf2onnx has no Attention op, and the JAX reference computes returned
+    probabilities with eager math, so those graphs keep MatMul/Softmax (``decomposed``, said in kiln.json and
+    ``kiln inspect``)."""
+    if ops["Attention"] == layers:
+        return TRACED
+    if framework == "torch" or ops["Attention"]:
+        raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
+                          "The attention was not captured as one op; check the opset and the converter's version.")
+    why = ("the JAX reference returns attention probabilities with eager math" if framework == "jax" and probabilities
+           else f"{converter(framework)} emits no fused ONNX Attention op for this model")
+    log.warning("Attention stays MatMul/Softmax (%d Softmax nodes): %s.", ops["Softmax"], why)
+    return "decomposed"
+
+
+def run_passes(plan: ExportPlan, traced: Traced) -> dict:
+    """The plan's graph passes on the traced graph, loaded and saved once; returns their results by name."""
+    steps = plan.passes(traced.lowering)
+    if not steps:
+        return {}
+    import onnx_ir as ir
+
+    from kiln.exporter import passes
+
+    model = ir.load(str(traced.path))
+    results = passes.run(model, steps)
+    if not any(result.modified for result in results.values()):
+        return results
+    weights = weights_file(traced.path)
+    if weights.is_file():  # the weights are read before their file is written over (else onnx_ir warns per tensor)
+        ir.external_data.load_to_model(model)
+    ir.save(model, str(traced.path), external_data=weights.name if weights.is_file() else None)
+    traced.ops = Counter(node.op_type for node in model.graph)
+    return results
+
+
+def validate(runner, spec, path: Path) -> dict:
+    from kiln.exporter.validate import validate as _validate
+
+    return _validate(runner, spec, path)
+
+
+def reduce_precision(runner, spec, directory: Path, precision: str):
+    from kiln.exporter.precision import reduce_precision as _reduce
+
+    return _reduce(runner, spec, directory, precision)
+
+
+def copy_preprocessing(checkpoint: hub.Checkpoint, target: Path) -> list[str]:
+    """config.json unchanged, plus the tokenizer or image processor files and the generation config; returns the
+    names of those copied."""
+    shutil.copyfile(checkpoint.path / "config.json", target / "config.json")
+    copied = []
+    for name in (*hub.TOKENIZER_FILES, *hub.PROCESSOR_FILES):
+        if (checkpoint.path / name).is_file():
+            shutil.copyfile(checkpoint.path / name, target / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and "preprocessor_config.json" not in copied:
+        log.warning("The checkpoint has no tokenizer.json: the artifact can run raw feeds but not text pipelines. "
+                    "Save the fast tokenizer (AutoTokenizer(...).save_pretrained) into the checkpoint and re-export.")
+    return copied
+
+
+def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, traced: Traced, results: dict,
+                   report: dict, accuracy: dict | None, preprocessing: list[str]) -> dict:
+    """kiln.json (``kiln.artifact`` writes it)."""
+    import onnx
+    import onnxruntime
+
+    from kiln.exporter.passes.logits import OPTIONAL_INPUT
+
+    checkpoint, raw = source.checkpoint, source.raw
+    manifest = {
+        "kiln_version": __version__,
+        "source": {"id": checkpoint.source, "path": str(checkpoint.source_dir), "revision": checkpoint.revision,
+                   "weight_files": [p.name for p in checkpoint.source_files], "weights_sha256": source.weights_sha256},
+        "architecture": raw.get("architectures", [None])[0] if raw.get("architectures") else None,
+        "model_type": raw["model_type"],
+        "task": opts.task,
+        "framework": opts.framework,
+        "model": MODEL_FILE,
+        "opset": traced.opset,
+        "precision": opts.precision,
+        "attention": {"lowering": traced.lowering, "nodes": traced.ops["Attention"],
+                      **plan.attention_record(traced.lowering, results)},
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+        "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in spec.axes.items()},
+        "max_sequence_length": spec.axes["sequence"].max if "sequence" in spec.axes else None,
+        "op_counts": dict(sorted(traced.ops.items())),
+        "preprocessing_files": preprocessing,
+        "validation": report,
+        "engines": [],
+        "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   **_versions(opts.framework), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    if plan.optional_inputs(results):  # inputs with a default, that callers may feed
+        manifest["optional_inputs"] = [dict(OPTIONAL_INPUT)]
+    manifest["accuracy"] = accuracy
+    return manifest
+
+
+def _versions(framework: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kiln.graphs.registry import FRAMEWORKS
+
+    found = {}
+    for name in FRAMEWORKS[framework].packages:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def refuse_failures(report: dict, accuracy: dict | None, opts: ExportOptions, output) -> None:
+    """A ValidationError (the artifact is then not written) for a graph that disagrees with the reference or a reduced
+    precision below its gate (unless forced)."""
+    from kiln.exporter.validate import describe_failure
+
+    where = f" The failed artifact is kept at {Path(output)}.failed." if opts.keep_failed else ""
+    if not report["passed"]:
+        raise ValidationError(f"Validation failed: {describe_failure(report)}.{where}", report)
+    if accuracy is not None and not accuracy["passed"] and not opts.force_precision:
+        metric = next(iter(accuracy))
+        raise ValidationError(f"{opts.precision} is below its accuracy gate: {metric} {accuracy[metric]:.4f} < "
+                              f"{accuracy['gate']} against the fp32 reference. Keep fp32, or pass "
+                              f"--force-precision to write it anyway.{where}", accuracy)

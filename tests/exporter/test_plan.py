@@ -1,0 +1,111 @@
+"""The export plan (kiln/exporter/plan.py) decides without tracing anything: every combination of family kind, task,
+precision, attention form and target -> its passes, and the passes' results -> what kiln.json records."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from kiln.errors import ExportError, InputError
+from kiln.exporter import passes
+from kiln.exporter.plan import FORMS, PRECISIONS, TARGETS, ExportPlan, tensorrt_passes
+
+ENCODER_TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering",
+                 "fill-mask", "image-classification")
+DECODER = ["rotary", "decoder-attention-3d", "pack-projections", "logits-to-keep"]
+
+
+def names(steps) -> list[str]:
+    return [s.name for s in steps]
+
+
+def result(rewritten=0, modified=None):
+    return SimpleNamespace(rewritten=rewritten, modified=bool(rewritten) if modified is None else modified)
+
+
+def test_the_plan_imports_neither_torch_nor_onnx():
+    import subprocess
+
+    code = ("import sys, kiln.exporter.plan, kiln.exporter.passes; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnx_ir', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("attention", ("auto", *FORMS))
+def test_encoder_plans(precision, attention):
+    plan = ExportPlan("encoder", "feature-extraction", precision, attention)
+    gpu = precision in ("fp16", "bf16")
+    assert plan.target == ("onnxruntime-cuda" if gpu else "onnxruntime-cpu")
+    want = {"fp32": "onnx-3d", "int8": "onnx-3d"}.get(precision, "onnx") if attention == "auto" else attention
+    assert plan.form == want
+    steps = plan.passes()
+    assert names(steps) == ([] if want == "onnx" else ["encoder-attention"])
+    assert all(s.options == {"form": want} for s in steps)
+    assert plan.passes("decomposed") == ()  # tf2onnx's graphs: no fused node to put in another form
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("attention", ("auto", *FORMS))
+def test_decoder_plans(precision, attention):
+    plan = ExportPlan("decoder", "text-generation", precision, attention)
+    fused = attention != "onnx" and precision not in ("fp16", "bf16")
+    assert plan.form == ("onnx-3d" if fused else "onnx")
+    assert names(plan.passes()) == (DECODER if fused else ["logits-to-keep"])
+    assert names(plan.passes("decomposed")) == names(plan.passes())  # rotary and packing find their own patterns
+
+
+def test_every_plan_names_registered_passes_and_runs_in_milliseconds():
+    import time
+
+    started = time.perf_counter()
+    seen = set()
+    for kind, precision, attention, target in itertools.product(("encoder", "decoder"), PRECISIONS, ("auto", *FORMS),
+                                                                TARGETS):
+        plan = ExportPlan(kind, "text-generation" if kind == "decoder" else "fill-mask", precision, attention,
+                          target=target)
+        seen |= set(names(plan.passes()))
+    for form, precision in itertools.product(FORMS[:3] + ("decomposed",), ("fp32", "fp16", "bf16")):
+        seen |= set(names(tensorrt_passes(form, "fp32", precision)))
+    assert seen <= set(passes.PASSES)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_what_kiln_json_records():
+    encoder = ExportPlan("encoder", "feature-extraction")
+    assert encoder.attention_record("onnx-attention", {"encoder-attention": result(6)}) == \
+        {"form": "onnx-3d", "rotary_nodes": 0}
+    # No layer had the traced pattern: the graph is in the traced form.
+    assert encoder.attention_record("onnx-attention", {"encoder-attention": result(0)})["form"] == "onnx"
+    assert encoder.attention_record("decomposed", {})["form"] == "decomposed"
+    assert ExportPlan("encoder", "feature-extraction", "fp16").attention_record("onnx-attention", {})["form"] == "onnx"
+    decoder = ExportPlan("decoder", "text-generation", "int4")
+    done = {"rotary": result(60), "decoder-attention-3d": result(30), "logits-to-keep": result(1)}
+    assert decoder.attention_record("onnx-attention", done) == {"form": "onnx-3d", "rotary_nodes": 60}
+    assert decoder.optional_inputs(done) == ["logits_to_keep"]
+    gpt2 = {"rotary": result(0), "decoder-attention-3d": result(0), "logits-to-keep": result(1)}
+    assert decoder.attention_record("onnx-attention", gpt2) == {"form": "onnx", "rotary_nodes": 0}
+    assert encoder.optional_inputs({}) == []
+
+
+def test_tensorrt_plans():
+    assert names(tensorrt_passes("onnx-3d", "fp32", "fp16")) == ["to-4d", "unfuse-rotary", "lower-attention", "half"]
+    assert tensorrt_passes("onnx", "fp32", "bf16")[-1].options == {"precision": "bf16"}
+    assert names(tensorrt_passes("onnx", "fp16", "fp16")) == ["unfuse-rotary", "lower-attention"]  # typed at export
+    assert names(tensorrt_passes("decomposed", "fp32", "fp32")) == ["unfuse-rotary", "lower-attention"]
+    for form in ("contrib", "contrib-mha"):
+        with pytest.raises(ExportError, match="Re-export with --attention onnx"):
+            tensorrt_passes(form, "fp32", "fp32")
+
+
+def test_bad_options_name_the_choices():
+    with pytest.raises(InputError, match="--precision 'fp8' is not supported.*fp32, fp16, bf16, int8, int4"):
+        ExportPlan("encoder", "feature-extraction", "fp8")
+    with pytest.raises(InputError, match="--attention 'fused': choose auto or one of onnx, onnx-3d"):
+        ExportPlan("encoder", "feature-extraction", attention="fused")
+    with pytest.raises(InputError, match="target 'tpu'"):
+        ExportPlan("encoder", "feature-extraction", target="tpu")
