@@ -38,8 +38,7 @@ from threadpoolctl import threadpool_limits
 import kiln
 from _optimum_decoder import hf_round, timings
 from bench_encoders import load_average, machine_info, versions, write_section
-from kiln.runtime.decoding import DecoderSession, generate
-from kiln.runtime.generation import GenerationConfig
+from kiln.runtime.generate import DecoderSession, GenerationConfig, generate
 
 THREADS = 2
 PROMPT_TOKENS = 32
@@ -114,6 +113,19 @@ def floors_from(hf_dir: Path, probes: list[dict]) -> dict:
     return {**floors, "params": params, "weight_bytes": 4 * params, "cache_bytes": cache,
             "decode_floor": 4 * params / floors["read_bw"] * 1000,
             "prefill_floor": 2 * params * PROMPT_TOKENS / floors["gemm"] * 1000}
+
+
+class NumpyEngine:
+    """The engine with nothing kept on its side: every output comes back as numpy and goes back in as numpy."""
+
+    def __init__(self, engine):
+        self.engine, self.inputs, self.optional_inputs = engine, engine.inputs, engine.optional_inputs
+
+    def run(self, feed, outputs=None, keep=()):
+        return self.engine.run(feed, outputs=[*(outputs or []), *keep] or None)
+
+    def release(self):
+        pass
 
 
 def kiln_round(session: DecoderSession, ids: list[int]) -> dict:
@@ -244,9 +256,9 @@ def section(rows, floors, info, command, rounds, machine) -> str:
         f"(`ORTModelForCausalLM.from_pretrained(hf_dir, export=True)`) load. Batch 1, the same {PROMPT_TOKENS} prompt "
         f"token ids (a fixed English passage) for all, exactly {NEW_TOKENS} greedy new tokens ({NEW_TOKENS - 1} decode steps; kiln with no EOS "
         f"id, the HF runners with `min_new_tokens={NEW_TOKENS}`), {THREADS} threads each (kiln engine and ORT "
-        f"`intra_op_num_threads={THREADS}`, `torch.set_num_threads({THREADS})`). kiln runs `kiln.runtime.decoding."
+        f"`intra_op_num_threads={THREADS}`, `torch.set_num_threads({THREADS})`). kiln runs `kiln.runtime.generate."
         f"generate` timed between `on_tokens` callbacks, once with the pipeline's IO binding and once with "
-        f"`session.io_binding = False` (numpy feeds: the cache round-trips through numpy every step); transformers "
+        f"an engine that keeps nothing on its side (numpy feeds: the cache round-trips through numpy every step); transformers "
         f"(PyTorch eager, default attention and cache) and Optimum run `model.generate` timed by a "
         f"streamer's `put` calls. Prefill = prompt handed over -> first token; decode = time between consecutive "
         f"tokens (median and p90 over all steps of all rounds); tokens/s = {NEW_TOKENS - 1} / decode time, median "
@@ -287,8 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         artifact, hf_dir = prepare(gguf_file(), workdir)
         pipe = kiln.pipeline("text-generation", artifact, threads=THREADS)
         ids = pipe.tokenizer([PROMPT], add_special_tokens=False).input_ids[0][:PROMPT_TOKENS].tolist()
-        feeds = DecoderSession(pipe.engine)
-        feeds.io_binding = False  # plain session.run: the cache round-trips through numpy
+        feeds = DecoderSession(NumpyEngine(pipe.engine))  # the cache round-trips through numpy every step
         model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
         optimum = OptimumRunner(hf_dir, workdir / "optimum-onnx", ids, workdir / "optimum.log")
         runners = {"kiln (IO binding)": lambda: kiln_round(pipe.decoder, ids),

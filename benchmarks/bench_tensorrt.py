@@ -131,9 +131,8 @@ def smollm2_artifact(workdir: Path) -> Path:
 
 def bench_decoder(workdir: Path, rounds: int) -> list[dict]:
     import kiln
-    from kiln.runtime.decoding import DecoderSession, generate
     from kiln.runtime.engines import open_engine
-    from kiln.runtime.generation import GenerationConfig
+    from kiln.runtime.generate import DecoderSession, GenerationConfig, generate
 
     artifact = smollm2_artifact(workdir)
     entry = kiln.build(artifact, precision="fp32", profile=DECODER_PROFILE, timing_cache=workdir / "timing.cache")

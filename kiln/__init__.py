@@ -5,12 +5,9 @@ The public API. ``import kiln`` stays light: the exporter (torch, onnx) is impor
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from kiln.errors import KilnError  # noqa: E402
-
-TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
-         "image-classification", "text-generation")
+from kiln.errors import KilnError
+from kiln.tasks import TASKS
+from kiln.version import __version__
 
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa",
@@ -52,16 +49,30 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), **options) -> dict:
     return _bench(artifact, batches, seqs, **options)
 
 
-def pipeline(task: str, model, *, revision: str | None = None, device: str = "cpu", threads: int | None = None, **kwargs):
-    """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache)."""
+def pipeline(task: str | None = None, model=None, *, revision: str | None = None, device: str = "cpu",
+             threads: int | None = None, **kwargs):
+    """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache).
+
+    As ``transformers.pipeline``: ``task`` may be one of transformers' aliases ("sentiment-analysis", "ner") or left
+    out for an artifact, whose kiln.json names it; ``kwargs`` are the pipeline's options (``batch_size``, ``engine``,
+    ``verify``) and any call option of the task (``top_k=3``), used by every call that does not give its own."""
     from pathlib import Path
 
     from kiln.artifact import MODEL_FILE, is_artifact, load_manifest
+    from kiln.errors import InputError
     from kiln.runtime.pipelines import pipeline as _pipeline
+    from kiln.runtime.pipelines import resolve_task
 
+    if model is None:
+        raise InputError("kiln.pipeline needs a model: an artifact directory, a checkpoint directory or a hub id, "
+                         "e.g. kiln.pipeline('text-classification', 'path/to/model') or kiln.pipeline(model=...).")
+    task = None if task is None else resolve_task(task)
     if (Path(model) / MODEL_FILE).is_file():
         load_manifest(model)  # an artifact that lost its kiln.json: say so rather than treat it as a checkpoint
     if not is_artifact(model):
+        if task is None:
+            raise InputError(f"{model} is a checkpoint, not a kiln artifact, so kiln cannot tell its task: pass it, "
+                             f"e.g. kiln.pipeline('text-classification', {str(model)!r}) (tasks: {', '.join(TASKS)}).")
         from kiln.exporter.cache import cached_export
 
         model = cached_export(model, task=task, revision=revision)

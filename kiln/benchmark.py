@@ -140,10 +140,9 @@ def _torch_threads(threads: int | None) -> None:
 def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), *, threads: int | None = None, new_tokens: int | None = None,
           compare: tuple[str, ...] = (), rounds: int = 20, device: str = "cpu") -> dict:
     """Measure ``artifact``; returns {"artifact", "task", "machine", "rows": [Row as dict], "skipped": [...]}."""
-    import json
-
-    from kiln.runtime.decoding import DecoderSession
+    from kiln.files import read_json
     from kiln.runtime.engines.select import open_engine
+    from kiln.runtime.generate import DecoderSession
 
     for engine_name in compare:
         if engine_name != "torch":
@@ -151,7 +150,7 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), *, threads: int | None 
     if rounds < 1:
         raise InputError("--rounds must be at least 1.")
     manifest = load_manifest(artifact)
-    config = json.loads(artifact_file(artifact, "config.json").read_text(encoding="utf-8"))
+    config = read_json(artifact_file(artifact, "config.json"), "Re-export the artifact.")
     feeds = _Feeds(manifest, config)
     decoder = manifest["task"] == "text-generation"
     if new_tokens is None:
@@ -192,29 +191,30 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), *, threads: int | None 
 def _torch_forward(reference, manifest: dict, feed: dict):
     import torch
 
-    from kiln.exporter.trace_torch import reference_runner
+    from kiln.exporter.trace.torch import reference_runner
 
     run = reference_runner(reference, [t["name"] for t in manifest["outputs"]])
     return lambda: torch.inference_mode()(run)(feed)
 
 
 def _bench_decoder(session, reference, feed: dict, batch: int, seq: int, new_tokens: int, rounds: int) -> list[Row]:
-    """Prefill of the prompt, then ``new_tokens`` greedy steps; kiln and torch interleaved per round."""
+    """Prefill of the prompt, then ``new_tokens`` greedy steps; kiln and torch interleaved per round. kiln runs the
+    runtime's own decode loop (what text generation runs): its first step is the prefill, each later one a decode."""
+    from kiln.runtime.generate import GenerationConfig, steps
+
     ids, mask, pos = feed["input_ids"], feed["attention_mask"], feed["position_ids"]
+    greedy = GenerationConfig(max_new_tokens=new_tokens + 1)  # no EOS id: never stops early
 
     def kiln_generate(timings: dict):
         started = time.perf_counter()
-        logits, cache = session.step(ids, mask, pos, session.empty_cache(batch))
+        loop = steps(session, ids, mask, greedy)
+        next(loop)  # the prefill, and the token chosen from its logits
         timings["prefill"].append(time.perf_counter() - started)
-        m, p = mask, pos[:, -1:]
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = logits.argmax(-1)[:, None].astype(np.int64)
-            m, p = np.concatenate([m, np.ones((batch, 1), np.int64)], axis=1), p + 1
-            logits, cache = session.step(token, m, p, cache)
+        for _ in loop:  # new_tokens decode steps; exhausting the loop releases the engine's state
+            pass
         if new_tokens:
             timings["decode"].append((time.perf_counter() - started) / new_tokens)
-        session.release()
 
     def torch_generate(timings: dict):
         import torch

@@ -64,45 +64,38 @@ def read_inputs(args) -> list:
 
 def run(args) -> int:
     import kiln
-    from kiln.artifact import is_artifact, load_manifest
+    from kiln.artifact import is_artifact
 
-    task = args.task or (load_manifest(args.artifact)["task"] if is_artifact(args.artifact) else "feature-extraction")
-    pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads, verify=args.verify)
+    # The artifact knows its task; a plain checkpoint without --task is read as feature-extraction.
+    task = args.task or (None if is_artifact(args.artifact) else "feature-extraction")
+    # Only the options given reach the pipeline, which refuses those its task does not take.
+    options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
+               "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,
+               "max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
+               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    options = {name: value for name, value in options.items() if value is not None}
+    if args.all_labels:
+        options["top_k"] = None  # text-classification: every label
+    pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads, verify=args.verify, **options)
     items = read_inputs(args)
-    kwargs = {}
-    if task == "feature-extraction":
-        kwargs = {"pooling": args.pooling, "normalize": args.normalize}
-    elif task == "text-classification":
-        if args.all_labels:
-            kwargs["top_k"] = None
-        elif args.top_k:
-            kwargs["top_k"] = args.top_k
-    elif task in ("question-answering", "fill-mask") and args.top_k:
-        kwargs["top_k"] = args.top_k
-    if task == "token-classification" and args.aggregation_strategy:
-        kwargs["aggregation_strategy"] = args.aggregation_strategy
-    if task == "fill-mask" and args.targets:
-        kwargs["targets"] = args.targets
-    if task == "text-generation":
-        kwargs = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "top_p": args.top_p,
-                                    "temperature": args.temperature, "seed": args.seed,
-                                    "do_sample": True if args.sample else None}.items() if v is not None}
-        if args.stream:
-            return stream(pipe, items, kwargs)
-    results = pipe(items, **kwargs)
-    if task in ("question-answering", "fill-mask") and len(items) == 1:
+    if args.stream:
+        return stream(pipe, items)
+    results = pipe(items)
+    if pipe.task in ("question-answering", "fill-mask") and len(items) == 1:
         results = [results]  # a one-item list gives that item's result, not a list of one (as transformers)
     for item, result in zip(items, results):
         print(json.dumps({"input": item, "output": result}, ensure_ascii=False))
     return 0
 
 
-def stream(pipe, items: list, kwargs: dict) -> int:
+def stream(pipe, items: list) -> int:
     """Print each prompt's continuation as it is generated (plain text, one prompt after another)."""
+    if not hasattr(pipe, "stream"):
+        raise InputError(f"--stream is for text-generation; this artifact is {pipe.task}.")
     for item in items:
         if isinstance(item, str):
             print(item, end="", flush=True)
-        for piece in pipe.stream(item, **kwargs):
+        for piece in pipe.stream(item):
             print(piece, end="", flush=True)
         print(flush=True)
     return 0

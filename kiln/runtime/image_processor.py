@@ -21,7 +21,6 @@ transformers uses without torchvision.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ArtifactError, InputError, require
+from kiln.files import read_json
 
 log = logging.getLogger("kiln")
 FILE = "preprocessor_config.json"
@@ -98,17 +98,9 @@ class ImageProcessor:
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ImageProcessor":
         file = Path(path) / FILE
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{file} is missing: image pipelines need the image processor settings. Save them into "
-                                "the checkpoint (AutoImageProcessor.from_pretrained(...).save_pretrained(dir)) and "
-                                "re-export.") from None
-        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
-            raise ArtifactError(f"{file} is not valid JSON ({err}). Re-export the artifact.") from err
-        if not isinstance(config, dict):
-            raise ArtifactError(f"{file} must hold a JSON object, got {type(config).__name__}. Re-export the artifact.")
-        return cls(config)
+        return cls(read_json(file, "Re-export the artifact.", missing=(
+            f"{file} is missing: image pipelines need the image processor settings. Save them into the checkpoint "
+            "(AutoImageProcessor.from_pretrained(...).save_pretrained(dir)) and re-export.")))
 
     def __call__(self, images: list) -> ImageBatch:
         arrays, unit_floats = [], 0

@@ -6,7 +6,6 @@ numpy) and never mutated afterwards, so one wrapper can serve many threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ArtifactError, InputError
+from kiln.files import read_json
 
 log = logging.getLogger("kiln")
 _UNSET_MAX = 10**12  # transformers writes int(1e30) as model_max_length when a checkpoint does not know it
@@ -85,16 +85,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception for parse errors
             raise ArtifactError(f"{path} could not be read by tokenizers ({err}). Restore it from the checkpoint.") from err
-        config = {}
         config_path = directory / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, over-long numbers, hostile nesting
-                raise ArtifactError(f"{config_path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
-            if not isinstance(config, dict):
-                raise ArtifactError(f"{config_path} must hold a JSON object, found {type(config).__name__}. Restore it "
-                                    "from the checkpoint.")
+        config = read_json(config_path, "Restore it from the checkpoint.") if config_path.is_file() else {}
         limit = config.get("model_max_length")
         usable = isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < _UNSET_MAX
         limits = [m for m in (max_length, limit if usable else None) if m]
@@ -285,13 +277,7 @@ def _special_tokens(directory: Path, config: dict) -> dict[str, str]:
     sources = [config]
     map_path = directory / "special_tokens_map.json"
     if map_path.is_file():
-        try:
-            sources.append(json.loads(map_path.read_text(encoding="utf-8")))
-        except (ValueError, RecursionError) as err:
-            raise ArtifactError(f"{map_path} is not valid JSON ({err}). Restore it from the checkpoint.") from err
-        if not isinstance(sources[-1], dict):
-            raise ArtifactError(f"{map_path} must hold a JSON object, found {type(sources[-1]).__name__}. Restore it "
-                                "from the checkpoint.")
+        sources.append(read_json(map_path, "Restore it from the checkpoint."))
     found = {}
     for name in _SPECIAL:
         for source in sources:

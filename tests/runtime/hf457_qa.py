@@ -3,6 +3,8 @@
 transformers 5 (kiln's test dependency) removed the pipeline, so tests run this script with the 4.57 venv's python:
 JSON on stdin, ``{"calls": [{"model": dir, "args": [...], "kwargs": {...}}, ...]}``; JSON on stdout, one entry per
 call, ``{"result": ...}`` or ``{"error": "TypeName: message"}``. One process answers every call of a test module.
+A call may also give ``"init"``, options for making its pipeline, and ``"generator": true``: its first argument
+(a list) is then passed as a generator and the results it yields are collected into a list.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ def main() -> None:
         transformers.logging.set_verbosity_error()
         pipes, answers = {}, []
         for call in request["calls"]:
-            model = call["model"]
-            if model not in pipes:
-                pipes[model] = transformers.pipeline("question-answering", model=model, tokenizer=model, device="cpu")
+            model, init = call["model"], call.get("init", {})
+            key = (model, json.dumps(init, sort_keys=True))
+            if key not in pipes:
+                pipes[key] = transformers.pipeline("question-answering", model=model, tokenizer=model, device="cpu",
+                                                   **init)
+            args = list(call.get("args", []))
+            if call.get("generator"):
+                args[0] = (item for item in args[0])
             try:
-                answers.append({"result": pipes[model](*call.get("args", []), **call.get("kwargs", {}))})
+                result = pipes[key](*args, **call.get("kwargs", {}))
+                answers.append({"result": list(result) if call.get("generator") else result})
             except BaseException as err:  # tokenizers panics raise pyo3's PanicException, a BaseException
                 if isinstance(err, (KeyboardInterrupt, SystemExit)):
                     raise

@@ -57,6 +57,17 @@ def test_matches_transformers(model_type, kwargs, peaked):
     assert_same(ours(inputs[1:2], **kwargs), theirs(inputs[1:2], **kwargs))  # a one-item list is unwrapped
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_options_at_construction_and_generators_match_transformers(model_type, peaked):
+    path, artifact = peaked(model_type)
+    options = {"top_k": 2, "targets": TARGETS[model_type]}
+    ours, theirs = kiln.pipeline(TASK, artifact, batch_size=3, **options), hf_pipeline(TASK, path, **options)
+    inputs = texts(ours.mask_token)
+    assert_same(ours(inputs[0]), theirs(inputs[0]))
+    assert_same(ours(inputs, top_k=3), theirs(inputs, top_k=3))  # the call's top_k, the construction's targets
+    assert_same(list(ours(t for t in inputs)), list(theirs(t for t in inputs)))
+
+
 def test_scores_are_meaningful(peaked):
     """Guards the comparison above: the best candidate clearly beats the uniform 1/vocab."""
     pipe = kiln.pipeline(TASK, peaked("bert")[1])

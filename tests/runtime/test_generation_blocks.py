@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kiln.errors import InputError
-from kiln.runtime.generation import (GenerationConfig, StopChecker, StreamDecoder, chat_template_from, process_logits,
-                                     render_chat, select_next)
+from kiln.runtime.generate import (GenerationConfig, StopChecker, StreamDecoder, chat_template_from, process_logits,
+                                   render_chat, select_next)
 
 V = 64
 
@@ -303,6 +303,6 @@ def test_chat_templates_run_sandboxed():
 
 
 def test_generation_module_is_light():
-    code = "import sys, kiln.runtime.generation; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    code = "import sys, kiln.runtime.generate; print([m for m in ('torch', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

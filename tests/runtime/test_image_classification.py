@@ -102,6 +102,21 @@ def test_top_k_and_function_to_apply(top_k, function, ours, theirs):
     assert [d["score"] for d in got] == sorted((d["score"] for d in got), reverse=True)
 
 
+def test_options_at_construction_and_generators_match_transformers(files, vit_checkpoints, vit_artifacts):
+    import transformers
+
+    path, _ = vit_checkpoints("image-classification")
+    options = {"top_k": 2, "function_to_apply": "sigmoid"}
+    processor = transformers.ViTImageProcessorPil.from_pretrained(str(path))
+    theirs = transformers.pipeline("image-classification", model=str(path), image_processor=processor, device="cpu",
+                                   **options)
+    ours = kiln.pipeline("image-classification", vit_artifacts("image-classification"), batch_size=2, **options)
+    images = [str(files / name) for name in ("rgb.png", "gray.png", "photo.jpg")]
+    assert_same(ours(images[0]), theirs(images[0]))
+    assert_same(ours(images, top_k=3), theirs(images, top_k=3))
+    assert_same(list(ours(image for image in images)), list(theirs(image for image in images)))
+
+
 PROCESSOR_CONFIGS = {
     "vit": {"size": {"height": 32, "width": 32}},
     "shortest-edge-bicubic-crop": {"size": {"shortest_edge": 40}, "resample": 3, "do_center_crop": True,

@@ -14,10 +14,10 @@ PAIRS = [{"text": "is paris in france", "text_pair": "paris is the capital city 
          {"text": "hello", "text_pair": "world"}]
 
 
-def hf_pipeline(task, path):
+def hf_pipeline(task, path, **options):
     import transformers
 
-    return transformers.pipeline(task, model=str(path), tokenizer=str(path), device="cpu")
+    return transformers.pipeline(task, model=str(path), tokenizer=str(path), device="cpu", **options)
 
 
 
@@ -141,3 +141,98 @@ def test_pipeline_from_a_plain_checkpoint_exports_once_into_the_cache(checkpoint
     second = kiln.pipeline("text-classification", str(path))
     assert second.path == first.path and (first.path / "kiln.json").stat().st_mtime_ns == mtime
     assert_same(second(TEXTS), hf_pipeline("text-classification", path)(TEXTS))
+
+
+# ------------------------------------------------------------------------- options, tasks and inputs as transformers'
+
+@pytest.mark.parametrize("options, call", [
+    ({"top_k": 2}, {}), ({"top_k": 2}, {"top_k": 1}), ({"top_k": None}, {}), ({"function_to_apply": "sigmoid"}, {}),
+    ({"function_to_apply": "sigmoid", "top_k": 1}, {"function_to_apply": "none"}), ({"truncation": True}, {})])
+def test_text_classification_options_at_construction_match_transformers(options, call, checkpoints, artifacts):
+    path, _ = checkpoints("bert", "text-classification")
+    ours = kiln.pipeline("sentiment-analysis", artifacts("bert", "text-classification"), **options)
+    theirs = hf_pipeline("sentiment-analysis", path, **options)
+    assert ours.task == "text-classification"
+    for inputs in (TEXTS[1], TEXTS, PAIRS[0], PAIRS):
+        assert_same(ours(inputs, **call), theirs(inputs, **call))  # a string made with top_k: a list of one list
+    assert_same(list(ours((t for t in TEXTS), **call)), list(theirs((t for t in TEXTS), **call)))
+
+
+def test_feature_extraction_options_at_construction(checkpoints, artifacts):
+    path, _ = checkpoints("bert", "feature-extraction")
+    art = artifacts("bert", "feature-extraction")
+    long_text = " ".join(["paris"] * 100)
+    ours, theirs = kiln.pipeline("feature-extraction", art, truncation=True), hf_pipeline("feature-extraction", path,
+                                                                                         truncation=True)
+    assert_same(ours(long_text), theirs(long_text))
+    assert_same(list(ours(t for t in TEXTS)), list(theirs(t for t in TEXTS)))
+    pooled, plain = kiln.pipeline("feature-extraction", art, pooling="mean", normalize=True), kiln.pipeline(
+        "feature-extraction", art)
+    assert_same(pooled(TEXTS), plain(TEXTS, pooling="mean", normalize=True))
+    # a call's option overrides the construction's, the others stay
+    assert_same(pooled(TEXTS[0], pooling="cls"), plain(TEXTS[0], pooling="cls", normalize=True))
+    with pytest.raises(InputError, match="pooling must be one of"):
+        kiln.pipeline("feature-extraction", art, pooling="max")
+
+
+def test_the_task_comes_from_the_artifact(checkpoints, artifacts):
+    from kiln.runtime import pipeline as runtime_pipeline
+
+    art = artifacts("bert", "text-classification")
+    for pipe in (kiln.pipeline(model=art), kiln.pipeline(task=None, model=art), kiln.pipeline(None, art),
+                 runtime_pipeline(None, art)):
+        assert pipe.task == "text-classification"
+    assert_same(kiln.pipeline(model=art)(TEXTS), kiln.pipeline("text-classification", art)(TEXTS))
+    path, _ = checkpoints("bert", "text-classification")
+    with pytest.raises(InputError, match="is a checkpoint, not a kiln artifact, so kiln cannot tell its task: pass it"):
+        kiln.pipeline(model=str(path))
+    with pytest.raises(InputError, match="needs a model"):
+        kiln.pipeline("text-classification")
+    with pytest.raises(ArtifactError, match="exported for 'text-classification'"):
+        kiln.pipeline("ner", art)  # an alias that disagrees with the artifact
+
+
+def test_unknown_options_are_refused_with_the_valid_ones(artifacts):
+    art = artifacts("bert", "text-classification")
+    message = (r"Unknown text-classification option\(s\) \['normalise'\]; the options are function_to_apply, top_k, "
+               "truncation, and batch_size")
+    with pytest.raises(InputError, match=message):
+        kiln.pipeline("text-classification", art)("x", normalise=True)
+    with pytest.raises(InputError, match=message):
+        kiln.pipeline("text-classification", art, normalise=True)
+    with pytest.raises(InputError, match="top_k must be"):
+        kiln.pipeline("text-classification", art, top_k=0)
+    with pytest.raises(InputError, match=r"Unknown feature-extraction option\(s\) \['top_k'\]"):
+        kiln.pipeline("feature-extraction", artifacts("bert", "feature-extraction"))("x", top_k=2)
+
+
+def test_iterators_stream_results_lazily_in_batches(artifacts):
+    pipe = kiln.pipeline("feature-extraction", artifacts("bert", "feature-extraction"), batch_size=2)
+    taken, runs, run = [], [], pipe.engine.run
+
+    def counted_run(feed, *args, **kwargs):
+        runs.append(len(feed["input_ids"]))
+        return run(feed, *args, **kwargs)
+
+    def texts():
+        for text in TEXTS:
+            taken.append(text)
+            yield text
+
+    pipe.engine.run = counted_run
+    results = pipe(texts(), pooling="mean")
+    assert taken == [] and runs == []  # nothing is read before a result is asked for
+    first = next(results)
+    assert len(taken) == 2 and runs == [2]  # one batch
+    second = next(results)
+    assert len(taken) == 2 and runs == [2]  # from the same batch
+    rest = list(results)
+    assert len(taken) == 4 and runs == [2, 2]
+    assert_same([first, second, *rest], pipe(TEXTS, pooling="mean"))
+    runs.clear()
+    pipe(TEXTS, pooling="mean", batch_size=4)  # batch_size at call, as transformers takes it
+    pipe(TEXTS[:2], pooling="mean", batch_size=1)
+    assert runs == [4, 1, 1]
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        pipe(TEXTS, batch_size=0)
+

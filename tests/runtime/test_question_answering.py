@@ -52,6 +52,17 @@ CASES = {  # name -> (args, kwargs) of one pipeline call
     "questions_contexts": ((), dict(question=[Q1, Q2], context=[CTX, PUNCT], top_k=2)),
     "positional": ((Q1, CTX), {}),
 }
+# name -> (options at construction, args, kwargs, whether args[0] goes in as a generator)
+OPTION_CASES = {
+    "made_with_top_k": ({"top_k": 2}, (), dict(question=Q1, context=CTX), False),
+    "made_with_options_call_overrides": ({"top_k": 2, "max_answer_len": 2, "align_to_words": False}, (),
+                                         dict(question=Q2, context=PUNCT, top_k=3, max_answer_len=5), False),
+    "generator": ({}, ([{"question": Q1, "context": CTX}, {"question": Q2, "context": PUNCT},
+                        {"question": Q1, "context": LONG}],), {}, True),
+    "generator_made_with_top_k": ({"top_k": 2},
+                                  ([{"question": Q1, "context": LONG}, {"question": Q2, "context": CTX}],),
+                                  {"handle_impossible_answer": True}, True),
+}
 ERRORS = {  # name -> (args, kwargs, what kiln's InputError says)
     "empty_question": ((), dict(question="", context=CTX), "`question` cannot be empty"),
     "empty_context": ((), dict(question=Q1, context=""), "`context` cannot be empty"),
@@ -81,6 +92,10 @@ def oracle(checkpoints):
         for name, (args, kwargs, *_) in {**CASES, **ERRORS}.items():
             keys.append((model_type, name))
             calls.append({"model": str(path), "args": list(args), "kwargs": kwargs})
+        for name, (init, args, kwargs, generator) in OPTION_CASES.items():
+            keys.append((model_type, name))
+            calls.append({"model": str(path), "init": init, "args": list(args), "kwargs": kwargs,
+                          "generator": generator})
     done = subprocess.run([str(ORACLE_PYTHON), str(ORACLE_SCRIPT)], input=json.dumps({"calls": calls}),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -101,6 +116,19 @@ def test_matches_transformers_457(model_type, name, oracle, pipes):
     theirs = oracle[(model_type, name)]
     assert "error" not in theirs, theirs
     assert_same(pipes[model_type](*args, **kwargs), theirs["result"])
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_options_at_construction_and_generators_match_transformers_457(model_type, name, oracle, artifacts):
+    init, args, kwargs, generator = OPTION_CASES[name]
+    theirs = oracle[(model_type, name)]
+    assert "error" not in theirs, theirs
+    pipe = kiln.pipeline("question-answering", artifacts(model_type, "question-answering"), **init)
+    if generator:
+        args = ((item for item in args[0]),)
+    ours = pipe(*args, **kwargs)
+    assert_same(list(ours) if generator else ours, theirs["result"])
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -216,7 +244,8 @@ def test_output_shapes(pipes):
     (lambda p: p("just a question"), "takes question= and context="),
     (lambda p: p(question=Q1, context=42), "must be strings"),
     (lambda p: p({"question": Q1, "context": b"bytes"}), "must be a string, got bytes"),
-    (lambda p: p(question=Q1, context=CTX, topk=2), "Unknown option"),
+    (lambda p: p(question=Q1, context=CTX, topk=2), r"Unknown question-answering option\(s\) \['topk'\]; the options "
+                                                       "are align_to_words, doc_stride, "),
     (lambda p: p(question=Q1, context=CTX, top_k=1.5), "top_k must be"),
     (lambda p: p(question=Q1, context=CTX, max_seq_len=128), "model's maximum of 64"),
     (lambda p: p({"question": Q1, "context": CTX}, question=Q1, context=CTX), "not both"),

@@ -13,11 +13,10 @@ import pytest
 
 import kiln
 from kiln.errors import InputError
-from kiln.runtime.decoding import DecoderSession, generate
 from kiln.runtime.engines import TensorInfo, open_engine
 from kiln.runtime.engines.select import select_engine
 from kiln.runtime.engines.tensorrt import TENSORRT_MISSING, gpu_compute_capability, tensorrt_version
-from kiln.runtime.generation import GenerationConfig
+from kiln.runtime.generate import DecoderSession, GenerationConfig, generate
 
 FACTS = dict(tensorrt_version="10.14.1.48", compute_capability="9.0", onnx_sha256="sha")
 
@@ -108,27 +107,34 @@ def test_unknown_device_is_refused(artifact_with_engine):
 
 
 class DeviceCacheEngine:
-    """A decoder engine with ``run_device``: presents come back as opaque device handles that must be fed back."""
+    """A decoder engine that keeps outputs on its side: the ones ``keep`` names come back as opaque handles that must
+    be fed back as they are (TensorRT's device buffers, onnxruntime's OrtValues)."""
 
-    name = "fake-tensorrt"
+    name = "fake-device"
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.released = [], 0
 
     def inputs(self):
         return [TensorInfo(n, "int64", ("batch", "s")) for n in ("input_ids", "attention_mask", "position_ids")] + [
             TensorInfo(f"past_key_values.0.{k}", "float32", ("batch", 1, "past_sequence", 4)) for k in ("key", "value")]
 
+    def optional_inputs(self):
+        return []
+
     def outputs(self):
         return []
 
-    def run_device(self, feed, keep=(), outputs=None):
+    def run(self, feed, outputs=None, keep=()):
         step = len(self.calls)
         self.calls.append((feed, tuple(keep)))
         B, T = feed["input_ids"].shape
         logits = np.zeros((B, T, 5), np.float32)
         logits[:, -1, (step + 3) % 5] = 1.0  # greedy picks 3, 4, 0, ...
         return {"logits": logits, **{name: ("device", name, step) for name in keep}}
+
+    def release(self):
+        self.released += 1
 
 
 def test_decode_loop_keeps_the_cache_on_the_device():
@@ -140,6 +146,23 @@ def test_decode_loop_keeps_the_cache_on_the_device():
     assert isinstance(engine.calls[0][0]["past_key_values.0.key"], np.ndarray)  # the empty first cache
     assert engine.calls[1][0]["past_key_values.0.value"] == ("device", "present.0.value", 0)  # fed back as is
     assert engine.calls[2][0]["past_key_values.0.key"] == ("device", "present.0.key", 1)
+    assert "logits_to_keep" not in engine.calls[0][0]  # the engine takes no optional input
+    assert engine.released == 1  # the generation's engine state is dropped once it ends
+
+
+def test_the_decode_loop_is_a_generator_that_releases_when_closed():
+    from kiln.runtime.generate import steps
+
+    engine = DeviceCacheEngine()
+    loop = steps(DecoderSession(engine), np.array([[1, 2], [0, 5]]), np.array([[1, 1], [0, 1]]),
+                 GenerationConfig(max_new_tokens=10))
+    assert engine.calls == []  # lazy: nothing runs before the first token is asked for
+    assert next(loop).tolist() == [3, 3] and len(engine.calls) == 1
+    np.testing.assert_array_equal(engine.calls[0][0]["position_ids"], [[0, 1], [0, 0]])  # left padding
+    assert next(loop).tolist() == [4, 4] and len(engine.calls) == 2
+    np.testing.assert_array_equal(engine.calls[1][0]["position_ids"], [[2], [1]])
+    loop.close()
+    assert len(engine.calls) == 2 and engine.released == 1
 
 
 NO_TENSORRT_GPU = TENSORRT_MISSING if tensorrt_version() is None else (

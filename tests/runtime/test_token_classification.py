@@ -68,6 +68,19 @@ def test_matches_transformers(model_type, strategy, peaked):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_options_at_construction_the_ner_alias_and_generators_match_transformers(model_type, peaked):
+    path, artifact = peaked(model_type)
+    options = {"aggregation_strategy": "simple", "ignore_labels": []}
+    ours, theirs = kiln.pipeline("ner", artifact, batch_size=2, **options), hf_pipeline("ner", path, **options)
+    assert ours.task == TASK
+    assert_same(ours(TEXTS[0]), plain(theirs(TEXTS[0])))
+    assert_same(ours(TEXTS, aggregation_strategy="first"), plain(theirs(TEXTS, aggregation_strategy="first")))
+    assert_same(list(ours(t for t in TEXTS)), plain(list(theirs(t for t in TEXTS))))
+    with pytest.raises(InputError, match="aggregation_strategy must be one of"):
+        kiln.pipeline(TASK, artifact, aggregation_strategy="longest")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_the_strategies_see_subwords_and_disagree(model_type, peaked):
     """Guards the comparison above: the texts must split words into pieces and make the strategies differ."""
     pipe = kiln.pipeline(TASK, peaked(model_type)[1])

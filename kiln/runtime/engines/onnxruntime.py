@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import onnxruntime as ort
 
 from kiln.artifact import MANIFEST, load_manifest
 from kiln.errors import ArtifactError, InputError
-from kiln.runtime.engines.base import TensorInfo
+from kiln.runtime.engines.base import TensorInfo, output_names
 
 log = logging.getLogger("kiln")
 
@@ -58,8 +60,9 @@ class OnnxRuntimeEngine:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"No ONNX model at {path}. Re-export the artifact.")
-        if axes is None and (path.parent / MANIFEST).is_file():
-            axes = load_manifest(path.parent).get("dynamic_axes")
+        manifest = load_manifest(path.parent) if (path.parent / MANIFEST).is_file() else {}
+        if axes is None:
+            axes = manifest.get("dynamic_axes")
         self.path, self.axes = path, dict(axes or {})
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -80,23 +83,80 @@ class OnnxRuntimeEngine:
                                 "The file may be corrupt or need a newer onnxruntime; re-export or upgrade.") from err
         self._inputs = [TensorInfo(i.name, _ORT_DTYPES.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, _ORT_DTYPES.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
+        # Initializers that may be fed like inputs (onnxruntime's "overridable" ones): those kiln.json lists, or all
+        # of them for a bare graph, e.g. the validator's before kiln.json exists.
+        listed = {t["name"] for t in manifest.get("optional_inputs") or []} if "optional_inputs" in manifest else None
+        self._optional = [TensorInfo(i.name, _ORT_DTYPES.get(i.type, i.type), tuple(i.shape))
+                          for i in self.session.get_overridable_initializers() if listed is None or i.name in listed]
+        self._local = threading.local()  # one IO binding per thread: a binding holds the state of the call in flight
+        self._constants: dict[tuple, ort.OrtValue] = {}
 
     def inputs(self) -> list[TensorInfo]:
         return list(self._inputs)
 
+    def optional_inputs(self) -> list[TensorInfo]:
+        return list(self._optional)
+
     def outputs(self) -> list[TensorInfo]:
         return list(self._outputs)
 
-    def run(self, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        checked, sizes = check_feed(self._inputs, feed, self.axes)
+    def run(self, feed: dict, outputs: list[str] | None = None, keep=()) -> dict:
+        """As the Engine protocol says; kept outputs are OrtValues, fed back without a copy through numpy."""
+        handles = {name: value for name, value in feed.items() if isinstance(value, ort.OrtValue)}
+        arrays = {name: value for name, value in feed.items() if name not in handles} if handles else feed
+        checked, sizes = check_feed(self._inputs, arrays, self.axes, optional=self._optional, handles=handles)
         known = {o.name: o for o in self._outputs}
-        names = outputs or list(known)
+        names = output_names(list(known), outputs, keep)
         unknown = [name for name in names if name not in known]
         if unknown:
             raise InputError(f"The graph has no output(s) {unknown}; its outputs are {list(known)}.")
+        with self._errors():
+            if keep or handles:
+                results = self._run_bound(checked, handles, names, keep)
+            else:
+                results = dict(zip(names, self.session.run(names, checked)))
+        check_outputs([known[name] for name in names if name not in keep], results, sizes, self.path)
+        return results
+
+    def _run_bound(self, checked: dict, handles: dict, names: list[str], keep) -> dict:
+        """One run through this thread's IO binding: outputs stay OrtValues, and those in ``keep`` are returned as
+        such, so that a KV cache goes from one step's outputs to the next step's inputs without numpy in between."""
+        binding = getattr(self._local, "binding", None)
+        if binding is None:
+            binding = self._local.binding = self.session.io_binding()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        optional = {info.name for info in self._optional}
+        for name, value in checked.items():
+            # bind_cpu_input looks for a graph input of that name; an OrtValue binds an initializer too
+            if name in optional:
+                binding.bind_ortvalue_input(name, self._constant(name, value))
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in handles.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # OrtValues in bind order
+        return {name: value if name in keep else value.numpy() for name, value in zip(names, values)}
+
+    def _constant(self, name: str, value: np.ndarray) -> ort.OrtValue:
+        """An OrtValue for a small optional input (``logits_to_keep`` = 1 at every decode step), made once per
+        engine and shared by every thread's binding: onnxruntime only reads it."""
+        if value.size > 1:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+        key = (name, value.dtype.str, value.shape, value.tobytes())
+        found = self._constants.get(key)
+        if found is None:  # two threads may both make it; either copy serves
+            found = self._constants[key] = ort.OrtValue.ortvalue_from_numpy(np.array(value))
+        return found
+
+    @contextlib.contextmanager
+    def _errors(self):
         try:
-            results = self.session.run(names, checked)
-        except Exception as err:  # onnxruntime's pybind error types; the feed itself passed the checks above
+            yield
+        except Exception as err:  # onnxruntime's pybind error types; the feed itself passed kiln's checks
             message = str(err).strip()[:500]
             if isinstance(err, _INVALID_ARGUMENT):  # a value the graph cannot take, e.g. a token id >= vocab size
                 raise InputError(f"onnxruntime rejected the feed: {message}. Check the input values (token ids "
@@ -104,12 +164,17 @@ class OnnxRuntimeEngine:
             raise ArtifactError(f"onnxruntime failed to run {self.path}: {message}. The feed passed kiln's checks, "
                                 "so the graph may be damaged: verify the artifact (kiln run --verify) or re-export "
                                 "it.") from err
-        results = dict(zip(names, results))
-        check_outputs([known[name] for name in names], results, sizes, self.path)
-        return results
+
+    def release(self) -> None:
+        """Drop what this thread's IO binding still holds from its last run: its inputs and outputs (for a decoder,
+        the whole KV cache), which would otherwise stay alive in every thread that ever ran with ``keep``."""
+        binding = getattr(self._local, "binding", None)
+        if binding is not None:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
 
     def close(self) -> None:
-        self.session = None
+        self.session, self._local, self._constants = None, threading.local(), {}
 
     def __enter__(self):
         return self
@@ -121,23 +186,28 @@ class OnnxRuntimeEngine:
 _INVALID_ARGUMENT = getattr(getattr(ort.capi, "onnxruntime_pybind11_state", None), "InvalidArgument", ())
 
 
-def check_feed(inputs: list[TensorInfo], feed: dict, axes: dict | None = None) -> tuple[dict, dict]:
+def check_feed(inputs: list[TensorInfo], feed: dict, axes: dict | None = None, *, optional: list[TensorInfo] = (),
+               handles: dict | None = None) -> tuple[dict, dict]:
     """The feed as arrays of the graph's dtypes, checked before onnxruntime sees it, whose own errors name a node
     deep inside the graph (or, for a mismatched batch, broadcast silently). Returns (arrays, named axis sizes).
 
     Checks: every input present and no unknown ones; dtypes (a same-kind cast is allowed, e.g. int32 -> int64);
     rank; fixed dimensions; a named axis the same size in every input; named axes inside ``axes`` (the ranges the
     artifact was exported and validated for); ids and masks not negative (a negative id would index from the end
-    of a table without any error)."""
-    names = {info.name for info in inputs}
-    extra = sorted(set(feed) - names)
+    of a table without any error). ``optional`` inputs are checked when fed. ``handles`` (name -> a value an earlier
+    run kept) count as present and are not checked: the engine made them, and a decode step must stay cheap."""
+    handles = handles or {}
+    names = {info.name for info in (*inputs, *optional)}
+    extra = sorted(set(feed) - names) + sorted(set(handles) - names)
     if extra:
-        raise InputError(f"The feed has input(s) {extra} that the graph does not take; its inputs are "
-                         f"{[info.name for info in inputs]}.")
+        takes = [info.name for info in inputs] + [f"{info.name} (optional)" for info in optional]
+        raise InputError(f"The feed has input(s) {extra} that the graph does not take; its inputs are {takes}.")
     checked, sizes = {}, {}  # sizes: axis name -> (size, the input that set it)
-    for info in inputs:
+    for info in (*inputs, *(info for info in optional if info.name in feed)):
+        if info.name in handles:
+            continue
         if info.name not in feed:
-            raise InputError(f"Engine input {info.name!r} is missing from the feed (got {sorted(feed)}).")
+            raise InputError(f"Engine input {info.name!r} is missing from the feed (got {sorted({*feed, *handles})}).")
         try:
             value = np.asarray(feed[info.name])
         except ValueError as err:  # ragged nested lists

@@ -1,8 +1,9 @@
 """TensorRT engine: a serialized plan from ``kiln build``, behind the same interface as the onnxruntime engine.
 
 Device memory goes through Polygraphy's CUDA wrapper (ctypes over libcudart), so running an engine needs TensorRT and
-Polygraphy but neither torch nor cuda-python. Inputs may be numpy arrays or :class:`DeviceBuffer`\\ s returned by an
-earlier :meth:`TensorRTEngine.run_device` (used in place: a decoder's KV cache stays on the GPU between steps).
+Polygraphy but neither torch nor cuda-python. Inputs may be numpy arrays or :class:`DeviceBuffer`\\ s, the handles
+an earlier :meth:`TensorRTEngine.run` returns for the outputs it was asked to ``keep`` (used in place: a decoder's
+KV cache stays on the GPU between steps).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ArtifactError, InputError, MissingDependencyError
-from kiln.runtime.engines.base import TensorInfo
+from kiln.runtime.engines.base import TensorInfo, output_names
 
 log = logging.getLogger("kiln")
 TENSORRT_MISSING = "TensorRT is not installed (pip install 'kiln[tensorrt]' and tensorrt from NVIDIA)"
@@ -155,14 +156,20 @@ class TensorRTEngine:
     def inputs(self) -> list[TensorInfo]:
         return list(self._inputs)
 
+    def optional_inputs(self) -> list[TensorInfo]:
+        return []  # TensorRT's ONNX parser folds an input with a default (logits_to_keep) into a constant
+
     def outputs(self) -> list[TensorInfo]:
         return list(self._outputs)
 
-    def run(self, feed: dict, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        return self.run_device(feed, keep=(), outputs=outputs)
-
-    def run_device(self, feed: dict, keep=(), outputs: list[str] | None = None) -> dict:
-        """As ``run``, but the outputs named in ``keep`` stay on the GPU as :class:`DeviceBuffer`\\ s."""
+    def run(self, feed: dict, outputs: list[str] | None = None, keep=()) -> dict:
+        """The outputs named in ``keep`` stay on the GPU as :class:`DeviceBuffer`\\ s; the others come back as
+        numpy arrays."""
+        names = output_names([o.name for o in self._outputs], outputs, keep)
+        unknown = [name for name in names if name not in {o.name for o in self._outputs}]
+        if unknown:
+            raise InputError(f"The engine has no output(s) {unknown}; its outputs are "
+                             f"{[o.name for o in self._outputs]}.")
         with self._lock:
             held = [self._bind_input(info, feed) for info in self._inputs]  # keeps device inputs alive until done
             results = {}
@@ -178,7 +185,6 @@ class TensorRTEngine:
                 self._context.set_tensor_address(info.name, ptr)
             if not self._context.execute_async_v3(self._stream.ptr):
                 raise InputError("TensorRT failed to run the engine (see the TensorRT log above).")
-            names = outputs or [o.name for o in self._outputs]
             out = {}
             for name in names:
                 value = results[name]
@@ -228,6 +234,9 @@ class TensorRTEngine:
         elif buffer.allocated_nbytes < nbytes:
             buffer.resize((nbytes,))
         return buffer
+
+    def release(self) -> None:
+        """Nothing to drop: kept outputs belong to the caller's handles, and the scratch buffers to the engine."""
 
     def close(self) -> None:
         with self._lock:

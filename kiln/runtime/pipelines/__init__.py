@@ -1,32 +1,38 @@
-"""Task pipelines over artifacts. ``pipeline(task, artifact_dir)``."""
+"""Task pipelines over artifacts. ``pipeline(task, artifact)``; without a task, the artifact's own (kiln.json)."""
 
 from __future__ import annotations
 
 import importlib
 
+from kiln.artifact import load_manifest
 from kiln.errors import InputError
+from kiln.tasks import ALIASES as TASK_ALIASES
+from kiln.tasks import TASKS
 
-# task -> "module:Class", imported on first use so that e.g. text pipelines never import Pillow.
-PIPELINES = {
-    "feature-extraction": "feature_extraction:FeatureExtractionPipeline",
-    "text-classification": "text_classification:TextClassificationPipeline",
-    "token-classification": "token_classification:TokenClassificationPipeline",
-    "question-answering": "question_answering:QuestionAnsweringPipeline",
-    "fill-mask": "fill_mask:FillMaskPipeline",
-    "image-classification": "image_classification:ImageClassificationPipeline",
-    "text-generation": "text_generation:TextGenerationPipeline",
-}
+# task -> "module:Class" (one file per task, named after it), imported on first use so that e.g. text pipelines never
+# import Pillow.
+PIPELINES = {task: task.replace("-", "_") + ":" + task.title().replace("-", "") + "Pipeline" for task in TASKS}
+
+
+def resolve_task(task: str) -> str:
+    """The task a name (or one of transformers' aliases) stands for; an InputError for one kiln has no pipeline for."""
+    task = TASK_ALIASES.get(task, task)
+    if task not in PIPELINES:
+        raise InputError(f"Unknown task {task!r}; kiln's pipelines: {', '.join(sorted(PIPELINES))} (aliases: "
+                         f"{', '.join(f'{a} = {t}' for a, t in TASK_ALIASES.items())}).")
+    return task
 
 
 def pipeline_class(task: str):
-    if task not in PIPELINES:
-        raise InputError(f"Unknown task {task!r}; kiln's pipelines: {', '.join(sorted(PIPELINES))}.")
-    module, name = PIPELINES[task].split(":")
+    module, name = PIPELINES[resolve_task(task)].split(":")
     return getattr(importlib.import_module(f"kiln.runtime.pipelines.{module}"), name)
 
 
-def pipeline(task: str, artifact, **kwargs):
+def pipeline(task: str | None, artifact, **kwargs):
+    """``task`` None: the one the artifact was exported for."""
+    if task is None:
+        task = load_manifest(artifact)["task"]
     return pipeline_class(task)(artifact, **kwargs)
 
 
-__all__ = ["PIPELINES", "pipeline", "pipeline_class"]
+__all__ = ["PIPELINES", "TASK_ALIASES", "pipeline", "pipeline_class", "resolve_task"]

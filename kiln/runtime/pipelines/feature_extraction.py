@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.base import Pipeline, given
 
 POOLINGS = (None, "mean", "cls")
 
@@ -17,13 +17,16 @@ class FeatureExtractionPipeline(Pipeline):
 
     task = "feature-extraction"
 
-    def preprocess(self, items, truncation: bool = True, **kwargs):
-        return self.tokenizer(items, truncation=truncation)
-
-    def postprocess(self, model_inputs, outputs, pooling=None, normalize: bool = False, return_tensors: bool = False,
-                    **kwargs):
+    def _sanitize_parameters(self, truncation=None, pooling=None, normalize=None, return_tensors=None):
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        post = {"pooling": pooling, "normalize": normalize, "return_tensors": return_tensors}
+        return given(truncation=truncation), {}, given(**post)
+
+    def preprocess(self, items, truncation: bool = True):
+        return self.tokenizer(items, truncation=truncation)
+
+    def postprocess(self, model_inputs, outputs, pooling=None, normalize: bool = False, return_tensors: bool = False):
         hidden = outputs["last_hidden_state"]  # (B, T, C)
         mask = model_inputs.attention_mask  # (B, T)
         if pooling is None:

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 
 from kiln.errors import ArtifactError, InputError
-from kiln.runtime.pipelines.base import Pipeline
-from kiln.runtime.pipelines.text_classification import softmax
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import softmax
 
 log = logging.getLogger("kiln")
 
@@ -23,20 +23,19 @@ class FillMaskPipeline(Pipeline):
 
     task = "fill-mask"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.mask_token, self.mask_id = self.tokenizer.mask_token, self.tokenizer.mask_token_id
         if self.mask_id is None:
             raise ArtifactError(f"The tokenizer in {self.path} defines no mask token (or its mask_token "
                                 f"{self.mask_token!r} is not in the vocabulary), so it cannot fill masks. Set "
                                 '"mask_token" in tokenizer_config.json to the token the model was trained with.')
 
-    def __call__(self, inputs, top_k: int | None = 5, targets=None, **kwargs):
-        top_k = 5 if top_k is None else top_k  # transformers reads None as "the default"
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    def _sanitize_parameters(self, top_k=None, targets=None, truncation=None):
+        # top_k=None means the default (5), as in transformers
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
-        target_ids = None if targets is None else self.target_ids(targets)
-        return super().__call__(inputs, top_k=top_k, target_ids=target_ids, **kwargs)
+        post = given(top_k=top_k, target_ids=None if targets is None else self.target_ids(targets))
+        return given(truncation=truncation), {}, post
 
     def target_ids(self, targets) -> np.ndarray:
         """Vocabulary ids of the targets; one that is not a token is replaced by its first token (or dropped)."""
@@ -62,7 +61,7 @@ class FillMaskPipeline(Pipeline):
                              "gives a token of the model's vocabulary.")
         return np.array(list(dict.fromkeys(ids)), dtype=np.int64)
 
-    def preprocess(self, items, truncation: bool = True, **kwargs):
+    def preprocess(self, items, truncation: bool = True):
         batch = self.tokenizer(items, truncation=truncation)
         for b in range(len(items)):
             if not (batch.input_ids[b][batch.attention_mask[b].astype(bool)] == self.mask_id).any():
@@ -73,7 +72,7 @@ class FillMaskPipeline(Pipeline):
                                  "where the word to predict goes.")
         return batch
 
-    def postprocess(self, model_inputs, outputs, top_k: int = 5, target_ids=None, **kwargs):
+    def postprocess(self, model_inputs, outputs, top_k: int = 5, target_ids=None):
         results = []
         for b, logits in enumerate(outputs["logits"]):  # logits: (T, V)
             keep = model_inputs.attention_mask[b].astype(bool)  # drops padding on either side

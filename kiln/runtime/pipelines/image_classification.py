@@ -6,8 +6,9 @@ import numpy as np
 
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.image_processor import FILE, ImageProcessor
-from kiln.runtime.pipelines.base import Pipeline
-from kiln.runtime.pipelines.text_classification import FUNCTIONS, sigmoid, softmax
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.pipelines.text_classification import FUNCTIONS
+from kiln.runtime.scores import sigmoid, softmax
 
 DEFAULT_TOP_K = 5
 
@@ -24,8 +25,7 @@ class ImageClassificationPipeline(Pipeline):
 
     task = "image-classification"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.id2label = {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
         self.problem_type = self.config.get("problem_type")
 
@@ -35,6 +35,15 @@ class ImageClassificationPipeline(Pipeline):
         if pixel_values is None:
             raise ArtifactError(f"{self.path} has no 'pixel_values' input; it is not an image model. Re-export it.")
         self.image_shape = tuple(pixel_values.shape[1:])  # (Ch, H, W), fixed at export
+
+    def _sanitize_parameters(self, top_k=None, function_to_apply=None):
+        # top_k=None means the default (5), as in transformers
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
+        if function_to_apply is not None and (not isinstance(function_to_apply, str)
+                                              or function_to_apply.lower() not in FUNCTIONS):
+            raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
+        return {}, {}, given(top_k=top_k, function_to_apply=function_to_apply and function_to_apply.lower())
 
     def _items(self, inputs) -> tuple[bool, list]:
         if isinstance(inputs, (list, tuple)):
@@ -51,8 +60,7 @@ class ImageClassificationPipeline(Pipeline):
             return "sigmoid"
         return "softmax"
 
-    def preprocess(self, items, top_k=DEFAULT_TOP_K, function_to_apply=None, **kwargs):
-        _check_options(top_k, function_to_apply)  # before the images are read and the model runs
+    def preprocess(self, items):
         batch = self.image_processor(items)
         if batch.pixel_values.shape[1:] != self.image_shape:
             raise InputError(f"{FILE} makes images of shape {batch.pixel_values.shape[1:]} (Ch, H, W) but the model "
@@ -60,11 +68,11 @@ class ImageClassificationPipeline(Pipeline):
                              "and re-export.")
         return batch
 
-    def postprocess(self, model_inputs, outputs, top_k=DEFAULT_TOP_K, function_to_apply=None, **kwargs):
+    def postprocess(self, model_inputs, outputs, top_k=DEFAULT_TOP_K, function_to_apply=None):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
-        function = (function_to_apply or self.default_function(logits.shape[-1])).lower()
+        function = function_to_apply or self.default_function(logits.shape[-1])
         scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
-        k = min(DEFAULT_TOP_K if top_k is None else top_k, logits.shape[-1])
+        k = min(top_k, logits.shape[-1])
         results = []
         for row in scores:
             labelled = ({"label": self.id2label.get(i, f"LABEL_{i}"), "score": float(s)} for i, s in enumerate(row))
@@ -72,9 +80,3 @@ class ImageClassificationPipeline(Pipeline):
             results.append(ranked[:k])
         return results
 
-
-def _check_options(top_k, function) -> None:
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
-    if function is not None and (not isinstance(function, str) or function.lower() not in FUNCTIONS):
-        raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function!r}.")

@@ -9,13 +9,13 @@ null answer scores the lowest null probability over the windows.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline
-
-OPTIONS = {"top_k", "doc_stride", "max_answer_len", "max_seq_len", "max_question_len", "handle_impossible_answer",
-           "align_to_words", "padding"}
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import softmax
 
 
 class QuestionAnsweringPipeline(Pipeline):
@@ -31,26 +31,38 @@ class QuestionAnsweringPipeline(Pipeline):
 
     task = "question-answering"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         cls_token = self.tokenizer.special_tokens.get("cls_token")
         self.cls_id = self.tokenizer.token_to_id(cls_token) if cls_token else None
         # transformers puts the question first unless the tokenizer pads on the left (then the context comes first).
         self.question_first = self.tokenizer.padding_side != "left"
 
+    def _sanitize_parameters(self, top_k=None, doc_stride=None, max_answer_len=None, max_seq_len=None,
+                             max_question_len=None, handle_impossible_answer=None, align_to_words=None, padding=None):
+        # max_question_len and padding change nothing with a fast tokenizer, in transformers too
+        check_options(**given(top_k=top_k, max_answer_len=max_answer_len, doc_stride=doc_stride,
+                              max_seq_len=max_seq_len))
+        return (given(doc_stride=doc_stride, max_seq_len=max_seq_len), {},
+                given(top_k=top_k, handle_impossible_answer=handle_impossible_answer, max_answer_len=max_answer_len,
+                      align_to_words=align_to_words))
+
     def __call__(self, *args, question=None, context=None, **kwargs):
-        unknown = sorted(set(kwargs) - OPTIONS)
-        if unknown:
-            raise InputError(f"Unknown option(s) {', '.join(unknown)} for question-answering; "
-                             f"the options are {', '.join(sorted(OPTIONS))}.")
-        check_options(**kwargs)
-        return super().__call__(gather_inputs(args, question, context), **kwargs)
+        params = self._params(kwargs)
+        if len(args) == 1 and isinstance(args[0], Iterator) and question is None and context is None:
+            return self._iterate(args[0], *params)
+        return self._call(gather_inputs(args, question, context), params, kwargs)
 
     def _items(self, inputs):
         # transformers returns one result, not a list of one, whenever exactly one question was asked.
         return len(inputs) == 1, inputs
 
-    def preprocess(self, items, doc_stride=None, max_seq_len=None, **kwargs):
+    def _one(self, item):
+        pairs = gather_inputs((item,), None, None)
+        if len(pairs) != 1:
+            raise InputError(f"Each item of an iterator input is one question; got {len(pairs)}.")
+        return pairs[0]
+
+    def preprocess(self, items, doc_stride=None, max_seq_len=None):
         max_seq_len, doc_stride = self.window_sizes(max_seq_len, doc_stride)
         if self.question_first:  # the context is cut into windows, the question repeated in each
             pairs, split, names = list(items), 1, ("question", "context")
@@ -71,16 +83,16 @@ class QuestionAnsweringPipeline(Pipeline):
             raise InputError(f"doc_stride ({doc_stride}) is larger than max_seq_len ({max_seq_len}).")
         return max_seq_len, doc_stride
 
-    def forward(self, model_inputs) -> dict[str, np.ndarray]:
+    def forward(self, model_inputs, batch_size: int) -> dict[str, np.ndarray]:
         # One long context makes many windows: run them batch_size rows at a time.
         windows, _ = model_inputs
         feed, rows = windows.feed(self.input_names), len(windows.example)
-        outputs = [self.engine.run({k: v[i:i + self.batch_size] for k, v in feed.items()})
-                   for i in range(0, rows, self.batch_size)]
+        outputs = [self.engine.run({k: v[i:i + batch_size] for k, v in feed.items()})
+                   for i in range(0, rows, batch_size)]
         return {k: np.concatenate([o[k] for o in outputs]) for k in ("start_logits", "end_logits")}
 
     def postprocess(self, model_inputs, outputs, top_k=1, handle_impossible_answer=False, max_answer_len=15,
-                    align_to_words=True, **kwargs) -> list:
+                    align_to_words=True) -> list:
         windows, contexts = model_inputs
         results = []
         for i, context in enumerate(contexts):
@@ -130,9 +142,7 @@ class QuestionAnsweringPipeline(Pipeline):
 
 def normalize(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Softmax over the allowed tokens; the others get -10000, as transformers does, so they weigh ~nothing."""
-    x = np.where(allowed, logits, np.float32(-10000.0))
-    x = np.exp(x - x.max())
-    return x / x.sum()
+    return softmax(np.where(allowed, logits, np.float32(-10000.0)))
 
 
 def decode_spans(start: np.ndarray, end: np.ndarray, top_k: int, max_answer_len: int, allowed: np.ndarray):
@@ -179,8 +189,8 @@ def word_chars(windows, row: int, token: int, sequence: int) -> tuple[int, int] 
     return windows.offsets[row][same[0]][0], windows.offsets[row][same[-1]][1]
 
 
-def check_options(top_k=1, max_answer_len=15, doc_stride=None, max_seq_len=None, **others) -> None:
-    """Once per call, before any work; doc_stride and max_seq_len default (None) to values that depend on the model."""
+def check_options(top_k=1, max_answer_len=15, doc_stride=None, max_seq_len=None) -> None:
+    """Before any work; doc_stride and max_seq_len default (None) to values that depend on the model."""
     checks = [("top_k", top_k, 1), ("max_answer_len", max_answer_len, 1)]
     checks += [(name, value, least) for name, value, least in (("doc_stride", doc_stride, 0),
                                                                ("max_seq_len", max_seq_len, 1)) if value is not None]

@@ -5,19 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import sigmoid, softmax
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
-_LEGACY = object()  # top_k not given: transformers' historical one-dict-per-input output
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+_NOT_GIVEN = object()  # top_k not given: transformers' historical one-dict-per-input output (None means all labels)
 
 
 class TextClassificationPipeline(Pipeline):
@@ -26,10 +18,21 @@ class TextClassificationPipeline(Pipeline):
 
     task = "text-classification"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.id2label = {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
         self.problem_type = self.config.get("problem_type")
+
+    def _sanitize_parameters(self, truncation=None, top_k=_NOT_GIVEN, function_to_apply=None):
+        post = {}
+        if top_k is not _NOT_GIVEN:
+            if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+                raise InputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+            post.update(top_k=top_k, legacy=False)  # as transformers: given anywhere, a list of labels comes back
+        if function_to_apply is not None:
+            if not isinstance(function_to_apply, str) or function_to_apply.lower() not in FUNCTIONS:
+                raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
+            post["function_to_apply"] = function_to_apply.lower()
+        return given(truncation=truncation), {}, post
 
     def _items(self, inputs):
         if isinstance(inputs, dict):
@@ -43,7 +46,7 @@ class TextClassificationPipeline(Pipeline):
             return "sigmoid"
         return "softmax"
 
-    def preprocess(self, items, truncation: bool = True, **kwargs):
+    def preprocess(self, items, truncation: bool = True):
         texts, pairs = [], []
         for item in items:
             if isinstance(item, dict):
@@ -56,17 +59,13 @@ class TextClassificationPipeline(Pipeline):
                 pairs.append(None)
         return self.tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=truncation)
 
-    def postprocess(self, model_inputs, outputs, top_k=_LEGACY, function_to_apply=None, **kwargs):
+    def postprocess(self, model_inputs, outputs, top_k=1, legacy: bool = True, function_to_apply=None):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
-        function = (function_to_apply or self.default_function(logits.shape[-1])).lower()
-        if function not in FUNCTIONS:
-            raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
-        if top_k is not _LEGACY and top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+        function = function_to_apply or self.default_function(logits.shape[-1])
         scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
         results = []
         for row in scores:
-            if top_k is _LEGACY:
+            if legacy:
                 best = int(row.argmax())
                 results.append({"label": self.id2label.get(best, f"LABEL_{best}"), "score": float(row[best])})
                 continue
@@ -75,8 +74,9 @@ class TextClassificationPipeline(Pipeline):
             results.append(ranked if top_k is None else ranked[:top_k])
         return results
 
-    def _shape(self, inputs, single, results, top_k=_LEGACY, **kwargs):
-        # transformers: a single *string* without top_k still comes back as a one-item list (a dict pair does not).
+    def _shape(self, inputs, single, results, **kwargs):
+        # transformers: a single *string* comes back as a one-item list unless this call gives top_k (even when the
+        # pipeline was made with one: then a list of one list of labels), a dict pair does not.
         if single:
-            return [results[0]] if top_k is _LEGACY and isinstance(inputs, str) else results[0]
+            return [results[0]] if "top_k" not in kwargs and isinstance(inputs, str) else results[0]
         return results

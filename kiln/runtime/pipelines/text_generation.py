@@ -2,37 +2,61 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.decoding import DecoderSession, generate
-from kiln.runtime.generation import GenerationConfig, StreamDecoder, chat_template_from, render_chat
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.generate import (DecoderSession, GenerationConfig, StreamDecoder, chat_template_from, generate,
+                                   render_chat, steps)
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.tokenizer import Batch
 
 log = logging.getLogger("kiln")
 # Keyword arguments that are generation options (everything else is a pipeline option).
-GENERATION_OPTIONS = set(GenerationConfig.__dataclass_fields__)
+GENERATION_OPTIONS = frozenset(GenerationConfig.__dataclass_fields__)
+
+
+@dataclass
+class Prompts:
+    """What preprocess hands on: the encoded prompts, the items and rendered prompts (for return_full_text) and the
+    generation options of this call."""
+
+    batch: Batch
+    items: list
+    prompts: list[str]
+    config: GenerationConfig
 
 
 class TextGenerationPipeline(Pipeline):
     """``pipe("prompt")`` -> ``[{"generated_text": "prompt + continuation"}]``; a chat (list of {"role", "content"})
     is rendered with the artifact's chat template and comes back with the assistant's reply appended; a list of
     prompts gives a list of such lists. ``return_full_text=False`` returns only the new text. ``pipe.stream(prompt)``
-    yields text pieces as they are generated."""
+    yields text pieces as they are generated. Generation options (``max_new_tokens``, ``do_sample``, ...) may be
+    given at construction or call, like every option."""
 
     task = "text-generation"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.decoder = DecoderSession(self.engine)
         self.defaults = GenerationConfig.from_artifact(self.path)
         self.chat_template = chat_template_from(self.path)
         self.context = int(self.config.get("max_position_embeddings") or self.config.get("n_positions") or 0) or None
         if self.defaults.eos_token_id is None and self.config.get("eos_token_id") is not None:
             self.defaults = self.defaults.merge(eos_token_id=self.config["eos_token_id"])
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(sorted({*super().option_names(), *GENERATION_OPTIONS}))
+
+    def _sanitize_parameters(self, return_full_text=None, add_special_tokens=None, truncation=None, **generation):
+        self.defaults.merge(**generation)  # checks the values now, before any work
+        # As transformers: plain prompts get the tokenizer's special tokens (e.g. BOS); rendered chats hold them.
+        pre = {**given(add_special_tokens=add_special_tokens, truncation=truncation), **given(**generation)}
+        return pre, {}, given(return_full_text=return_full_text)
 
     def _items(self, inputs):
         if _is_chat(inputs):
@@ -41,28 +65,23 @@ class TextGenerationPipeline(Pipeline):
             return False, list(inputs)
         return super()._items(inputs)
 
-    def __call__(self, inputs, **kwargs):
-        single, items = self._items(inputs)
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_OPTIONS}
-        config = self.defaults.merge(**options)
-        return_full_text = kwargs.pop("return_full_text", True)
-        # As transformers: plain prompts get the tokenizer's special tokens (e.g. BOS); rendered chats already hold them.
-        add_special_tokens = kwargs.pop("add_special_tokens", None)
-        truncation = kwargs.pop("truncation", False)
-        if kwargs:
-            raise InputError(f"Unknown text-generation option(s) {sorted(kwargs)}; generation options are "
-                             f"{sorted(GENERATION_OPTIONS)}, plus return_full_text, add_special_tokens and truncation.")
+    def preprocess(self, items, add_special_tokens=None, truncation: bool = False, **generation) -> Prompts:
+        config = self.defaults.merge(**generation)
+        prompts = [self._prompt(item) for item in items]
+        special = add_special_tokens if add_special_tokens is not None else not _is_chat(items[0])
+        return Prompts(self._encode(prompts, special, config, truncation), list(items), prompts, config)
+
+    def forward(self, model_inputs: Prompts, batch_size: int) -> np.ndarray:
+        batch = model_inputs.batch
+        return generate(self.decoder, batch.input_ids, batch.attention_mask, model_inputs.config,
+                        decode=self._decode_new)
+
+    def postprocess(self, model_inputs: Prompts, outputs: np.ndarray, return_full_text: bool = True) -> list:
         results = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            prompts = [self._prompt(item) for item in chunk]
-            special = add_special_tokens if add_special_tokens is not None else not _is_chat(chunk[0])
-            batch = self._encode(prompts, special, config, truncation)
-            new = generate(self.decoder, batch.input_ids, batch.attention_mask, config, decode=self._decode_new)
-            for item, prompt, tokens in zip(chunk, prompts, new):
-                text = self._decode_new(_strip_pad(tokens, config))
-                results.append([{"generated_text": _full(item, prompt, text) if return_full_text else text}])
-        return results[0] if single else results
+        for item, prompt, tokens in zip(model_inputs.items, model_inputs.prompts, outputs):
+            text = self._decode_new(_strip_pad(tokens, model_inputs.config))
+            results.append([{"generated_text": _full(item, prompt, text) if return_full_text else text}])
+        return results
 
     def batch(self, items: list, **kwargs) -> list:
         """As ``Pipeline.batch``; chats and plain prompts go in separate calls, since only plain prompts get the
@@ -77,21 +96,25 @@ class TextGenerationPipeline(Pipeline):
         return results
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text pieces of one prompt's continuation as tokens come (complete characters only)."""
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_OPTIONS}
-        if kwargs:
-            raise InputError(f"Unknown stream option(s) {sorted(kwargs)}.")
-        config = self.defaults.merge(**options)
-        batch = self._encode([self._prompt(prompt)], not _is_chat(prompt), config)
-        decoder, pieces = StreamDecoder(self._decode_new), []
+        """Yield text pieces of one prompt's continuation as tokens come (complete characters only). Takes the
+        options of a call but return_full_text and batch_size: a stream is one prompt's new text."""
+        for name in ("return_full_text", "batch_size"):
+            if name in kwargs:
+                raise InputError(f"stream() takes no {name}: it yields the new text of one prompt; print the prompt "
+                                 "first for the full text.")
+        pre, _, _, _ = self._params(kwargs)
+        return self._stream(self.preprocess([prompt], **pre))
 
-        def on_tokens(tokens: np.ndarray) -> None:
-            if int(tokens[0]) not in _eos(config):
-                pieces.append(decoder.push(int(tokens[0])))
-
-        # The decode loop runs step by step inside this generator, so pieces reach the caller as they are made.
-        for piece in _drive(self.decoder, batch, config, self._decode_new, on_tokens, pieces):
-            yield piece
+    def _stream(self, prompts: Prompts) -> Iterator[str]:
+        # The decode loop is a generator advanced from here: each piece reaches the caller as its token is chosen,
+        # and a caller that stops reading closes the loop, whose finally releases the engine's state.
+        config, decoder, eos = prompts.config, StreamDecoder(self._decode_new), set(prompts.config.eos_ids)
+        batch = prompts.batch
+        with contextlib.closing(steps(self.decoder, batch.input_ids, batch.attention_mask, config,
+                                      decode=self._decode_new)) as loop:
+            for tokens in loop:
+                if int(tokens[0]) not in eos and (piece := decoder.push(int(tokens[0]))):
+                    yield piece
         tail = decoder.flush()
         if tail:
             yield tail
@@ -129,59 +152,15 @@ class TextGenerationPipeline(Pipeline):
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-class _Abandoned(Exception):
-    """Raised inside the decode loop of a stream whose consumer went away."""
-
-
-def _drive(session, batch, config, decode, on_tokens, pieces) -> Iterator[str]:
-    """Run ``generate`` one token at a time in a worker thread and hand the text pieces over as they appear."""
-    import queue
-    import threading
-
-    handoff: queue.Queue = queue.Queue()
-    done, abandoned = object(), threading.Event()
-
-    def emit(tokens):
-        # A client that stops reading (a closed connection) must not leave the model generating for nobody.
-        if abandoned.is_set():
-            raise _Abandoned
-        on_tokens(tokens)
-        while pieces:
-            handoff.put(pieces.pop(0))
-
-    def work():
-        try:
-            generate(session, batch.input_ids, batch.attention_mask, config, decode=decode, on_tokens=emit)
-            handoff.put(done)
-        except _Abandoned:
-            pass
-        except BaseException as err:  # re-raised in the consumer's thread
-            handoff.put(err)
-
-    threading.Thread(target=work, name="kiln-stream", daemon=True).start()
-    try:
-        while (item := handoff.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            if item:
-                yield item
-    finally:  # also when the generator is closed or garbage-collected before the end
-        abandoned.set()
-
-
 def _is_chat(item) -> bool:
     return isinstance(item, list) and bool(item) and all(isinstance(m, dict) and "role" in m for m in item)
 
 
-def _eos(config: GenerationConfig) -> set[int]:
-    return set(config.eos_ids)
-
-
 def _strip_pad(tokens: np.ndarray, config: GenerationConfig) -> list[int]:
     """New tokens up to (not including) the first EOS: what was generated before the row stopped."""
-    out = []
+    eos, out = set(config.eos_ids), []
     for t in tokens.tolist():
-        if t in _eos(config):
+        if t in eos:
             break
         out.append(t)
     return out

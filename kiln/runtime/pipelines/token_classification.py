@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline
-from kiln.runtime.pipelines.text_classification import softmax
+from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import softmax
 from kiln.runtime.tokenizer import Batch
 
 log = logging.getLogger("kiln")
@@ -41,34 +41,37 @@ class TokenClassificationPipeline(Pipeline):
 
     task = "token-classification"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
         self.id2label = {int(k): v for k, v in (self.config.get("id2label") or {}).items()}
         # WordPiece marks word continuations ("##"); byte-level BPE does not, so words come from spaces instead.
         self.word_aware = bool(self.tokenizer.continuing_subword_prefix)
 
-    def __call__(self, inputs, **kwargs):
-        for name, instead in UNSUPPORTED.items():
-            if kwargs.get(name) not in (None, False):
-                raise InputError(f"token-classification option {name!r} is not supported by kiln yet; {instead}.")
-        strategy = kwargs.get("aggregation_strategy")
-        strategy = "none" if strategy is None else str(getattr(strategy, "value", strategy)).lower()
-        if strategy not in STRATEGIES:
-            raise InputError(f"aggregation_strategy must be one of {STRATEGIES}, "
-                             f"got {kwargs['aggregation_strategy']!r}.")
-        if strategy in WORD_STRATEGIES and not self.word_aware:
-            log.warning("Tokenizer does not support real words, using fallback heuristic "
-                        "(a word starts after a space).")
-        return super().__call__(inputs, **{**kwargs, "aggregation_strategy": strategy})
+    def _sanitize_parameters(self, truncation=None, aggregation_strategy=None, ignore_labels=None, stride=None,
+                             is_split_into_words=None, offset_mapping=None):
+        for name, value in (("stride", stride), ("is_split_into_words", is_split_into_words),
+                            ("offset_mapping", offset_mapping)):
+            if value not in (None, False):
+                raise InputError(f"token-classification option {name!r} is not supported by kiln yet; "
+                                 f"{UNSUPPORTED[name]}.")
+        post = given(ignore_labels=ignore_labels)
+        if aggregation_strategy is not None:
+            strategy = str(getattr(aggregation_strategy, "value", aggregation_strategy)).lower()
+            if strategy not in STRATEGIES:
+                raise InputError(f"aggregation_strategy must be one of {STRATEGIES}, got {aggregation_strategy!r}.")
+            post["aggregation_strategy"] = strategy
+        return given(truncation=truncation), {}, post
 
     def label(self, i: int) -> str:
         return self.id2label.get(int(i), f"LABEL_{int(i)}")
 
-    def preprocess(self, items, truncation: bool = True, **kwargs):
+    def preprocess(self, items, truncation: bool = True):
         # Postprocess needs the texts themselves: words are cut from them by offsets.
         return TextBatch(**vars(self.tokenizer(items, truncation=truncation)), texts=list(items))
 
-    def postprocess(self, model_inputs, outputs, aggregation_strategy: str = "none", ignore_labels=None, **kwargs):
+    def postprocess(self, model_inputs, outputs, aggregation_strategy: str = "none", ignore_labels=None):
+        if aggregation_strategy in WORD_STRATEGIES and not self.word_aware:
+            log.warning("Tokenizer does not support real words, using fallback heuristic "
+                        "(a word starts after a space).")
         ignore = ["O"] if ignore_labels is None else ignore_labels
         scores = softmax(outputs["logits"].astype(np.float32))  # (B, T, num_labels)
         results = []
