@@ -8,7 +8,7 @@ from kiln.errors import ArtifactError, InputError
 from kiln.runtime.image_processor import FILE, ImageProcessor
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.pipelines.text_classification import FUNCTIONS
-from kiln.runtime.scores import sigmoid, softmax
+from kiln.runtime.scores import default_function, sigmoid, softmax
 
 DEFAULT_TOP_K = 5
 
@@ -53,12 +53,7 @@ class ImageClassificationPipeline(Pipeline):
         return True, [inputs]
 
     def default_function(self, num_labels: int) -> str:
-        # Copied from text_classification.TextClassificationPipeline.default_function: transformers' rule for both.
-        if self.problem_type == "regression":
-            return "none"
-        if self.problem_type == "multi_label_classification" or num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.problem_type, num_labels)
 
     def preprocess(self, items):
         batch = self.image_processor(items)

@@ -6,7 +6,7 @@ import numpy as np
 
 from kiln.errors import InputError
 from kiln.runtime.pipelines.base import Pipeline, given
-from kiln.runtime.scores import sigmoid, softmax
+from kiln.runtime.scores import default_function, sigmoid, softmax
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _NOT_GIVEN = object()  # top_k not given: transformers' historical one-dict-per-input output (None means all labels)
@@ -40,11 +40,7 @@ class TextClassificationPipeline(Pipeline):
         return super()._items(inputs)
 
     def default_function(self, num_labels: int) -> str:
-        if self.problem_type == "regression":
-            return "none"
-        if self.problem_type == "multi_label_classification" or num_labels == 1:
-            return "sigmoid"
-        return "softmax"
+        return default_function(self.problem_type, num_labels)
 
     def preprocess(self, items, truncation: bool = True):
         texts, pairs = [], []
