@@ -145,7 +145,28 @@ def resolve(model, opts: ExportOptions) -> Source:
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], opts.task)
     arch.check_framework(raw["model_type"], opts.framework)
+    check_vocabulary(checkpoint, raw)
     return Source(checkpoint, raw, arch, hub.sha256_files(checkpoint.source_files))
+
+
+def check_vocabulary(checkpoint: hub.Checkpoint, raw: dict) -> None:
+    """A tokenizer with more tokens than the model has embedding rows gives ids that index past the table (tokens
+    added without resizing the model, or the model resized below the tokenizer): refuse it, naming the fix."""
+    path = checkpoint.path / "tokenizer.json"
+    rows = raw.get("vocab_size")
+    if not path.is_file() or not isinstance(rows, int):
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        tokens = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception:  # an unreadable tokenizer is reported where the tokenizer is loaded
+        return
+    if tokens > rows:
+        raise InputError(f"The tokenizer has {tokens} tokens but the model's embedding has {rows} rows "
+                         f"(config.json vocab_size): ids from {rows} up would index past it. Resize the model to the "
+                         "tokenizer (model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(dir)) and "
+                         "export that.")
 
 
 def load_reference(source: Source, opts: ExportOptions):

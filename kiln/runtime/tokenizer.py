@@ -1,7 +1,9 @@
 """A thin, thread-safe wrapper over Hugging Face ``tokenizers``: padding, truncation with a warning, pairs, offsets.
 
 The underlying ``tokenizers.Tokenizer`` is configured once when loaded (truncation on, padding off: kiln pads in
-numpy) and never mutated afterwards, so one wrapper can serve many threads.
+numpy) and not mutated by encoding, so one wrapper can serve many threads. ``add_tokens`` is the exception: it
+changes the vocabulary, so call it before the tokenizer serves anything (as when preparing a checkpoint), then
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class Windows(Batch):
 
 class Tokenizer:
     def __init__(self, tokenizer, *, max_length: int, padding_side: str = "right", pad_token: str | None = None,
-                 special_tokens: dict[str, str] | None = None, clean_up_tokenization_spaces: bool = False):
+                 special_tokens: dict[str, str] | None = None, clean_up_tokenization_spaces: bool = False,
+                 config: dict | None = None, source: Path | None = None):
         self._tok = tokenizer
+        self._config, self._source = dict(config or {}), source  # tokenizer_config.json and where it came from
         self.special_tokens = dict(special_tokens or {})  # e.g. {"mask_token": "[MASK]", "unk_token": "[UNK]"}
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.max_length = max_length
@@ -100,7 +104,8 @@ class Tokenizer:
         return cls(tok, max_length=min(limits) if limits else 512, padding_side=padding_side,
                    pad_token=pad_token if isinstance(pad_token, str) else None,
                    special_tokens=_special_tokens(directory, config),
-                   clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
+                   clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+                   config=config, source=directory)
 
     def _with_max_length(self, max_length: int):
         return self._variant(max_length)
@@ -223,7 +228,62 @@ class Tokenizer:
             text = clean_up_tokenization(text)
         return text
 
-    # Read-only views of the vocabulary and special tokens (the underlying tokenizer is never mutated).
+    # The vocabulary: adding tokens and saving, as transformers' tokenizers do.
+
+    def __len__(self) -> int:
+        """The vocabulary size with added tokens: what ``model.resize_token_embeddings`` needs."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def add_tokens(self, tokens, special: bool = False) -> int:
+        """Add tokens to the vocabulary, each encoded as one id from now on (after the last id), as transformers'
+        ``tokenizer.add_tokens(tokens, special_tokens=special)``: special tokens match as written and are skipped by
+        ``decode(skip_special_tokens=True)``; others are matched after normalization. Returns how many were added.
+        A token already in the vocabulary is an error (it would silently keep its old id)."""
+        from tokenizers import AddedToken
+
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens) if isinstance(tokens, (list, tuple)) else None
+        if not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise InputError("add_tokens takes a non-empty string or a list of them.")
+        if len(set(tokens)) != len(tokens):
+            raise InputError(f"add_tokens was given the same token twice: {sorted({t for t in tokens if tokens.count(t) > 1})}.")
+        known = {t: self._tok.token_to_id(t) for t in tokens if self._tok.token_to_id(t) is not None}
+        if known:
+            shown = ", ".join(f"{t!r} (id {i})" for t, i in list(known.items())[:5])
+            raise InputError(f"Already in the vocabulary: {shown}. Add only new tokens.")
+        for text in tokens:
+            _check_encodable(text, "token")
+        added = [AddedToken(t, special=special, normalized=not special) for t in tokens]
+        count = self._tok.add_special_tokens(added) if special else self._tok.add_tokens(added)
+        with self._lock:  # the configured copies hold the old vocabulary
+            self._variants = {self._base_key: self._tok}
+        return count
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """tokenizer.json (with the added tokens) and tokenizer_config.json, plus the special-tokens map and chat
+        template it was loaded with: what transformers' ``AutoTokenizer.from_pretrained`` and kiln read back."""
+        import json
+        import shutil
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.no_truncation()  # kiln's own settings, not the checkpoint's
+        tok.no_padding()
+        config = {**self._config, "model_max_length": self._config.get("model_max_length", self.max_length)}
+        config.pop("added_tokens_decoder", None)  # tokenizer.json lists every added token; an old list would be stale
+        for name, text in (("tokenizer.json", tok.to_str()), ("tokenizer_config.json", json.dumps(config, indent=2,
+                                                                                                  ensure_ascii=False))):
+            staged = directory / f".{name}.tmp"
+            staged.write_text(text + "\n", encoding="utf-8")
+            os.replace(staged, directory / name)
+        for name in ("special_tokens_map.json", "chat_template.jinja"):
+            if self._source is not None and (self._source / name).is_file() and self._source != directory:
+                shutil.copyfile(self._source / name, directory / name)
+        return directory
+
+    # Read-only views of the vocabulary and special tokens.
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

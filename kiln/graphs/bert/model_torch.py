@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kiln.graphs.attention import attention
 from kiln.graphs.bert.config import BertConfig
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.vocab import TokenEmbeddingsMixin
 
 ACT = {
     "gelu": lambda x: F.gelu(x),
@@ -99,11 +100,12 @@ class Layer(nn.Module):
         return x, probs
 
 
-class BertModel(SavePretrainedMixin, nn.Module):
+class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """The encoder. Returns a dict with ``last_hidden_state``, ``pooler_output`` (when the checkpoint has a pooler),
     and optionally ``hidden_states`` (embeddings + each layer) and ``attentions`` (each layer's probabilities)."""
 
     task = "feature-extraction"
+    token_tables = {"input": "embeddings.word"}
 
     def __init__(self, config: BertConfig, add_pooler: bool = True, attn_impl: str = "sdpa"):
         super().__init__()
@@ -164,8 +166,10 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(x))), word_embeddings, self.bias)  # (B, T, V)
 
 
-class _TaskModel(SavePretrainedMixin, nn.Module):
+class _TaskModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """An encoder (``self.bert``, whatever the family) plus one task head; returns a dict like transformers."""
+
+    token_tables = {"input": "bert.embeddings.word"}
 
     def __init__(self, config: BertConfig, attn_impl: str, pooler: bool = False):
         super().__init__()
@@ -230,6 +234,7 @@ class BertForMaskedLM(_TaskModel):
     """Vocabulary logits (B, T, V) at every position."""
 
     task = "fill-mask"
+    token_tables = {"input": "bert.embeddings.word", "bias": "lm_head.bias"}  # the decoder is the embedding, tied
 
     def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
         super().__init__(config, attn_impl)

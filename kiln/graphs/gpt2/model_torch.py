@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kiln.graphs.attention import attention, attention_kv
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.gpt2.config import ACTIVATIONS, GPT2Config
 from kiln.graphs.llama.model_torch import decoder_mask  # causal + padding mask, all-masked rows fixed
 
@@ -77,11 +78,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), present, probs
 
 
-class GPT2LMHeadModel(SavePretrainedMixin, nn.Module):
+class GPT2LMHeadModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, H, S, D)); with
     ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and ``attentions``."""
 
     task = "text-generation"
+    token_tables = {"input": "embed", "output": "lm_head"}  # lm_head None: tied to the embedding
 
     def __init__(self, config: GPT2Config, attn_impl: str = "sdpa"):
         super().__init__()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kiln.graphs.attention import attention, attention_kv
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.llama.config import LlamaConfig
 
 
@@ -107,11 +108,12 @@ def decoder_mask(attention_mask, T: int, sliding_window: int | None = None):
     return keep | ~keep.any(dim=-1, keepdim=True)
 
 
-class LlamaForCausalLM(SavePretrainedMixin, nn.Module):
+class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, Hkv, S, D)); with
     ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and ``attentions``."""
 
     task = "text-generation"
+    token_tables = {"input": "embed", "output": "lm_head"}  # lm_head None: tied to the embedding
 
     def __init__(self, config: LlamaConfig, attn_impl: str = "sdpa"):
         super().__init__()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kiln.errors import ConfigError, InputError
 from kiln.graphs.attention import attention
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.vit.config import ViTConfig
 
 # Copied from graphs.bert.model_torch.ACT
@@ -105,7 +106,7 @@ class Layer(nn.Module):
         return x, probs
 
 
-class ViTModel(SavePretrainedMixin, nn.Module):
+class ViTModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """The encoder. Returns a dict with ``last_hidden_state`` (after the final LayerNorm), ``pooler_output`` (when the
     checkpoint has a pooler), and optionally ``hidden_states`` (embeddings + each layer, before the final LayerNorm,
     as transformers) and ``attentions`` (each layer's probabilities)."""
@@ -142,7 +143,7 @@ class ViTModel(SavePretrainedMixin, nn.Module):
         return out
 
 
-class ViTForImageClassification(SavePretrainedMixin, nn.Module):
+class ViTForImageClassification(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
     """Logits (B, num_labels) from the CLS token of the normed last hidden state. What the scores mean (softmax,
     sigmoid, raw) follows ``config.problem_type``, as in transformers' pipeline."""
 
