@@ -30,6 +30,8 @@ def add_parser(sub):
     p.add_argument("--force-precision", action="store_true", help="write a reduced precision even below its gate")
     p.add_argument("--output-hidden-states", action="store_true", help="add hidden_states.{i} graph outputs")
     p.add_argument("--output-attentions", action="store_true", help="add attentions.{i} graph outputs (probabilities)")
+    p.add_argument("--head-mask", action="store_true", help="add an optional head_mask (layers, heads) input, default "
+                   "all ones: heads can be switched off per call (pipelines: head_mask=...) without re-exporting")
     p.set_defaults(func=run)
 
 
@@ -39,7 +41,8 @@ def run(args) -> int:
     manifest = kiln.export(args.model, args.output, task=args.task, opset=args.opset, batch=args.batch, seq=args.seq,
                            revision=args.revision, keep_failed=args.keep_failed,
                            output_hidden_states=args.output_hidden_states, output_attentions=args.output_attentions,
-                           precision=args.precision, force_precision=args.force_precision, framework=args.framework, attention=args.attention)
+                           precision=args.precision, force_precision=args.force_precision, framework=args.framework, attention=args.attention,
+                           head_mask=args.head_mask)
     worst = max(e["max_abs"] for e in manifest["validation"]["outputs"].values())
     attention = (f"{manifest['attention']['nodes']} fused Attention nodes"
                  if manifest["attention"]["lowering"] == "onnx-attention" else "attention decomposed (MatMul/Softmax)")

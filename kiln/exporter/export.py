@@ -40,6 +40,7 @@ class ExportOptions:
     force_precision: bool = False  # write a reduced precision below its accuracy gate
     framework: str = "torch"
     attention: str = "auto"
+    head_mask: bool = False  # an optional head_mask (layers, heads) input, default all ones
 
 
 @dataclass
@@ -73,7 +74,7 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
     steps(f"Resolving {model}")
     source = resolve(model, opts)
     plan = ExportPlan("decoder" if source.arch.spec == "decoder" else "encoder", task, opts.precision,
-                      opts.attention, opts.framework)
+                      opts.attention, opts.framework, defaults=("head_mask",) if opts.head_mask else ())
     steps(f"Loading the {framework_title(opts.framework)} reference ({source.raw['model_type']}, {task})")
     reference, spec = load_reference(source, opts)
     with atomic_directory(output, overwrite=opts.force, keep_failed=opts.keep_failed) as tmp:
@@ -171,7 +172,7 @@ def check_vocabulary(checkpoint: hub.Checkpoint, raw: dict) -> None:
 
 def load_reference(source: Source, opts: ExportOptions):
     """The framework's reference with the checkpoint's weights, and the spec of the graph to export."""
-    from kiln.exporter.specs import AxisRange, spec_for
+    from kiln.exporter.specs import AxisRange, spec_for, with_head_mask
     from kiln.graphs import registry
     from kiln.graphs.checkpoint import read_state_dict
 
@@ -185,6 +186,10 @@ def load_reference(source: Source, opts: ExportOptions):
                         attentions=opts.output_attentions)
     except ValueError as err:
         raise InputError(str(err)) from None
+    if opts.head_mask:
+        if opts.framework != "torch":
+            raise InputError("--head-mask is exported from the PyTorch reference only; leave --framework out.")
+        spec = with_head_mask(spec, reference.config.num_hidden_layers, reference.config.num_attention_heads)
     return reference, spec
 
 
@@ -271,9 +276,8 @@ def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, 
     import onnx
     import onnxruntime
 
-    from kiln.exporter.passes.logits import OPTIONAL_INPUT
-
     checkpoint, raw = source.checkpoint, source.raw
+    optional = plan.optional_inputs(results)  # inputs with a default, that callers may feed
     manifest = {
         "kiln_version": __version__,
         "source": {"id": checkpoint.source, "path": str(checkpoint.source_dir), "revision": checkpoint.revision,
@@ -287,7 +291,7 @@ def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, 
         "precision": opts.precision,
         "attention": {"lowering": traced.lowering, "nodes": traced.ops["Attention"],
                       **plan.attention_record(traced.lowering, results)},
-        "inputs": [t.to_json() for t in spec.inputs],
+        "inputs": [t.to_json() for t in spec.inputs if t.name not in {o["name"] for o in optional}],
         "outputs": [t.to_json() for t in spec.outputs],
         "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in spec.axes.items()},
         "max_sequence_length": spec.axes["sequence"].max if "sequence" in spec.axes else None,
@@ -298,8 +302,8 @@ def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, 
         "export": {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    **_versions(opts.framework), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     }
-    if plan.optional_inputs(results):  # inputs with a default, that callers may feed
-        manifest["optional_inputs"] = [dict(OPTIONAL_INPUT)]
+    if optional:
+        manifest["optional_inputs"] = optional
     manifest["accuracy"] = accuracy
     return manifest
 

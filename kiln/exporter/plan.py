@@ -51,6 +51,7 @@ class ExportPlan:
     attention: str = "auto"  # as asked: auto or one of FORMS
     framework: str = "torch"
     target: str = ""  # "" = from the precision: fp16/bf16 artifacts are for GPUs, the others for CPUs
+    defaults: tuple[str, ...] = ()  # traced inputs that get a default of ones (head_mask): optional inputs
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -79,12 +80,13 @@ class ExportPlan:
     def passes(self, traced: str = TRACED) -> tuple[Step, ...]:
         """The passes for a graph whose attention the converter wrote as ``traced``: ``onnx-attention`` (one fused
         node per layer) or ``decomposed`` (MatMul/Softmax: tf2onnx, and JAX with --output-attentions)."""
+        defaults = tuple(Step("optional-input", {"name": name}) for name in self.defaults)
         if self.kind == "decoder":
             steps = ONNXRUNTIME_DECODER if self.form == "onnx-3d" else ()
-            return tuple(Step(name) for name in (*steps, *DECODER_ALWAYS))
+            return (*(Step(name) for name in (*steps, *DECODER_ALWAYS)), *defaults)
         if traced != TRACED or self.form == "onnx":
-            return ()
-        return tuple(Step(name, {"form": self.form}) for name in ONNXRUNTIME_ENCODER)
+            return defaults
+        return (*(Step(name, {"form": self.form}) for name in ONNXRUNTIME_ENCODER), *defaults)
 
     def attention_record(self, traced: str, results: dict) -> dict:
         """kiln.json's ``attention`` facts from the passes' results (name -> PassResult): the form the graph ended up
@@ -100,10 +102,10 @@ class ExportPlan:
             form = self.form if self.form == "onnx" or rewritten("encoder-attention") else "onnx"
         return {"form": form, "rotary_nodes": rewritten("rotary")}
 
-    def optional_inputs(self, results: dict) -> list[str]:
-        """Names of the inputs with defaults the passes added (kiln.json ``optional_inputs``)."""
-        kept = results.get("logits-to-keep")
-        return ["logits_to_keep"] if kept is not None and kept.modified else []
+    def optional_inputs(self, results: dict) -> list[dict]:
+        """The inputs with defaults the passes added, as kiln.json's ``optional_inputs`` lists them."""
+        return [r.details["optional_input"] for r in results.values()
+                if r.modified and "optional_input" in getattr(r, "details", {})]
 
 
 def tensorrt_passes(form: str, artifact_precision: str, precision: str) -> tuple[Step, ...]:

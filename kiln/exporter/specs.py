@@ -244,6 +244,19 @@ def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRang
                       atol=1e-4, extra={"derived_axes": {S: (P, T)}})
 
 
+def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:
+    """``spec`` with a ``head_mask`` (layers, heads) input, fed random 0/1 masks (each row keeping one head at least)
+    so that validation sees masked heads; the export then gives it a default of ones."""
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        mask = (rng.random((layers, heads)) > 0.3).astype(np.float32)
+        mask[np.arange(layers), rng.integers(0, heads, layers)] = 1.0
+        return {**spec.make_feed(sizes, rng), "head_mask": mask}
+
+    inputs = (*spec.inputs, TensorSpec("head_mask", "float32", (layers, heads)))
+    return ExportSpec(spec.task, inputs, spec.outputs, spec.axes, make, spec.atol, spec.rtol, spec.extra)
+
+
 # A family's record names its layout (``Architecture.spec``).
 SPECS = {"text-encoder": bert_spec, "vision-encoder": vit_spec, "decoder": decoder_spec}
 

@@ -49,6 +49,35 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out, None
 
 
+def head_mask_per_layer(head_mask, layers: int, heads: int) -> torch.Tensor | None:
+    """transformers' ``head_mask``: (heads,) for every layer or (layers, heads), 1 keeps a head and 0 masks it (values
+    between scale it) -> a (layers, heads) float tensor, or None. The shape is checked always, the values where they
+    are known (not while torch.export traces the graph, whose head_mask is an input)."""
+    if head_mask is None:
+        return None
+    from kiln.errors import InputError
+
+    mask = torch.as_tensor(head_mask, dtype=torch.float32)
+    if tuple(mask.shape) == (heads,):
+        mask = mask[None].expand(layers, heads)
+    if tuple(mask.shape) != (layers, heads):
+        raise InputError(f"head_mask must have shape ({heads},) or ({layers}, {heads}) (layers, heads), got "
+                         f"{tuple(mask.shape)}.")
+    if not torch.compiler.is_compiling() and (not bool(torch.isfinite(mask).all()) or mask.min() < 0 or mask.max() > 1):
+        raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")
+    return mask
+
+
+def mask_heads(y: torch.Tensor, probs: torch.Tensor | None, head_mask: torch.Tensor | None):
+    """Attention output y (B, H, T, D) and probabilities (B, H, T, S) with each head scaled by ``head_mask`` (H,):
+    transformers multiplies the probabilities, and (p * m) v = m (p v), so the fused node's output is scaled after
+    it and the exported graph keeps one Attention node per layer."""
+    if head_mask is None:
+        return y, probs
+    weight = head_mask.to(y.dtype).view(1, -1, 1, 1)
+    return y * weight, (probs * weight if probs is not None else None)
+
+
 ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}
 
 

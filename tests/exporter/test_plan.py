@@ -11,7 +11,7 @@ import pytest
 
 from kiln.errors import ExportError, InputError
 from kiln.exporter import passes
-from kiln.exporter.plan import FORMS, PRECISIONS, TARGETS, ExportPlan, tensorrt_passes
+from kiln.exporter.plan import FORMS, PRECISIONS, TARGETS, ExportPlan, Step, tensorrt_passes
 
 ENCODER_TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering",
                  "fill-mask", "image-classification")
@@ -22,8 +22,9 @@ def names(steps) -> list[str]:
     return [s.name for s in steps]
 
 
-def result(rewritten=0, modified=None):
-    return SimpleNamespace(rewritten=rewritten, modified=bool(rewritten) if modified is None else modified)
+def result(rewritten=0, modified=None, optional=None):
+    return SimpleNamespace(rewritten=rewritten, modified=bool(rewritten) if modified is None else modified,
+                           details={"optional_input": optional} if optional else {})
 
 
 def test_the_plan_imports_neither_torch_nor_onnx():
@@ -84,12 +85,22 @@ def test_what_kiln_json_records():
     assert encoder.attention_record("decomposed", {})["form"] == "decomposed"
     assert ExportPlan("encoder", "feature-extraction", "fp16").attention_record("onnx-attention", {})["form"] == "onnx"
     decoder = ExportPlan("decoder", "text-generation", "int4")
-    done = {"rotary": result(60), "decoder-attention-3d": result(30), "logits-to-keep": result(1)}
+    kept = {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}
+    done = {"rotary": result(60), "decoder-attention-3d": result(30), "logits-to-keep": result(1, optional=kept)}
     assert decoder.attention_record("onnx-attention", done) == {"form": "onnx-3d", "rotary_nodes": 60}
-    assert decoder.optional_inputs(done) == ["logits_to_keep"]
+    assert decoder.optional_inputs(done) == [kept]
     gpt2 = {"rotary": result(0), "decoder-attention-3d": result(0), "logits-to-keep": result(1)}
     assert decoder.attention_record("onnx-attention", gpt2) == {"form": "onnx", "rotary_nodes": 0}
     assert encoder.optional_inputs({}) == []
+
+
+def test_a_head_mask_input_gets_its_default_last():
+    for kind, task in (("encoder", "fill-mask"), ("decoder", "text-generation")):
+        plan = ExportPlan(kind, task, defaults=("head_mask",))
+        assert plan.passes()[-1] == Step("optional-input", {"name": "head_mask"})
+        assert plan.passes("decomposed")[-1].name == "optional-input"
+    assert names(ExportPlan("encoder", "fill-mask", attention="onnx", defaults=("head_mask",)).passes()) == \
+        ["optional-input"]
 
 
 def test_tensorrt_plans():

@@ -195,7 +195,7 @@ def test_the_task_comes_from_the_artifact(checkpoints, artifacts):
 def test_unknown_options_are_refused_with_the_valid_ones(artifacts):
     art = artifacts("bert", "text-classification")
     message = (r"Unknown text-classification option\(s\) \['normalise'\]; the options are function_to_apply, top_k, "
-               "truncation, and batch_size")
+               "truncation, batch_size and head_mask")
     with pytest.raises(InputError, match=message):
         kiln.pipeline("text-classification", art)("x", normalise=True)
     with pytest.raises(InputError, match=message):

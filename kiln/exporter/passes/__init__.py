@@ -17,6 +17,7 @@ PASSES = {
     "to-4d": "attention_3d:To4D",
     "pack-projections": "pack:PackProjections",
     "logits-to-keep": "logits:KeepLastLogits",
+    "optional-input": "optional_input:OptionalInput",
     "lower-attention": "lower_attention:LowerForTensorRT",
     "decompose-plugin": "lower_attention:DecomposePlugin",
     "half": "half:HalfPrecision",

@@ -70,6 +70,7 @@ class KeepLastLogits(GraphPass):
         head.replace_input_with(0, sliced.outputs[0])
         if logits.shape is not None and len(logits.shape) == 3:
             logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("logits_sequence"), logits.shape[2]])
+        result.details["optional_input"] = dict(OPTIONAL_INPUT)
 
     def finish(self, model, result) -> None:
         pass

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.graphs.attention import attention
+from kiln.graphs.attention import attention, head_mask_per_layer, mask_heads
 from kiln.graphs.bert.config import BertConfig
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vocab import TokenEmbeddingsMixin
@@ -62,12 +62,13 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(config.hidden_size, config.hidden_size)
         self.o = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask, return_probs=False):
+    def forward(self, x, mask, return_probs=False, head_mask=None):
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         y, probs = attention(q, k, v, mask=mask, impl=self.attn_impl, return_probs=return_probs)
+        y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o(y), probs
 
@@ -93,8 +94,8 @@ class Layer(nn.Module):
         self.mlp = MLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x, mask, return_probs=False):
-        a, probs = self.attn(x, mask, return_probs)
+    def forward(self, x, mask, return_probs=False, head_mask=None):
+        a, probs = self.attn(x, mask, return_probs, head_mask)
         x = self.attn_norm(x + a)
         x = self.mlp_norm(x + self.mlp(x))
         return x, probs
@@ -115,8 +116,9 @@ class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooler else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, head_mask=None):
         B, T = input_ids.shape
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # (B, 1, T, T) bool, True = attend. Expanded over the query axis because onnxruntime's Attention kernel
@@ -124,8 +126,8 @@ class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         mask = attention_mask[:, None, None, :].bool().expand(B, 1, T, T)
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         hidden_states, attentions = [x], []
-        for layer in self.layers:
-            x, probs = layer(x, mask, output_attentions)
+        for i, layer in enumerate(self.layers):
+            x, probs = layer(x, mask, output_attentions, None if head_mask is None else head_mask[i])
             hidden_states.append(x)
             attentions.append(probs)
         out = {"last_hidden_state": x}
@@ -177,8 +179,9 @@ class _TaskModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         self.bert = BertModel(config, add_pooler=pooler, attn_impl=attn_impl)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions)
+                output_hidden_states=False, output_attentions=False, head_mask=None):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, output_attentions,
+                        head_mask)
         result = self.head(out)
         result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
         return result

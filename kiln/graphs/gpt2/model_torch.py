@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.graphs.attention import attention, attention_kv
+from kiln.graphs.attention import attention, attention_kv, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.gpt2.config import ACTIVATIONS, GPT2Config
@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)  # GPT-2's c_attn: q, k and v side by side along the output
         self.o = nn.Linear(C, C)
 
-    def forward(self, x, mask, past=None, return_probs=False):
+    def forward(self, x, mask, past=None, return_probs=False, head_mask=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.H, self.D).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))  # (B, H, T, D)
         if return_probs:  # the readable eager math; not a single exported node
@@ -47,6 +47,7 @@ class Attention(nn.Module):
             probs = None
         else:
             (y, probs), present = attention(q, k, v, mask=mask, scale=self.scale, impl=self.attn_impl), (k, v)
+        y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D)
         return self.o(y), tuple(present), probs
 
@@ -72,8 +73,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, past=None, return_probs=False):
-        a, present, probs = self.attn(self.attn_norm(x), mask, past, return_probs)
+    def forward(self, x, mask, past=None, return_probs=False, head_mask=None):
+        a, present, probs = self.attn(self.attn_norm(x), mask, past, return_probs, head_mask)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), present, probs
 
@@ -95,8 +96,9 @@ class GPT2LMHeadModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, head_mask=None):
         B, T = input_ids.shape
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
@@ -107,7 +109,7 @@ class GPT2LMHeadModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present, probs = layer(x, mask, past, output_attentions)
+            x, present, probs = layer(x, mask, past, output_attentions, None if head_mask is None else head_mask[i])
             hidden_states.append(x)
             attentions.append(probs)
             presents.append(present)

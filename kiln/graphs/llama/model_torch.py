@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.graphs.attention import attention, attention_kv
+from kiln.graphs.attention import attention, attention_kv, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.llama.config import LlamaConfig
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.o = nn.Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x, cos, sin, mask, past=None, return_probs=False):
+    def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.H, self.D).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
@@ -63,6 +63,7 @@ class Attention(nn.Module):
             probs = None
         else:
             (y, probs), present = attention(q, k, v, mask=mask, scale=scale, impl=self.attn_impl), (k, v)
+        y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)  # (B, T, H*D)
         return self.o(y), tuple(present), probs
 
@@ -90,8 +91,8 @@ class Layer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, past=None, return_probs=False):
-        a, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, return_probs)
+    def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
+        a, present, probs = self.attn(self.attn_norm(x), cos, sin, mask, past, return_probs, head_mask)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), present, probs
 
@@ -125,8 +126,9 @@ class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         self.register_buffer("inv_freq", torch.from_numpy(config.inverse_frequencies()), persistent=False)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, head_mask=None):
         B, T = input_ids.shape
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
@@ -142,7 +144,8 @@ class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present, probs = layer(x, cos, sin, mask, past, output_attentions)
+            x, present, probs = layer(x, cos, sin, mask, past, output_attentions,
+                                      None if head_mask is None else head_mask[i])
             hidden_states.append(x)
             attentions.append(probs)
             presents.append(present)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kiln.errors import ConfigError, InputError
-from kiln.graphs.attention import attention
+from kiln.graphs.attention import attention, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.vit.config import ViTConfig
@@ -66,12 +66,13 @@ class SelfAttention(nn.Module):
         self.v = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.o = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask, return_probs=False):
+    def forward(self, x, mask, return_probs=False, head_mask=None):
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         y, probs = attention(q, k, v, mask=mask, impl=self.attn_impl, return_probs=return_probs)
+        y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.o(y), probs
 
@@ -99,8 +100,8 @@ class Layer(nn.Module):
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, return_probs=False):
-        a, probs = self.attn(self.attn_norm(x), mask, return_probs)
+    def forward(self, x, mask, return_probs=False, head_mask=None):
+        a, probs = self.attn(self.attn_norm(x), mask, return_probs, head_mask)
         x = x + a
         x = x + self.mlp(self.mlp_norm(x))
         return x, probs
@@ -122,15 +123,16 @@ class ViTModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         self.pooler = nn.Linear(config.hidden_size, config.pooler_size) if add_pooler else None
         self.pooler_act = ACT[config.pooler_act]
 
-    def forward(self, pixel_values, output_hidden_states=False, output_attentions=False):
+    def forward(self, pixel_values, output_hidden_states=False, output_attentions=False, head_mask=None):
         x = self.embeddings(pixel_values)  # (B, T, C)
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
         B, T, _ = x.shape
         # Images have no padding, so attention needs no mask. But graphs.attention fuses the probabilities into ONE
         # op (one exported Attention node per layer) only when given a mask: pass an all-true one in that case.
         mask = torch.ones(B, 1, T, T, dtype=torch.bool, device=x.device) if output_attentions else None
         hidden_states, attentions = [x], []
-        for layer in self.layers:
-            x, probs = layer(x, mask, output_attentions)
+        for i, layer in enumerate(self.layers):
+            x, probs = layer(x, mask, output_attentions, None if head_mask is None else head_mask[i])
             hidden_states.append(x)
             attentions.append(probs)
         out = {"last_hidden_state": self.norm(x)}
@@ -158,8 +160,8 @@ class ViTForImageClassification(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Mo
         self.vit = ViTModel(config, add_pooler=False, attn_impl=attn_impl)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, pixel_values, output_hidden_states=False, output_attentions=False):
-        out = self.vit(pixel_values, output_hidden_states, output_attentions)
+    def forward(self, pixel_values, output_hidden_states=False, output_attentions=False, head_mask=None):
+        out = self.vit(pixel_values, output_hidden_states, output_attentions, head_mask)
         result = {"logits": self.classifier(out["last_hidden_state"][:, 0])}  # (B, num_labels)
         result.update({k: out[k] for k in ("hidden_states", "attentions") if k in out})
         return result

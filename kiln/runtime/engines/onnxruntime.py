@@ -243,6 +243,9 @@ def check_feed(inputs: list[TensorInfo], feed: dict, axes: dict | None = None, *
         if info.name.endswith(("_ids", "_mask")) and value.dtype.kind in "iu" and value.size and value.min() < 0:
             raise InputError(f"Engine input {info.name!r} holds negative values (down to {value.min()}); ids, "
                              "positions and masks are >= 0.")
+        if info.name == "head_mask" and value.size and not (np.isfinite(value).all() and 0 <= value.min()
+                                                             and value.max() <= 1):
+            raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")
         checked[info.name] = value
     return checked, sizes
 

@@ -30,7 +30,8 @@ class DecoderSession:
     """A decoder graph's names and shapes over an engine, and one forward step. Holds no per-call state, so one
     session serves many threads; what a step leaves on the engine's side is dropped by ``release``."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, feed: dict | None = None):
+        """``feed``: inputs fed unchanged at every step (an optional ``head_mask``)."""
         self.engine = engine
         infos = {i.name: i for i in engine.inputs()}
         self.past_names = [n for n in infos if n.startswith("past_key_values.")]
@@ -46,6 +47,7 @@ class DecoderSession:
         # One array for every step: onnxruntime binds it through one OrtValue made once per engine.
         self.keep_last = "logits_to_keep" in {i.name for i in engine.optional_inputs()}
         self._extra = {"logits_to_keep": np.array(1, dtype=np.int64)} if self.keep_last else {}
+        self._extra.update(feed or {})
 
     def empty_cache(self, batch: int) -> dict:
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)

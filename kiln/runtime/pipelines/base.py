@@ -74,11 +74,37 @@ class Pipeline:
                                                                                             p.KEYWORD_ONLY)))
 
     def _route(self, options: dict) -> tuple[dict, dict, dict]:
+        options = dict(options)
+        head_mask = options.pop("head_mask", None)
         unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise InputError(f"Unknown {self.task} option(s) {unknown}; the options are "
-                             f"{', '.join(self.option_names()) or 'none'}, and batch_size.")
-        return self._sanitize_parameters(**options)
+                             f"{', '.join(self.option_names()) or 'none'}, batch_size and head_mask.")
+        pre, forward, post = self._sanitize_parameters(**options)
+        if head_mask is not None:
+            forward = {**forward, "head_mask": self._head_mask(head_mask)}
+        return pre, forward, post
+
+    def _head_mask(self, head_mask) -> np.ndarray:
+        """transformers' head_mask, (heads,) for every layer or (layers, heads), 1 keeps a head and 0 masks it: fed
+        to an artifact exported with ``--head-mask``."""
+        info = next((i for i in self.engine.optional_inputs() if i.name == "head_mask"), None)
+        if info is None:
+            raise InputError(f"{self.path} takes no head_mask: export it with `kiln export ... --head-mask` to switch "
+                             "heads off per call.")
+        layers, heads = info.shape
+        try:
+            mask = np.asarray(head_mask, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"head_mask must be numbers, shape ({heads},) or ({layers}, {heads}).") from None
+        if mask.shape == (heads,):
+            mask = np.broadcast_to(mask, (layers, heads))
+        if mask.shape != (layers, heads):
+            raise InputError(f"head_mask must have shape ({heads},) or ({layers}, {heads}) (layers, heads), got "
+                             f"{mask.shape}.")
+        if not (np.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
+            raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")
+        return np.ascontiguousarray(mask)
 
     def _params(self, kwargs: dict) -> tuple[dict, dict, dict, int]:
         """The call's options merged over the construction's, per step, and the batch size of this call."""
@@ -152,9 +178,10 @@ class Pipeline:
     def preprocess(self, items, **params):
         raise NotImplementedError
 
-    def forward(self, model_inputs, batch_size: int) -> dict[str, np.ndarray]:
+    def forward(self, model_inputs, batch_size: int, head_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``batch_size``: the call's, for a pipeline whose items make several engine rows (question answering)."""
-        return self.engine.run(model_inputs.feed(self.input_names))
+        feed = model_inputs.feed(self.input_names)
+        return self.engine.run(feed if head_mask is None else {**feed, "head_mask": head_mask})
 
     def postprocess(self, model_inputs, outputs, **params) -> list:
         raise NotImplementedError

@@ -83,11 +83,12 @@ class QuestionAnsweringPipeline(Pipeline):
             raise InputError(f"doc_stride ({doc_stride}) is larger than max_seq_len ({max_seq_len}).")
         return max_seq_len, doc_stride
 
-    def forward(self, model_inputs, batch_size: int) -> dict[str, np.ndarray]:
+    def forward(self, model_inputs, batch_size: int, head_mask=None) -> dict[str, np.ndarray]:
         # One long context makes many windows: run them batch_size rows at a time.
         windows, _ = model_inputs
         feed, rows = windows.feed(self.input_names), len(windows.example)
-        outputs = [self.engine.run({k: v[i:i + batch_size] for k, v in feed.items()})
+        extra = {} if head_mask is None else {"head_mask": head_mask}
+        outputs = [self.engine.run({**{k: v[i:i + batch_size] for k, v in feed.items()}, **extra})
                    for i in range(0, rows, batch_size)]
         return {k: np.concatenate([o[k] for o in outputs]) for k in ("start_logits", "end_logits")}
 

@@ -71,10 +71,9 @@ class TextGenerationPipeline(Pipeline):
         special = add_special_tokens if add_special_tokens is not None else not _is_chat(items[0])
         return Prompts(self._encode(prompts, special, config, truncation), list(items), prompts, config)
 
-    def forward(self, model_inputs: Prompts, batch_size: int) -> np.ndarray:
+    def forward(self, model_inputs: Prompts, batch_size: int, head_mask=None) -> np.ndarray:
         batch = model_inputs.batch
-        return generate(self.decoder, batch.input_ids, batch.attention_mask, model_inputs.config,
-                        decode=self._decode_new)
+        return generate(self._session(head_mask), batch.input_ids, batch.attention_mask, model_inputs.config, decode=self._decode_new)
 
     def postprocess(self, model_inputs: Prompts, outputs: np.ndarray, return_full_text: bool = True) -> list:
         results = []
@@ -102,15 +101,18 @@ class TextGenerationPipeline(Pipeline):
             if name in kwargs:
                 raise InputError(f"stream() takes no {name}: it yields the new text of one prompt; print the prompt "
                                  "first for the full text.")
-        pre, _, _, _ = self._params(kwargs)
-        return self._stream(self.preprocess([prompt], **pre))
+        pre, forward, _, _ = self._params(kwargs)
+        return self._stream(self.preprocess([prompt], **pre), self._session(forward.get("head_mask")))
 
-    def _stream(self, prompts: Prompts) -> Iterator[str]:
+    def _session(self, head_mask) -> DecoderSession:
+        return self.decoder if head_mask is None else DecoderSession(self.engine, feed={"head_mask": head_mask})
+
+    def _stream(self, prompts: Prompts, session: DecoderSession) -> Iterator[str]:
         # The decode loop is a generator advanced from here: each piece reaches the caller as its token is chosen,
         # and a caller that stops reading closes the loop, whose finally releases the engine's state.
         config, decoder, eos = prompts.config, StreamDecoder(self._decode_new), set(prompts.config.eos_ids)
         batch = prompts.batch
-        with contextlib.closing(steps(self.decoder, batch.input_ids, batch.attention_mask, config,
+        with contextlib.closing(steps(session, batch.input_ids, batch.attention_mask, config,
                                       decode=self._decode_new)) as loop:
             for tokens in loop:
                 if int(tokens[0]) not in eos and (piece := decoder.push(int(tokens[0]))):
