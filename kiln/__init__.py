@@ -31,6 +31,18 @@ def export(model, output, task: str = "feature-extraction", **options):
     return _export(model, output, task=task, **options)
 
 
+def prune(model, output, keep: float = 0.75, task: str = "feature-extraction", **options) -> dict:
+    """Prune ``model``'s least important attention heads to ``keep`` of them and export it to ``output``; returns
+    kiln.json, whose ``pruning`` entry reports the heads kept, the accuracy against the unpruned model and the
+    speed-up. See ``kiln prune -h`` and ``kiln.exporter.prune``."""
+    from kiln.errors import require
+
+    require("torch", "torch", "Pruning")
+    from kiln.exporter.prune import prune as _prune
+
+    return _prune(model, output, keep=keep, task=task, **options)
+
+
 def build(artifact, precision: str = "fp32", profile=None, timing_cache=None, version_compatible: bool = False, *,
           force: bool = False) -> dict:
     """Build (or reuse) a TensorRT engine for an artifact on this GPU; returns its kiln.json entry. Needs
@@ -79,4 +91,4 @@ def pipeline(task: str | None = None, model=None, *, revision: str | None = None
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 
-__all__ = ["KilnError", "TASKS", "bench", "build", "export", "from_pretrained", "pipeline", "__version__"]
+__all__ = ["KilnError", "TASKS", "bench", "build", "export", "from_pretrained", "pipeline", "prune", "__version__"]

@@ -223,7 +223,7 @@ def accuracy(reference, spec, onnx_path: Path, tokenizer_dir: Path) -> dict:
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
     engine = OnnxRuntimeEngine(onnx_path)
-    feed = _feed(spec, tokenizer_dir)
+    feed = gate_feed(spec, tokenizer_dir)
     got = engine.run(feed)
     ref = reference(feed)  # run(feed) -> {output name: array}, as in the validator
     check = TASK_CHECKS[spec.task]
@@ -234,7 +234,8 @@ def accuracy(reference, spec, onnx_path: Path, tokenizer_dir: Path) -> dict:
     return {metric: value, "gate": GATES[metric], "passed": value >= GATES[metric], "inputs": len(SENTENCES), **extra}
 
 
-def _feed(spec, tokenizer_dir: Path) -> dict:
+def gate_feed(spec, tokenizer_dir: Path) -> dict:
+    """The gate's inputs: SENTENCES tokenized with the artifact's tokenizer, or random tokens when it has none."""
     from kiln.runtime.generate import position_ids
     from kiln.runtime.tokenizer import Tokenizer
 

@@ -148,7 +148,8 @@ def bert_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange |
         "question-answering": [TensorSpec("start_logits", "float32", (B, T)), TensorSpec("end_logits", "float32", (B, T))],
         "fill-mask": [TensorSpec("logits", "float32", (B, T, config.vocab_size))],
     }[task]
-    outputs += optional_outputs(config.num_hidden_layers, config.num_attention_heads, C, hidden_states, attentions)
+    heads = [config.heads_in_layer(i) for i in range(config.num_hidden_layers)]
+    outputs += optional_outputs(config.num_hidden_layers, heads, C, hidden_states, attentions)
     axes = {B: batch or AxisRange(1, 64), T: seq or AxisRange(1, config.max_sequence_length)}
     if axes[T].max > config.max_sequence_length:
         raise ValueError(f"--seq max {axes[T].max} exceeds the model's maximum sequence length "
@@ -157,11 +158,13 @@ def bert_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange |
                       text_feed(config.vocab_size, config.pad_token_id, [t.name for t in inputs]))
 
 
-def optional_outputs(layers: int, heads: int, hidden: int, hidden_states: bool, attentions: bool,
+def optional_outputs(layers: int, heads, hidden: int, hidden_states: bool, attentions: bool,
                      T: str | int = "sequence") -> list[TensorSpec]:
-    """transformers' hidden_states (embeddings + each layer) and attentions (each layer's probabilities)."""
+    """transformers' hidden_states (embeddings + each layer) and attentions (each layer's probabilities); ``heads``
+    per layer (a list, for pruned models) or one count for all."""
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * layers
     out = [TensorSpec(f"hidden_states.{i}", "float32", ("batch", T, hidden)) for i in range(layers + 1)] if hidden_states else []
-    out += [TensorSpec(f"attentions.{i}", "float32", ("batch", heads, T, T)) for i in range(layers)] if attentions else []
+    out += [TensorSpec(f"attentions.{i}", "float32", ("batch", heads[i], T, T)) for i in range(layers)] if attentions else []
     return out
 
 
@@ -200,9 +203,15 @@ def vit_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | 
 # 0. Outputs: ``logits`` (batch, sequence, vocab) and ``present.{i}.key/value`` (batch, kv_heads, total_sequence,
 # head_dim). The names match Optimum's, so tools interoperate.
 
+def kv_heads(config, layer: int) -> int:
+    """Key/value heads of one layer: fewer in a layer with pruned heads."""
+    per_layer = getattr(config, "kv_heads_in_layer", None)
+    return per_layer(layer) if per_layer else config.num_key_value_heads
+
+
 def decoder_feed(config, names: list[str]):
     """Random prompts, every other row left-padded (as batched generation pads), with a random past of the sizes."""
-    layers, Hkv, D = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    layers, D = config.num_hidden_layers, config.head_dim
 
     def make(sizes: dict, rng: np.random.Generator) -> dict:
         B, T, P = sizes["batch"], sizes["sequence"], sizes["past_sequence"]
@@ -216,7 +225,8 @@ def decoder_feed(config, names: list[str]):
                 "attention_mask": mask, "position_ids": positions.astype(np.int64)}
         for i in range(layers):
             for kind in ("key", "value"):
-                feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal((B, Hkv, P, D)).astype(np.float32)
+                shape = (B, kv_heads(config, i), P, D)
+                feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal(shape).astype(np.float32)
         return {name: feed[name] for name in names}
 
     return make
@@ -233,8 +243,9 @@ def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRang
     outputs = [TensorSpec("logits", "float32", (B, T, config.vocab_size))]
     for i in range(config.num_hidden_layers):
         for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", (B, config.num_key_value_heads, P, config.head_dim)))
-            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", (B, config.num_key_value_heads, S, config.head_dim)))
+            Hkv = kv_heads(config, i)  # per layer: a pruned layer has fewer
+            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", (B, Hkv, P, config.head_dim)))
+            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", (B, Hkv, S, config.head_dim)))
     context = config.max_position_embeddings
     seq = seq or AxisRange(1, context)
     if seq.max > context:

@@ -49,7 +49,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out, None
 
 
-def head_mask_per_layer(head_mask, layers: int, heads: int) -> torch.Tensor | None:
+def head_mask_per_layer(head_mask, layers: int, heads: int, pruned: bool = False) -> torch.Tensor | None:
     """transformers' ``head_mask``: (heads,) for every layer or (layers, heads), 1 keeps a head and 0 masks it (values
     between scale it) -> a (layers, heads) float tensor, or None. The shape is checked always, the values where they
     are known (not while torch.export traces the graph, whose head_mask is an input)."""
@@ -57,6 +57,9 @@ def head_mask_per_layer(head_mask, layers: int, heads: int) -> torch.Tensor | No
         return None
     from kiln.errors import InputError
 
+    if pruned:  # as in transformers, whose head_mask of a pruned model fails to broadcast
+        raise InputError("head_mask needs every head of every layer; this model has pruned heads (config.json "
+                         "pruned_heads). Mask heads of the unpruned model, or prune instead of masking.")
     mask = torch.as_tensor(head_mask, dtype=torch.float32)
     if tuple(mask.shape) == (heads,):
         mask = mask[None].expand(layers, heads)

@@ -142,6 +142,9 @@ def build(raw: dict, task: str, hf_state: dict, attn_impl: str = "sdpa", framewo
     arch.check_task(raw["model_type"], task)
     arch.check_framework(raw["model_type"], framework)
     config = arch.config.from_dict(raw)
+    if framework != "torch" and getattr(config, "pruned_heads", None):
+        raise ConfigError("This checkpoint has pruned heads (config.json pruned_heads), which only the PyTorch "
+                          "reference builds (each layer with its own head count). Use --framework torch.")
     state, unused = arch.weights.hf_to_kiln(hf_state, config, task)
     models = importlib.import_module(f"kiln.graphs.{arch.family}.model_{framework}")
     options = {"add_pooler": arch.pooler in state} if arch.pooler and task == "feature-extraction" else {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.heads import read_pruned_heads
 from kiln.graphs.registry import Variant
 
 # The model types this family reads. "layout" names the weight layout and heads (weights.py, the task models);
@@ -40,11 +42,17 @@ class BertConfig:
     position_embedding_type: str = "absolute"
     id2label: dict[int, str] = field(default_factory=lambda: {0: "LABEL_0", 1: "LABEL_1"})
     problem_type: str | None = None
+    pruned_heads: dict = field(default_factory=dict)  # layer -> heads removed (indices in the unpruned layer)
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # config.json as read, written back unchanged
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    heads_per_group = 1  # every head has its own key and value
+
+    def heads_in_layer(self, layer: int) -> int:
+        return self.num_attention_heads - len(self.pruned_heads.get(layer, ()))
 
     @property
     def variant(self) -> Variant:
@@ -69,7 +77,7 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "BertConfig":
-        known = {name for name in cls.__dataclass_fields__ if name != "raw"}
+        known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "pruned_heads")}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         variant = VARIANTS.get(raw.get("model_type"), VARIANTS["bert"])
         renamed = variant.get("renamed", {})
@@ -88,7 +96,8 @@ class BertConfig:
             values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
         config = cls(**values, raw=dict(raw))
         config.validate()
-        return config
+        pruned = read_pruned_heads(raw, config.num_hidden_layers, config.num_attention_heads)
+        return dataclasses.replace(config, pruned_heads=pruned) if pruned else config
 
     def validate(self) -> None:
         ints = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kiln.graphs.attention import attention, head_mask_per_layer, mask_heads
 from kiln.graphs.bert.config import BertConfig
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.heads import PruneHeadsMixin, head_rows, prune_linear
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 
 ACT = {
@@ -54,22 +55,31 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: BertConfig, attn_impl: str):
+    def __init__(self, config: BertConfig, attn_impl: str, layer: int = 0):
         super().__init__()
-        self.n_head, self.head_dim, self.attn_impl = config.num_attention_heads, config.head_dim, attn_impl
-        self.q = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v = nn.Linear(config.hidden_size, config.hidden_size)
-        self.o = nn.Linear(config.hidden_size, config.hidden_size)
+        # A pruned layer has fewer heads (config.pruned_heads); each keeps its size.
+        self.n_head, self.head_dim, self.attn_impl = config.heads_in_layer(layer), config.head_dim, attn_impl
+        width = self.n_head * self.head_dim
+        self.q = nn.Linear(config.hidden_size, width)
+        self.k = nn.Linear(config.hidden_size, width)
+        self.v = nn.Linear(config.hidden_size, width)
+        self.o = nn.Linear(width, config.hidden_size)
+
+    def prune(self, heads: list[int]) -> None:
+        """Remove ``heads`` (indices among this layer's current heads)."""
+        index = head_rows([h for h in range(self.n_head) if h not in heads], self.head_dim)
+        self.q, self.k, self.v = (prune_linear(p, index, 0) for p in (self.q, self.k, self.v))
+        self.o = prune_linear(self.o, index, 1)
+        self.n_head -= len(heads)
 
     def forward(self, x, mask, return_probs=False, head_mask=None):
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         y, probs = attention(q, k, v, mask=mask, impl=self.attn_impl, return_probs=return_probs)
         y, probs = mask_heads(y, probs, head_mask)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o(y), probs
 
 
@@ -87,9 +97,9 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     """Post-norm transformer block, as in the original BERT."""
 
-    def __init__(self, config: BertConfig, attn_impl: str):
+    def __init__(self, config: BertConfig, attn_impl: str, layer: int = 0):
         super().__init__()
-        self.attn = SelfAttention(config, attn_impl)
+        self.attn = SelfAttention(config, attn_impl, layer)
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -101,7 +111,7 @@ class Layer(nn.Module):
         return x, probs
 
 
-class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
+class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixin, nn.Module):
     """The encoder. Returns a dict with ``last_hidden_state``, ``pooler_output`` (when the checkpoint has a pooler),
     and optionally ``hidden_states`` (embeddings + each layer) and ``attentions`` (each layer's probabilities)."""
 
@@ -112,13 +122,17 @@ class BertModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config, attn_impl) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, attn_impl, i) for i in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooler else None
+
+    def attention_modules(self) -> list:
+        return [layer.attn for layer in self.layers]
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, output_attentions=False, head_mask=None):
         B, T = input_ids.shape
-        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads,
+                                        pruned=bool(self.config.pruned_heads))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # (B, 1, T, T) bool, True = attend. Expanded over the query axis because onnxruntime's Attention kernel
@@ -168,7 +182,7 @@ class MaskedLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(x))), word_embeddings, self.bias)  # (B, T, V)
 
 
-class _TaskModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
+class _TaskModel(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixin, nn.Module):
     """An encoder (``self.bert``, whatever the family) plus one task head; returns a dict like transformers."""
 
     token_tables = {"input": "bert.embeddings.word"}
@@ -177,6 +191,9 @@ class _TaskModel(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, add_pooler=pooler, attn_impl=attn_impl)
+
+    def attention_modules(self) -> list:
+        return self.bert.attention_modules()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, output_attentions=False, head_mask=None):

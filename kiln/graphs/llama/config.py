@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kiln.errors import ConfigError
+from kiln.graphs.heads import read_pruned_heads
 from kiln.graphs.registry import Variant
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -43,6 +45,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+    pruned_heads: dict = field(default_factory=dict)  # layer -> query heads removed (whole grouped-query groups)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -52,6 +55,17 @@ class LlamaConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads that share one key/value head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def heads_in_layer(self, layer: int) -> int:
+        return self.num_attention_heads - len(self.pruned_heads.get(layer, ()))
+
+    def kv_heads_in_layer(self, layer: int) -> int:
+        return self.heads_in_layer(layer) // self.heads_per_group
 
     def inverse_frequencies(self) -> np.ndarray:
         """RoPE frequencies (D/2,) in float32, with linear or llama3 scaling: one definition for the torch, JAX and
@@ -82,7 +96,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
-        known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "rope")}
+        known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "rope", "pruned_heads")}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         window_default = VARIANTS.get(raw.get("model_type"), VARIANTS["llama"]).get("use_sliding_window")
         if window_default is not None and not raw.get("use_sliding_window", window_default):
@@ -90,7 +104,8 @@ class LlamaConfig:
         values["rope"] = _rope(raw)
         config = cls(**values, raw=dict(raw))
         config.validate()
-        return config
+        pruned = read_pruned_heads(raw, config.num_hidden_layers, config.num_attention_heads, config.heads_per_group)
+        return dataclasses.replace(config, pruned_heads=pruned) if pruned else config
 
     def validate_sizes(self) -> None:
         """The sizes the derived fields are computed from (run before they are)."""

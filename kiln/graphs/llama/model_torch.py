@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kiln.graphs.attention import attention, attention_kv, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
+from kiln.graphs.heads import PruneHeadsMixin, head_rows, prune_linear
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.llama.config import LlamaConfig
 
@@ -38,13 +39,26 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, attn_impl: str):
+    def __init__(self, config: LlamaConfig, attn_impl: str, layer: int = 0):
         super().__init__()
-        self.H, self.Hkv, self.D, self.attn_impl = config.num_attention_heads, config.num_key_value_heads, config.head_dim, attn_impl
+        # A pruned layer has fewer heads (config.pruned_heads: whole groups, so H / Hkv stays the group size).
+        self.H, self.Hkv = config.heads_in_layer(layer), config.kv_heads_in_layer(layer)
+        self.D, self.attn_impl = config.head_dim, attn_impl
         self.q = nn.Linear(config.hidden_size, self.H * self.D, bias=config.qkv_bias)
         self.k = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.o = nn.Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
+
+    def prune(self, heads: list[int]) -> None:
+        """Remove query ``heads`` (indices among this layer's current heads, whole groups) and their key/value heads."""
+        group = self.H // self.Hkv
+        keep = [h for h in range(self.H) if h not in heads]
+        keep_kv = sorted({h // group for h in keep})
+        q_rows, kv_rows = head_rows(keep, self.D), head_rows(keep_kv, self.D)
+        self.q = prune_linear(self.q, q_rows, 0)
+        self.k, self.v = prune_linear(self.k, kv_rows, 0), prune_linear(self.v, kv_rows, 0)
+        self.o = prune_linear(self.o, q_rows, 1)
+        self.H, self.Hkv = len(keep), len(keep_kv)
 
     def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
         B, T, _ = x.shape
@@ -84,10 +98,10 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     """Pre-norm block."""
 
-    def __init__(self, config: LlamaConfig, attn_impl: str):
+    def __init__(self, config: LlamaConfig, attn_impl: str, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, attn_impl)
+        self.attn = Attention(config, attn_impl, layer)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -109,7 +123,7 @@ def decoder_mask(attention_mask, T: int, sliding_window: int | None = None):
     return keep | ~keep.any(dim=-1, keepdim=True)
 
 
-class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
+class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixin, nn.Module):
     """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, Hkv, S, D)); with
     ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and ``attentions``."""
 
@@ -120,15 +134,19 @@ class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Layer(config, attn_impl) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, attn_impl, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.from_numpy(config.inverse_frequencies()), persistent=False)
 
+    def attention_modules(self) -> list:
+        return [layer.attn for layer in self.layers]
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 output_hidden_states=False, output_attentions=False, head_mask=None):
         B, T = input_ids.shape
-        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads)
+        head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads,
+                                        pruned=bool(self.config.pruned_heads))
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)

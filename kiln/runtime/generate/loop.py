@@ -39,9 +39,9 @@ class DecoderSession:
             raise InputError("This artifact is not a kiln decoder (no past_key_values inputs); export it with "
                              "--task text-generation.")
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
-        shape = infos[self.past_names[0]].shape  # (batch, kv_heads, past_sequence, head_dim)
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
-        self.dtype = np.dtype(infos[self.past_names[0]].dtype)
+        # (batch, kv_heads, past_sequence, head_dim) per layer: a layer with pruned heads has fewer kv heads
+        self._cache_shapes = {n: (int(infos[n].shape[1]), int(infos[n].shape[3]), np.dtype(infos[n].dtype))
+                              for n in self.past_names}
         # Graphs exported since logits_to_keep (kiln.exporter.passes.logits) compute the LM head for the last
         # position only when asked: in a prefill that is most of the head's work and all but one row of its output.
         # One array for every step: onnxruntime binds it through one OrtValue made once per engine.
@@ -50,8 +50,8 @@ class DecoderSession:
         self._extra.update(feed or {})
 
     def empty_cache(self, batch: int) -> dict:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
-        return {name: empty for name in self.past_names}
+        return {name: np.zeros((batch, heads, 0, dim), dtype=dtype)
+                for name, (heads, dim, dtype) in self._cache_shapes.items()}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
         """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step: engine
