@@ -63,7 +63,8 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), **options) -> dict:
 
 def pipeline(task: str | None = None, model=None, *, revision: str | None = None, device: str = "cpu",
              threads: int | None = None, **kwargs):
-    """A task pipeline over an artifact directory, or over a plain checkpoint (exported once into a cache).
+    """A task pipeline over an artifact directory, an artifact on the hub ("org/name", downloaded and verified file
+    by file; see ``kiln push``), or a plain checkpoint (exported once into a cache).
 
     As ``transformers.pipeline``: ``task`` may be one of transformers' aliases ("sentiment-analysis", "ner") or left
     out for an artifact, whose kiln.json names it; ``kwargs`` are the pipeline's options (``batch_size``, ``engine``,
@@ -81,6 +82,10 @@ def pipeline(task: str | None = None, model=None, *, revision: str | None = None
     task = None if task is None else resolve_task(task)
     if (Path(model) / MODEL_FILE).is_file():
         load_manifest(model)  # an artifact that lost its kiln.json: say so rather than treat it as a checkpoint
+    from kiln.share import is_repo_id, pull_artifact
+
+    if is_repo_id(model):  # an artifact pushed to the hub, or a checkpoint there
+        model = pull_artifact(model, revision) or model
     if not is_artifact(model):
         if task is None:
             raise InputError(f"{model} is a checkpoint, not a kiln artifact, so kiln cannot tell its task: pass it, "
@@ -91,4 +96,15 @@ def pipeline(task: str | None = None, model=None, *, revision: str | None = None
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 
-__all__ = ["KilnError", "TASKS", "bench", "build", "export", "from_pretrained", "pipeline", "prune", "__version__"]
+def push_to_hub(artifact, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None,
+                include_engines: bool = False) -> str:
+    """Upload an artifact (verified first) with a generated model card to ``repo_id``; returns the commit URL. Pull it
+    with ``kiln.pipeline(task, repo_id)``. See ``kiln push -h`` and ``kiln.share``."""
+    from kiln.share import push_artifact
+
+    return push_artifact(artifact, repo_id, private=private, revision=revision, token=token,
+                         include_engines=include_engines)
+
+
+__all__ = ["KilnError", "TASKS", "bench", "build", "export", "from_pretrained", "pipeline", "prune", "push_to_hub",
+           "__version__"]

@@ -94,11 +94,11 @@ def artifact_file(directory: str | os.PathLike, name: str) -> Path:
     if not isinstance(name, str) or not name or "\0" in name:
         raise ArtifactError(f"{MANIFEST} in {directory} names {name!r:.200} as a file, which is not a valid file name. "
                             "Re-export the artifact.")
-    root = Path(directory).resolve()
-    path = (root / name).resolve()
-    if root != path and root not in path.parents:
+    # Judged on the name, not on where a symlink points: a hub download is a snapshot of links into a blob store.
+    relative = os.path.normpath(name)
+    if os.path.isabs(name) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise ArtifactError(f"{MANIFEST} in {directory} names {name!r}, which lies outside the artifact. Refusing it.")
-    return path
+    return Path(directory).resolve() / relative
 
 
 def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
@@ -108,8 +108,9 @@ def file_hashes(directory: str | os.PathLike) -> dict[str, str]:
             for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST, f".{MANIFEST}")))}
 
 
-def verify(directory: str | os.PathLike) -> None:
-    """Check the artifact's files against the sha256 recorded in kiln.json; refuse a tampered or incomplete one."""
+def verify(directory: str | os.PathLike, ignore=()) -> None:
+    """Check the artifact's files against the sha256 recorded in kiln.json; refuse a tampered or incomplete one.
+    ``ignore``: names that may sit beside it (a hub repository's README.md)."""
     manifest = load_manifest(directory)
     recorded = manifest.get("files")
     if not recorded:
@@ -123,8 +124,13 @@ def verify(directory: str | os.PathLike) -> None:
         if actual[name] != digest:
             raise ArtifactError(f"{directory}: {name} does not match the sha256 in {MANIFEST}: the artifact was "
                                 "modified or corrupted after export. Re-export it or restore it from a trusted copy.")
+    for entry in manifest.get("engines") or []:  # a plan is optional (built per GPU), but a present one must match
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name in actual and entry.get("sha256") and actual[name] != entry["sha256"]:
+            raise ArtifactError(f"{directory}: {name} does not match the sha256 in {MANIFEST}: the engine was modified "
+                                "or corrupted after `kiln build`. Delete it and build it again.")
     extra = sorted(set(actual) - set(recorded) - {"engines"})
-    extra = [name for name in extra if not name.startswith("engines/")]
+    extra = [name for name in extra if not name.startswith("engines/") and name not in ignore]
     if extra:
         raise ArtifactError(f"{directory} holds files that were not exported with it: {', '.join(extra)}. Remove them "
                             "or re-export the artifact.")

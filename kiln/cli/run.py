@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from kiln.errors import InputError
 
 
 def add_parser(sub):
     p = sub.add_parser("run", help="run an artifact on texts; prints one JSON line per input")
-    p.add_argument("artifact", help="artifact directory (or a checkpoint, exported once into the cache)")
+    p.add_argument("artifact", help="artifact directory, an artifact on the hub (ORG/NAME, from kiln push), or a "
+                   "checkpoint (exported once into the cache)")
     p.add_argument("texts", nargs="*", help="input texts")
     p.add_argument("--input", metavar="FILE.jsonl", help='one JSON string or {"text": ..., "text_pair": ...} per line; - for stdin')
     p.add_argument("--task", help="task (default: the artifact's)")
@@ -66,8 +68,10 @@ def run(args) -> int:
     import kiln
     from kiln.artifact import is_artifact
 
-    # The artifact knows its task; a plain checkpoint without --task is read as feature-extraction.
-    task = args.task or (None if is_artifact(args.artifact) else "feature-extraction")
+    # An artifact knows its task (a local one, or one on the hub: ORG/NAME); a local checkpoint without --task is read
+    # as feature-extraction.
+    local_checkpoint = Path(args.artifact).exists() and not is_artifact(args.artifact)
+    task = args.task or ("feature-extraction" if local_checkpoint else None)
     # Only the options given reach the pipeline, which refuses those its task does not take.
     options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
                "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,

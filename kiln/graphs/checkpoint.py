@@ -184,8 +184,8 @@ def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, 
 
 
 class SavePretrainedMixin:
-    """``model.save_pretrained(directory)`` for the kiln references (needs ``self.config`` and ``self.task``): writes
-    the Hugging Face names and class, so ``transformers.AutoModel*.from_pretrained(directory)`` loads it back."""
+    """``model.save_pretrained(directory)`` and ``push_to_hub(repo_id)`` for the kiln references (needs ``self.config``
+    and ``self.task``): writes the Hugging Face names and class, so ``transformers.AutoModel*.from_pretrained(directory)`` loads it back."""
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         import dataclasses
@@ -198,6 +198,16 @@ class SavePretrainedMixin:
         arch = registry.architecture(raw)
         hf_state = arch.weights.kiln_to_hf(self.state_dict(), config, self.task)
         return save_pretrained(directory, raw, hf_state, arch.hf_class(config.model_type, self.task))
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    token: str | None = None, message: str = "Upload with kiln") -> str:
+        """save_pretrained's files uploaded to ``repo_id`` in one commit; returns the commit URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kiln-push-") as tmp:
+            self.save_pretrained(tmp)
+            return hub.push_folder(tmp, repo_id, sorted(p.name for p in Path(tmp).iterdir()), private=private,
+                                   revision=revision, token=token, message=message)
 
 
 def from_pretrained(path_or_id, task: str = "feature-extraction", revision: str | None = None, attn_impl: str = "sdpa",

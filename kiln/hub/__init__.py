@@ -187,12 +187,45 @@ def read_config(directory: Checkpoint | str | os.PathLike) -> dict:
                              "weights.")
 
 
-def push_to_hub(directory: str | os.PathLike, repo_id: str, *, private: bool = False, commit_message: str = "Upload with kiln",
-                token: str | None = None) -> str:
-    """Upload a checkpoint or artifact directory to the hub; returns the commit URL."""
-    from huggingface_hub import HfApi
+def endpoint() -> str | None:
+    """The hub to talk to: ``HF_ENDPOINT`` as set when called (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT") or None
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message)
-    return str(info)
+
+def check_repo_id(repo_id) -> str:
+    """A hub repository id ("org/name"), or an InputError saying what is wrong with it."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from kiln.errors import InputError
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise InputError(f"{repo_id!r:.100} is not a hub repository id: write it as 'org/name' (or 'user/name').")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InputError(f"{repo_id!r} is not a valid hub repository id: {err}") from None
+    return repo_id
+
+
+def push_folder(directory: str | os.PathLike, repo_id: str, files: list[str], *, extra: dict[str, bytes] | None = None,
+                private: bool = False, revision: str | None = None, token: str | None = None,
+                message: str = "Upload with kiln") -> str:
+    """Upload ``files`` (paths relative to ``directory``) and ``extra`` (name -> bytes) to ``repo_id`` in one commit,
+    creating the repository (and the ``revision`` branch) when missing; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    api = HfApi(endpoint=endpoint(), token=token)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(directory) / name)) for name in files]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in (extra or {}).items()]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"Could not upload to {repo_id!r}: {err}. Check that your token (`hf auth login`, or "
+                              "HF_TOKEN) has write access to it.") from err
+    return str(info.commit_url)
