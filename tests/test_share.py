@@ -99,6 +99,14 @@ def test_a_tampered_or_incomplete_hub_copy_is_refused(hub, artifacts):
         "[CommitOperationDelete('model.onnx')], commit_message='drop')")
     done = run("import kiln; kiln.pipeline(model='acme/partial')", check=False)
     assert done.returncode != 0 and "lacks model.onnx, which kiln.json lists" in done.stderr
+    # a kiln.json from a newer kiln: refused before any file is used
+    assert cli(env, "push", str(artifacts("bert", "text-classification")), "acme/future").returncode == 0
+    run("import json; from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download; "
+        "m = json.load(open(hf_hub_download('acme/future', 'kiln.json'))); m['format_version'] = 99; "
+        "HfApi().create_commit('acme/future', [CommitOperationAdd('kiln.json', json.dumps(m).encode())], "
+        "commit_message='bump')")
+    done = run("import kiln; kiln.pipeline(model='acme/future')", check=False)
+    assert done.returncode != 0 and "has format_version 99; this kiln reads version 1" in done.stderr
 
 
 def test_references_push_their_checkpoint(hub, checkpoints):
