@@ -17,13 +17,13 @@ from kiln.artifact import load_manifest
 from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
 LAYERS, HEADS, DIM, VOCAB = 2, 4, 8, 100
-MODELS = {"llama-gqa": ("llama", 2), "qwen2-mqa": ("qwen2", 1)}  # name -> (model_type, num_key_value_heads)
+MODELS = {"llama-gqa": ("llama", 2), "qwen2-mqa": ("qwen2", 1), "qwen3-gqa": ("qwen3", 2)}  # -> (model_type, kv heads)
 
 
 def make_checkpoint(path, model_type: str, kv_heads: int):
     config = transformers.AutoConfig.for_model(
         model_type, hidden_size=HEADS * DIM, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=kv_heads, intermediate_size=37, vocab_size=VOCAB, max_position_embeddings=64,
+        num_key_value_heads=kv_heads, head_dim=DIM, intermediate_size=37, vocab_size=VOCAB, max_position_embeddings=64,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -72,8 +72,11 @@ def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
     assert counts["RotaryEmbedding"] == 2 * LAYERS
     assert [n.name for n in graph.node if n.op_type == "Neg"] == ["logits_to_keep_neg"]  # none from rotate_half
     assert load_manifest(artifact)["attention"]["rotary_nodes"] == 2 * LAYERS
-    # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left.
-    assert counts["Transpose"] == 0 and counts["Reshape"] == 0
+    # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left,
+    # but for Qwen3's per-head q/k norms, which keep a (free) Reshape to (B, T, H, D) and back around them.
+    qk_norms = counts["RMSNormalization"] - (2 * LAYERS + 1)
+    assert counts["Transpose"] == 0 and counts["Reshape"] == 2 * qk_norms
+    assert qk_norms == (2 * LAYERS if "qwen3" in artifact.parent.name else 0)
     assert load_manifest(artifact)["attention"]["form"] == "onnx-3d"
     # q/k/v and gate/up read one activation each: one packed MatMul and a Split apiece (passes/pack.py).
     assert counts["MatMul"] == 4 * LAYERS + 1 and counts["Split"] == 2 * LAYERS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import kiln
 from conftest import make_causal_lm
@@ -22,6 +23,9 @@ VARIANTS = {
     "llama-untied": ("llama", dict(tie_word_embeddings=False)),
     "qwen2-bias": ("qwen2", dict(num_key_value_heads=2)),
     "mistral-sliding-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+    "qwen3-qk-norm": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
+    "qwen3-sliding-every-layer": ("qwen3", dict(num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                                                sliding_window=4, max_window_layers=0)),
 }
 
 
@@ -96,7 +100,7 @@ def test_greedy_tokens_match_generate(name, models):
             assert row_got[:end] == row_expected[:end], name
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-bias-head_dim-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-bias-head_dim-tied", "qwen3-qk-norm"])
 def test_save_pretrained_round_trip(name, models, tmp_path):
     _, theirs, ours = models(name)
     ours.save_pretrained(tmp_path)
@@ -121,3 +125,40 @@ def test_bad_configs(change, message):
     raw = {"model_type": "llama", **SIZES, **change}
     with pytest.raises(ConfigError, match=message):
         LlamaConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, window", [
+    ({}, None),  # use_sliding_window defaults to off: the listed window is not used
+    ({"use_sliding_window": True, "sliding_window": 4}, None),  # every layer below max_window_layers (28): full
+    ({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, 4),
+    ({"use_sliding_window": True, "sliding_window": 4, "layer_types": ["sliding_attention"] * 2}, 4),
+    ({"sliding_window": 4, "layer_types": ["sliding_attention"] * 2}, None),
+])
+def test_qwen_windows_read_as_transformers_reads_them(raw, window):
+    from kiln.graphs.llama.config import LlamaConfig
+
+    for model_type in ("qwen2", "qwen3"):
+        config = {"model_type": model_type, **SIZES, "num_key_value_heads": 2, "head_dim": 8, **raw}
+        theirs = transformers.AutoConfig.for_model(**config)
+        expected = {theirs.sliding_window if t == "sliding_attention" else None for t in theirs.layer_types}
+        assert expected == {window}
+        assert LlamaConfig.from_dict(config).sliding_window == window
+
+
+def test_qwen3_head_dim_defaults_as_transformers():
+    from kiln.graphs.llama.config import LlamaConfig
+
+    raw = {"model_type": "qwen3", **SIZES}
+    assert LlamaConfig.from_dict(raw).head_dim == transformers.AutoConfig.for_model(**raw).head_dim == 128
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "some layers only"),
+    ({"use_sliding_window": True, "sliding_window": 4, "layer_types": ["full_attention"]}, "one of full_attention"),
+    ({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": "x"}, "'max_window_layers' must be"),
+])
+def test_qwen_windows_kiln_cannot_apply_are_refused(raw, message):
+    from kiln.graphs.llama.config import LlamaConfig
+
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig.from_dict({"model_type": "qwen3", **SIZES, "head_dim": 8, **raw})

@@ -26,6 +26,7 @@ VARIANTS = {
                                                tie_word_embeddings=True)),
     "qwen2-mqa-bias": ("qwen2", dict(num_key_value_heads=1)),
     "mistral-sliding-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+    "qwen3-qk-norm": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
 }
 
 

@@ -34,6 +34,7 @@ VARIANTS = {
     "llama-mqa-untied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=False)),
     "qwen2-bias": ("qwen2", dict(num_key_value_heads=2)),
     "mistral-sliding-window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
+    "qwen3-qk-norm": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
 }
 
 

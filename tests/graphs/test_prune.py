@@ -75,17 +75,18 @@ def test_pruned_bert_exports_with_a_head_count_per_layer(checkpoints, tmp_path):
         kiln.from_pretrained(tmp_path / "pruned", task="feature-extraction", framework="jax")
 
 
-def test_llama_prunes_whole_groups_and_generates(tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: its per-head q/k norms are shared by the heads
+def test_llama_prunes_whole_groups_and_generates(tmp_path, model_type):
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
     from kiln.runtime.generate import DecoderSession, GenerationConfig, generate
 
-    make_causal_lm(tmp_path / "llama", "llama", **TINY_LLAMA)  # 4 query heads, 2 key/value heads: groups of 2
+    make_causal_lm(tmp_path / "llama", model_type, **TINY_LLAMA)  # 4 query heads, 2 key/value heads: groups of 2
     ours = kiln.from_pretrained(tmp_path / "llama", task="text-generation")
     with pytest.raises(InputError, match=r"query heads \[0, 1\] share key/value head 0"):
         ours.prune_heads({0: [1]})
     ours.prune_heads({0: [2, 3]})
     attn = ours.layers[0].attn
-    assert (attn.H, attn.Hkv, attn.k.weight.shape[0]) == (2, 1, 8)
+    assert (attn.H, attn.Hkv, attn.k.weight.shape[0]) == (2, 1, attn.D)
     ours.save_pretrained(tmp_path / "pruned")
     manifest = kiln.export(str(tmp_path / "pruned"), tmp_path / "out", task="text-generation", batch="1:4")
     assert manifest["validation"]["passed"] and manifest["attention"]["form"] == "onnx-3d"

@@ -44,7 +44,11 @@ CONFIGS = {
     "qwen2": {"model_type": "qwen2", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "use_sliding_window": True,
-              "sliding_window": 8},
+              "sliding_window": 8, "max_window_layers": 0},
+    "qwen3": {"model_type": "qwen3", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "rope_theta": 1e6, "use_sliding_window": True, "sliding_window": 8,
+              "layer_types": ["sliding_attention", "sliding_attention"], "tie_word_embeddings": True},
     "gpt2": {"model_type": "gpt2", "vocab_size": 100, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "bos_token_id": 1,
              "eos_token_id": 1},
@@ -87,7 +91,9 @@ def test_config_json(arch, tmp_path, report):
 
     changes = {"gpt2": [{"activation_function": {}}],
                "llama": [{"head_dim": []}, {"head_dim": {}}, {"rms_norm_eps": []}, {"rope_scaling": 5.0}],
-               "qwen2": [{"rope_parameters": ["x"]}, {"rope_parameters": 7}]}.get(arch, [])
+               "qwen2": [{"rope_parameters": ["x"]}, {"rope_parameters": 7}],
+               "qwen3": [{"layer_types": [[], {}]}, {"layer_types": ["full_attention", "sliding_attention"]},
+                         {"max_window_layers": []}]}.get(arch, [])
     found(case, JSON_FOUND, config=(base, changes))()
     report(f"config.json ({arch})")
 

@@ -7,7 +7,8 @@ layer that every call pays for.
 - :func:`standard_3d` builds the encoder form ``onnx-3d`` (and ``onnx-packed``: q, k, v from one (C, 3C) MatMul);
   the pass that calls it is ``attention_forms.EncoderAttention``, which matches the traced encoder layer.
 - :class:`DecoderAttention3D`: decoder attention with a KV cache, RotaryEmbedding rotating the 3-D q and k itself
-  (``num_heads``); the cache inputs and outputs stay (B, Hkv, S, D). Runs after ``rotary.FuseRotary``.
+  (``num_heads``); the cache inputs and outputs stay (B, Hkv, S, D). Runs after ``rotary.FuseRotary``. A query or
+  key normalised per head (Qwen3) keeps its (B, T, H, D) RMSNormalization and is merged back by a Reshape.
 - :class:`To4D` is the inverse of both, for runtimes only known to parse (B, H, T, D) attention (``kiln build``).
 """
 
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from kiln.exporter.passes.base import GraphPass, PassResult, Skip, standard_nodes
-from kiln.exporter.passes.builder import HEADS, Builder, from_heads, is_transpose, like, only_reader, to_heads_shape
+from kiln.exporter.passes.builder import (HEADS, Builder, from_heads, is_op, is_transpose, like, only_reader,
+                                         to_heads_shape)
 
 if TYPE_CHECKING:
     from kiln.exporter.passes.attention_forms import EncoderLayer
@@ -71,10 +73,12 @@ class DecoderAttention3D(GraphPass):
                         (len(rotary.inputs) > 3 and rotary.inputs[3] is not None):
                     return Skip("q or k is not rotated by one plain RotaryEmbedding node")
                 value = rotary.inputs[0]
-            x = from_heads(value)
-            if x is None:
+            x, norm = from_heads(value), None
+            if x is None and index < 2:
+                norm = normed_heads(value)
+            if x is None and norm is None:
                 return Skip("q, k or v is not split into heads by Reshape -> Transpose")
-            inputs.append((x, rotary))
+            inputs.append((x, rotary, norm))
         transpose = only_reader(node.outputs[0], "Transpose")
         merge = only_reader(transpose.outputs[0], "Reshape") if is_transpose(transpose) else None
         if merge is None:
@@ -84,7 +88,12 @@ class DecoderAttention3D(GraphPass):
 
     def rewrite(self, model, layer: dict, result: PassResult) -> None:
         node = layer["node"]
-        for index, (x, rotary) in enumerate(layer["inputs"]):
+        for index, (x, rotary, norm) in enumerate(layer["inputs"]):
+            if norm is not None:  # the norm stays on (B, T, H, D); a Reshape (free) takes the Transpose's place
+                b = Builder(norm.name)
+                x = b.op("Reshape", [norm.outputs[0], b.const([0, 0, -1])], name=f"{norm.name}_3d")
+                x.dtype, x.shape = norm.outputs[0].dtype, from_heads_shape(norm.outputs[0].shape)
+                b.insert_after(model.graph, norm)
             if rotary is None:
                 node.replace_input_with(index, x)
                 continue
@@ -96,6 +105,26 @@ class DecoderAttention3D(GraphPass):
         out = node.outputs[0]
         ir.convenience.replace_all_uses_with(layer["out"], out, replace_graph_outputs=True)
         out.shape = layer["out"].shape
+
+
+def normed_heads(value: ir.Value) -> ir.Node | None:
+    """The RMSNormalization node for ``value = Transpose(RMSNormalization(Reshape(x)))``, each read once: a query or
+    key normalised per head over D before RoPE (Qwen3's q_norm / k_norm), else None."""
+    transpose = value.producer()
+    if not is_transpose(transpose) or len(value.uses()) != 1 or len(transpose.inputs[0].uses()) != 1:
+        return None
+    norm = transpose.inputs[0].producer()
+    if not is_op(norm, "RMSNormalization") or norm.attributes.get_int("axis", -1) not in (-1, 3):
+        return None
+    reshape = norm.inputs[0].producer()
+    return norm if is_op(reshape, "Reshape") and len(norm.inputs[0].uses()) == 1 else None
+
+
+def from_heads_shape(shape: ir.Shape | None) -> ir.Shape | None:
+    """(B, T, H, D) -> (B, T, H * D), or None when H or D is not known."""
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in (shape[2], shape[3])):
+        return None
+    return ir.Shape([shape[0], shape[1], shape[2] * shape[3]])
 
 
 class To4D(GraphPass):

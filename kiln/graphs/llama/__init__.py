@@ -1,4 +1,4 @@
-"""LLaMA family: Llama, Mistral, Qwen2 and SmolLM checkpoints (RoPE, GQA, RMSNorm, SwiGLU, KV cache)."""
+"""LLaMA family: Llama, Mistral, Qwen2, Qwen3 and SmolLM checkpoints (RoPE, GQA, RMSNorm, SwiGLU, KV cache)."""
 
 from __future__ import annotations
 

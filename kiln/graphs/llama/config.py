@@ -1,4 +1,4 @@
-"""LLaMA-family configuration: Llama, Mistral, Qwen2 and SmolLM checkpoints, read from a Hugging Face config.json."""
+"""LLaMA-family configuration: Llama, Mistral, Qwen2, Qwen3 and SmolLM checkpoints, read from a Hugging Face config.json."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ from kiln.graphs.registry import Variant
 
 ROPE_TYPES = ("default", "linear", "llama3")
 # The model types this family reads. Qwen2 always has q/k/v biases and no o_proj bias; the others follow
-# `attention_bias` (default off). A sliding window applies as config.json gives it (Llama), unless
-# `use_sliding_window` says otherwise, which defaults to on for Mistral and off for Qwen2 (which lists a window it
-# does not use).
+# `attention_bias` (default off). Qwen3 normalises each query and key head (RMSNorm over the head dimension, before
+# RoPE) and has a 128-wide head when config.json does not say. A sliding window applies as config.json gives it
+# (Llama), unless `use_sliding_window` says otherwise, which defaults to on for Mistral and off for Qwen2/Qwen3 (which
+# list a window they do not use); Qwen's window applies to the layers `layer_types` marks "sliding_attention",
+# by default those from `max_window_layers` (28) on, as transformers reads it.
 VARIANTS = {
     "llama": Variant("Llama"),
     "mistral": Variant("Mistral", {"use_sliding_window": True}),
-    "qwen2": Variant("Qwen2", {"qkv_bias": True, "use_sliding_window": False}),
+    "qwen2": Variant("Qwen2", {"qkv_bias": True, "use_sliding_window": False, "max_window_layers": 28}),
+    "qwen3": Variant("Qwen3", {"qk_norm": True, "use_sliding_window": False, "max_window_layers": 28,
+                               "defaults": {"head_dim": 128}}),
 }
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -91,15 +96,20 @@ class LlamaConfig:
         return self.attention_bias or bool(VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias"))
 
     @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each query and key head before RoPE (``q_norm`` / ``k_norm``, one weight of size D)."""
+        return bool(VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qk_norm"))
+
+    @property
     def o_bias(self) -> bool:
         return self.attention_bias and not VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
         known = {name for name in cls.__dataclass_fields__ if name not in ("raw", "rope", "pruned_heads")}
-        values = {k: v for k, v in raw.items() if k in known and v is not None}
-        window_default = VARIANTS.get(raw.get("model_type"), VARIANTS["llama"]).get("use_sliding_window")
-        if window_default is not None and not raw.get("use_sliding_window", window_default):
+        variant = VARIANTS.get(raw.get("model_type"), VARIANTS["llama"])
+        values = {**variant.get("defaults", {}), **{k: v for k, v in raw.items() if k in known and v is not None}}
+        if _window(raw, variant) is None:
             values.pop("sliding_window", None)
         values["rope"] = _rope(raw)
         config = cls(**values, raw=dict(raw))
@@ -148,6 +158,36 @@ class LlamaConfig:
     def eos_token_ids(self) -> list[int]:
         eos = self.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _window(raw: dict, variant: Variant):
+    """The sliding window every layer uses, or None; refuses a config whose layers differ (kiln applies one window
+    to the whole model)."""
+    window = raw.get("sliding_window")
+    use_default = variant.get("use_sliding_window")
+    if window is None or (use_default is not None and not raw.get("use_sliding_window", use_default)):
+        return None
+    if variant.get("max_window_layers") is None:
+        return window  # Llama, Mistral: the window applies to every layer
+    layers, types = raw.get("num_hidden_layers"), raw.get("layer_types")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= 1 << 24:
+        return window  # validate_sizes names the bad layer count
+    if types is None:  # layers from max_window_layers on slide
+        start = raw.get("max_window_layers", variant["max_window_layers"])
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise ConfigError(f"config.json 'max_window_layers' must be an integer, got {start!r:.100}.")
+        start = min(max(start, 0), layers)
+        types = ["full_attention"] * min(start, 1) + ["sliding_attention"] * min(layers - start, 1)
+    elif not isinstance(types, list) or len(types) != layers or \
+            any(not isinstance(t, str) or t not in LAYER_TYPES for t in types):
+        raise ConfigError(f"config.json 'layer_types' must list one of {', '.join(LAYER_TYPES)} per layer "
+                          f"({layers} layers), got {types!r:.200}.")
+    if len(set(types)) > 1:
+        which = f"layer_types {types!r:.200}" if raw.get("layer_types") is not None else \
+            f"from layer max_window_layers = {raw.get('max_window_layers', variant['max_window_layers'])} on"
+        raise ConfigError(f"config.json slides the attention window over some layers only ({which}); kiln applies one window to every layer of a {raw.get('model_type')} "
+                          "model. Set use_sliding_window to false (as the released checkpoints do) or use transformers.")
+    return window if types and types[0] == "sliding_attention" else None
 
 
 def _rope(raw: dict) -> dict:

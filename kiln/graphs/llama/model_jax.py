@@ -46,11 +46,16 @@ class Attention(nnx.Module):
         self.k = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.o = Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3
+            self.q_norm, self.k_norm = RMSNorm(self.D, config.rms_norm_eps), RMSNorm(self.D, config.rms_norm_eps)
 
     def __call__(self, x, cos, sin, mask, past=None, return_probs=False):
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, self.H, self.D)  # (B, T, H, D)
         k = self.k(x).reshape(B, T, self.Hkv, self.D)  # (B, T, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v(x).reshape(B, T, self.Hkv, self.D)  # (B, T, Hkv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         present = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, Hkv, T, D)

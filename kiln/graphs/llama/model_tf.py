@@ -58,11 +58,16 @@ class Attention(Module):
         self.k = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.o = Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3: over D, so before or after the transpose is the same
+            self.q_norm, self.k_norm = RMSNorm(self.D, config.rms_norm_eps), RMSNorm(self.D, config.rms_norm_eps)
 
     def call(self, x, cos, sin, mask, past=None):
         B, T = tf.shape(x)[0], tf.shape(x)[1]
         q = tf.transpose(tf.reshape(self.q(x), (B, T, self.H, self.D)), (0, 2, 1, 3))  # (B, H, T, D)
         k = tf.transpose(tf.reshape(self.k(x), (B, T, self.Hkv, self.D)), (0, 2, 1, 3))  # (B, Hkv, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = tf.transpose(tf.reshape(self.v(x), (B, T, self.Hkv, self.D)), (0, 2, 1, 3))  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:

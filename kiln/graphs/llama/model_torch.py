@@ -1,5 +1,5 @@
-"""LLaMA family in PyTorch (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
-and a KV cache. Readable top to bottom; parameter names are kiln's own, ``weights.py`` maps them.
+"""LLaMA family in PyTorch (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, RoPE, grouped-query attention, SwiGLU
+MLP, a KV cache. Readable top to bottom; parameter names are kiln's own, ``weights.py`` maps them.
 
 Shapes: B batch, T new tokens, P cached tokens, S = P + T, C hidden, H query heads, Hkv key/value heads, D head dim.
 """
@@ -48,6 +48,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.v = nn.Linear(config.hidden_size, self.Hkv * self.D, bias=config.qkv_bias)
         self.o = nn.Linear(self.H * self.D, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: every query and key head normalised over D (one weight shared by the heads)
+            self.q_norm, self.k_norm = RMSNorm(self.D, config.rms_norm_eps), RMSNorm(self.D, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def prune(self, heads: list[int]) -> None:
         """Remove query ``heads`` (indices among this layer's current heads, whole groups) and their key/value heads."""
@@ -62,8 +65,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.H, self.D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = self.q(x).view(B, T, self.H, self.D)  # (B, T, H, D)
+        k = self.k(x).view(B, T, self.Hkv, self.D)  # (B, T, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = self.v(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = 1.0 / math.sqrt(self.D)

@@ -14,6 +14,8 @@ TABLE = [
     ("layers.{i}.attn.k", "model.layers.{i}.self_attn.k_proj"),
     ("layers.{i}.attn.v", "model.layers.{i}.self_attn.v_proj"),
     ("layers.{i}.attn.o", "model.layers.{i}.self_attn.o_proj"),
+    ("layers.{i}.attn.q_norm", "model.layers.{i}.self_attn.q_norm"),  # Qwen3
+    ("layers.{i}.attn.k_norm", "model.layers.{i}.self_attn.k_norm"),
     ("layers.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
     ("layers.{i}.mlp.gate", "model.layers.{i}.mlp.gate_proj"),
     ("layers.{i}.mlp.up", "model.layers.{i}.mlp.up_proj"),

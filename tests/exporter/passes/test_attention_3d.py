@@ -32,17 +32,20 @@ def test_to_4d_undoes_the_encoder_3d_forms(traced, form):
     assert To4D()(model).skipped == {"it is already 4-D": LAYERS}  # nothing left to undo
 
 
-def test_decoder_attention_fed_3d_and_back(traced):
-    path = traced("llama", "text-generation") / "model.onnx"
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_decoder_attention_fed_3d_and_back(traced, model_type):
+    path = traced(model_type, "text-generation") / "model.onnx"
     original, model = ir.load(str(path)), ir.load(str(path))
     FuseRotary()(model)
     before = graph_ops(model)
     result = DecoderAttention3D()(model)
     after = graph_ops(model)
     assert result.rewritten == LAYERS and not result.skipped
-    # q, k, v lose their Reshape -> Transpose, the output its Transpose -> Reshape: 4 of each per layer
+    # q, k, v lose their Reshape -> Transpose, the output its Transpose -> Reshape: 4 of each per layer; Qwen3's
+    # q and k keep their Reshape to heads for the per-head norm and gain one back to (B, T, C)
     assert after[("", "Transpose")] == before[("", "Transpose")] - 4 * LAYERS
-    assert after[("", "Reshape")] == before[("", "Reshape")] - 4 * LAYERS
+    kept = 2 * 2 * LAYERS if model_type == "qwen3" else 0
+    assert after[("", "Reshape")] == before[("", "Reshape")] - 4 * LAYERS + kept
     attention = [n for n in model.graph if n.op_type == "Attention"]
     assert all(n.attributes.get_int("q_num_heads", 0) == 4 and n.attributes.get_int("kv_num_heads", 0) == 2
                for n in attention)
