@@ -77,7 +77,11 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    if arch == "qwen3":  # convert_hf_to_gguf.py writes the config's head_dim
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if tokens is not None:
         writer.add_tokenizer_model("gpt2")
         if pre:
@@ -90,15 +94,17 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
         writer.add_pad_token_id(2)
         writer.add_add_bos_token(add_bos)
         writer.add_chat_template(TEMPLATE)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    # tensor names as the model's own architecture has them (a Llama written as "bloom" tests the refusal)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()) if arch.startswith("qwen")
+                                     else gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for hf, tensor in model.state_dict().items():
         if hf == "lm_head.weight" and c.tie_word_embeddings:
             continue  # llama.cpp stores a tied head once, as token_embd
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         data = tensor.float().numpy()
-        if hf.endswith("q_proj.weight"):
+        if hf.endswith("q_proj.weight") and arch == "llama":  # the converter permutes q/k for llama only
             data = llama_cpp_permute(data, c.num_attention_heads)
-        elif hf.endswith("k_proj.weight"):
+        elif hf.endswith("k_proj.weight") and arch == "llama":
             data = llama_cpp_permute(data, c.num_key_value_heads)
         if name in (overrides or {}):
             writer.add_tensor(name, overrides[name])
@@ -149,6 +155,68 @@ def test_f32_file_matches_transformers_and_undoes_the_permutation(tmp_path, voca
     assert torch.equal(kiln_model.layers[1].attn.k.weight, hf.model.layers[1].self_attn.k_proj.weight)
     with torch.no_grad():
         torch.testing.assert_close(kiln_model(IDS)["logits"], hf(IDS).logits, atol=1e-4, rtol=0)
+
+
+def tiny_qwen(model_type: str, vocab_size: int, head_dim: int, seed: int = 0):
+    """A tiny random transformers Qwen2/Qwen3 causal LM with random norms (Qwen3's q/k norms among them)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=128,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch, head_dim", [("qwen2", 8), ("qwen3", 16)])
+def test_qwen_files_match_transformers(tmp_path, vocab, arch, head_dim):
+    """Qwen2/Qwen3 GGUFs: no q/k permutation to undo, Qwen3's per-head norms and its own head width read."""
+    tokens, merges = vocab
+    hf = tiny_qwen(arch, len(tokens), head_dim)
+    path = write_gguf(tmp_path / f"{arch}.gguf", hf, arch=arch, pre="qwen2", tokens=tokens, merges=merges)
+    config = hub.read_config(hub.resolve(path))
+    assert (config["model_type"], config["architectures"], config["head_dim"]) == \
+        (arch, [type(hf).__name__], head_dim)
+    ours = from_pretrained(path, task="text-generation")
+    assert torch.equal(ours.layers[0].attn.q.weight, hf.model.layers[0].self_attn.q_proj.weight)
+    if arch == "qwen3":
+        assert torch.equal(ours.layers[1].attn.k_norm.weight, hf.model.layers[1].self_attn.k_norm.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS)["logits"], hf(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_qwen3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
+    """The same Q8_0 file through transformers' own GGUF loader (config and tensors from the file): equal logits and
+    greedy tokens. Its Qwen3 mapping drops the head width, so the file uses transformers' default, 128."""
+    from transformers import AutoConfig, Qwen3ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    tokens, merges = vocab
+    path = write_gguf(tmp_path / "qwen3-q8.gguf", tiny_qwen("qwen3", len(tokens), 128, seed=2), arch="qwen3",
+                      qtype=gguf.GGMLQuantizationType.Q8_0, pre="qwen2", tokens=tokens, merges=merges)
+    theirs = Qwen3ForCausalLM(AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    theirs.tie_weights()
+    ours = from_pretrained(path, task="text-generation")
+    with torch.no_grad():
+        out = ours(IDS[:1])
+        torch.testing.assert_close(out["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
+        expected = theirs.generate(IDS[:1], max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 7:].tolist()
+        generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
+        for _ in range(8):
+            generated.append(int(next_id))
+            step = ours(next_id[:, None], past_key_values=past)
+            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
+    assert generated == expected
 
 
 def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
@@ -244,7 +312,7 @@ def test_bad_files_name_the_problem(tmp_path, vocab):
         hub.resolve(tmp_path / "empty.gguf")
 
     write_gguf(tmp_path / "bloom.gguf", model, arch="bloom")
-    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'llama' only"):
+    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'llama', 'qwen2', 'qwen3' only"):
         hub.resolve(tmp_path / "bloom.gguf")
 
     int8 = np.ones(32, dtype=np.int8)  # a tensor type gguf cannot dequantize

@@ -24,8 +24,12 @@ from kiln.errors import CheckpointError, require
 
 log = logging.getLogger("kiln")
 
-# general.architecture -> HF model_type. Mistral GGUFs also say "llama" (llama.cpp runs them as one architecture).
-ARCHITECTURES = {"llama": "llama"}
+# general.architecture -> (HF model_type, transformers class). Mistral GGUFs also say "llama" (llama.cpp runs them as
+# one architecture). Qwen3 GGUFs name the head width (`qwen3.attention.key_length`), which transformers' GGUF loader
+# ignores (it takes Qwen3Config's default, 128, right for the released sizes); kiln reads it, or the q tensor's rows.
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+PERMUTED_QK = {"llama"}  # llama.cpp's converter reorders q/k rows for these only (LlamaModel.permute)
 # Per architecture: llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
 LLAMA_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -41,7 +45,9 @@ LLAMA_TENSORS = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-TENSORS = {"llama": LLAMA_TENSORS}
+TENSORS = {"llama": LLAMA_TENSORS, "qwen2": LLAMA_TENSORS,
+           "qwen3": {**LLAMA_TENSORS, "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+                     "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm"}}
 
 
 def _reader(path: str | os.PathLike):
@@ -244,7 +250,10 @@ def read_config(path: str | os.PathLike) -> dict:
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
     kv_heads = need("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
-    head_dim = _typed(reader, path, f"{arch}.attention.key_length", "count") or hidden // heads
+    q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
+    q_rows = int(q.shape[-1]) if q is not None and len(q.shape) == 2 else 0  # ggml lists the output dimension last
+    head_dim = (_typed(reader, path, f"{arch}.attention.key_length", "count")
+                or (q_rows // heads if q_rows and q_rows % heads == 0 else hidden // heads))
     rotary = _typed(reader, path, f"{arch}.rope.dimension_count", "count", head_dim)
     if rotary != head_dim:
         raise CheckpointError(f"{path.name} rotates {rotary} of {head_dim} dimensions per head (partial RoPE); kiln's "
@@ -264,8 +273,8 @@ def read_config(path: str | os.PathLike) -> dict:
     vocab = (_typed(reader, path, f"{arch}.vocab_size", "count") or (len(tokens.data) if tokens is not None else None)
              or (int(embed.shape[-1]) if embed is not None else None))
     config = {
-        "model_type": ARCHITECTURES[arch],
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": ARCHITECTURES[arch][0],
+        "architectures": [ARCHITECTURES[arch][1]],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
@@ -339,7 +348,7 @@ def read_tensors(path: str | os.PathLike) -> dict:
         if not data.flags.writeable:  # F32 tensors view the read-only file mapping; torch wants memory of its own
             data = data.copy()
         role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") and tensor.name.count(".") >= 3 else None
-        if role in heads:
+        if role in heads and arch in PERMUTED_QK:
             data = _unpermute(data, heads[role])
         state[hf_name(tensor.name, arch)] = data
     return state
