@@ -36,13 +36,17 @@ def read_json(path: str | os.PathLike, fix: str, *, error: type[Exception] = Art
     return value
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of one file's bytes."""
-    digest = hashlib.sha256()
+def _feed(digest, path: str | os.PathLike):
+    """``digest`` updated with the file's bytes, read in chunks."""
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of one file's bytes."""
+    return _feed(hashlib.sha256(), path).hexdigest()
 
 
 def sha256_files(paths) -> str:
@@ -61,9 +65,6 @@ def sha256_files(paths) -> str:
 def _sha256_files(stats: tuple) -> str:
     digest = hashlib.sha256()
     for path, _, _ in stats:
-        path = Path(path)
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
+        digest.update(Path(path).name.encode() + b"\0")
+        _feed(digest, path)
     return digest.hexdigest()

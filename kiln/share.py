@@ -9,14 +9,14 @@ lists, then checks every one against its sha256 before anything runs it; an unkn
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from kiln import hub
 from kiln.artifact import MANIFEST, load_manifest, verify
-from kiln.errors import ArtifactError, CheckpointError, InputError
+from kiln.errors import ArtifactError, InputError
+from kiln.files import read_json
 
 log = logging.getLogger("kiln")
 HUB_FILES = ("README.md", ".gitattributes")  # what a hub repository holds beside the artifact's own files
@@ -54,8 +54,7 @@ def model_card(manifest: dict, repo_id: str) -> str:
     validation = manifest.get("validation") or {}
     task_metric = {k: v for k, v in (validation.get("task") or {}).items() if k != "gate"}
     worst = max((e.get("max_abs", 0.0) for e in (validation.get("outputs") or {}).values()), default=0.0)
-    base = source.get("id") if isinstance(source.get("id"), str) and source.get("id", "").count("/") == 1 \
-        and not os.path.exists(source.get("id", "")) else None
+    base = source.get("id") if is_repo_id(source.get("id")) else None  # a hub checkpoint, not a local path
     front = ["---", "library_name: kiln", f"pipeline_tag: {manifest['task']}",
              "tags:", "- kiln", "- onnx", f"- {manifest.get('precision', 'fp32')}"]
     if base:
@@ -85,43 +84,29 @@ def pull_artifact(repo_id: str, revision: str | None = None) -> Path | None:
     """The local copy of the artifact at ``repo_id``, downloaded through huggingface_hub's cache and verified; None
     when the repository holds no kiln.json (a plain checkpoint, for the exporter)."""
     from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     hub.check_repo_id(repo_id)
     offline = hub._offline()
-    try:
-        manifest_path = Path(hf_hub_download(repo_id, MANIFEST, revision=revision, endpoint=hub.endpoint(),
-                                             local_files_only=offline))
-    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: caught first
-        if offline and not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
-            raise CheckpointError(f"{repo_id!r} is no local directory, and as a hub id (revision "
-                                  f"{revision or 'main'}) it is not in the local Hugging Face cache while "
-                                  "HF_HUB_OFFLINE=1 is set. Check the path, or download it once with network access.") from err
-        return None  # a cached checkpoint (offline), or a hub that could not say: the exporter takes it from here
-    except EntryNotFoundError:
-        return None
-    except RevisionNotFoundError as err:
-        raise CheckpointError(f"{repo_id!r} has no revision {revision!r}. Check the branch, tag or commit.") from err
-    except RepositoryNotFoundError as err:
-        raise CheckpointError(f"No repository {repo_id!r} on the hub (or it is private: log in with `hf auth "
-                              "login`).") from err
-    except HfHubHTTPError as err:
-        raise CheckpointError(f"Could not reach {repo_id!r} on the hub: {err}") from err
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        listed = manifest.get("files")
-    except (ValueError, RecursionError, AttributeError) as err:
-        raise ArtifactError(f"{repo_id}: kiln.json is not valid JSON ({err}); the hub copy is damaged.") from err
+    with hub.hub_errors(repo_id, revision):
+        try:
+            manifest_path = Path(hf_hub_download(repo_id, MANIFEST, revision=revision, endpoint=hub.endpoint(),
+                                                 local_files_only=offline))
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: caught first
+            if offline and not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+                raise  # neither pulled nor a cached checkpoint: hub_errors says so
+            return None  # a cached checkpoint (offline), or a hub that could not say: the exporter takes it from here
+        except EntryNotFoundError:
+            return None
+    manifest = read_json(manifest_path, f"The copy of {repo_id} on the hub is damaged: push it again.")
+    listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise ArtifactError(f"{repo_id}: kiln.json lists no files to verify, so kiln will not run it. Re-export "
                             "and push it again with this kiln.")
-    try:
+    with hub.hub_errors(repo_id, revision):
         directory = Path(snapshot_download(repo_id, revision=revision, endpoint=hub.endpoint(),
                                            allow_patterns=[MANIFEST, *listed, *engine_files(manifest)],
                                            local_files_only=offline))
-    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as err:
-        raise ArtifactError(f"{repo_id}: could not download the files kiln.json lists ({err}).") from err
     missing = [name for name in listed if not (directory / name).is_file()]
     if missing:
         raise ArtifactError(f"{repo_id}: the hub copy lacks {', '.join(missing[:5])}, which kiln.json lists: it is "

@@ -72,9 +72,11 @@ def test_push_then_run_by_id(hub, artifacts):
     assert "pipeline_tag: text-classification" in card.stdout and "kiln.pipeline('text-classification', 'acme/clf')" \
         in card.stdout and "Validated against the reference" in card.stdout
     # offline: the cache serves what was pulled; an id never pulled says so
-    assert run("import kiln; print(kiln.pipeline(model='acme/clf')('so bad'))", offline=True).stdout
+    offline = run("import json, kiln; print(json.dumps(kiln.pipeline(model='acme/clf')('so bad')))", offline=True)
+    want = kiln.pipeline("text-classification", artifact)("so bad")
+    assert json.loads(offline.stdout.strip().splitlines()[-1]) == want
     missing = run("import kiln; kiln.pipeline(model='acme/never')", offline=True, check=False)
-    assert missing.returncode != 0 and "not in the local Hugging Face cache while HF_HUB_OFFLINE=1" in missing.stderr
+    assert missing.returncode != 0 and "is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set" in missing.stderr
 
 
 def test_revisions_pin(hub, artifacts):

@@ -61,6 +61,7 @@ class Traced:
     opset: int
     lowering: str
     ops: Counter
+    model: object = None  # the onnx_ir model as loaded once after tracing, handed to the passes, then dropped
 
 
 def export(model, output, task: str = "feature-extraction", **options) -> dict:
@@ -69,17 +70,17 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
     ``precision`` falls below its accuracy gate and ``force_precision`` is not set; then nothing is written unless
     ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection."""
     opts = ExportOptions(task=task, **options)
-    ExportPlan("encoder", task, opts.precision, opts.attention)  # the options' own errors come before any work
+    ExportPlan("encoder", opts.precision, opts.attention)  # the options' own errors come before any work
     steps, started = Progress(5 if opts.precision == "fp32" else 6), time.perf_counter()
     steps(f"Resolving {model}")
     source = resolve(model, opts)
-    plan = ExportPlan("decoder" if source.arch.spec == "decoder" else "encoder", task, opts.precision,
-                      opts.attention, opts.framework, defaults=("head_mask",) if opts.head_mask else ())
+    plan = ExportPlan("decoder" if source.arch.spec == "decoder" else "encoder", opts.precision, opts.attention,
+                      defaults=("head_mask",) if opts.head_mask else ())
     steps(f"Loading the {framework_title(opts.framework)} reference ({source.raw['model_type']}, {task})")
     reference, spec = load_reference(source, opts)
     with atomic_directory(output, overwrite=opts.force, keep_failed=opts.keep_failed) as tmp:
         steps(f"Tracing with {converter(opts.framework)} (opset {opts.opset})")
-        traced = trace(reference, spec, tmp / MODEL_FILE, source, opts)
+        traced = trace(reference, spec, tmp / MODEL_FILE, opts)
         results = run_passes(plan, traced)
         steps("Validating against the reference on shapes "
               + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
@@ -193,17 +194,18 @@ def load_reference(source: Source, opts: ExportOptions):
     return reference, spec
 
 
-def trace(reference, spec, path: Path, source: Source, opts: ExportOptions) -> Traced:
-    """model.onnx written by the framework's converter, and how it wrote attention."""
-    import onnx
+def trace(reference, spec, path: Path, opts: ExportOptions) -> Traced:
+    """model.onnx written by the framework's converter, loaded once (the passes take it from here), and how it
+    wrote attention."""
+    import onnx_ir as ir
 
     path = tracer_for(opts.framework).trace(reference, spec, path, opset=opts.opset)
-    proto = onnx.load(str(path), load_external_data=False)
-    ops = Counter(node.op_type for node in proto.graph.node)
+    model = ir.load(str(path))  # weights kept in an external file stay there until read
+    ops = Counter(node.op_type for node in model.graph)
     # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opts.opset)
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opts.opset))
     layers = reference.config.num_hidden_layers
-    return Traced(path, opset, attention_lowering(ops, layers, opts.framework, opts.output_attentions), ops)
+    return Traced(path, opset, attention_lowering(ops, layers, opts.framework, opts.output_attentions), ops, model)
 
 
 def attention_lowering(ops: Counter, layers: int, framework: str, probabilities: bool = False) -> str:
@@ -223,15 +225,15 @@ def attention_lowering(ops: Counter, layers: int, framework: str, probabilities:
 
 
 def run_passes(plan: ExportPlan, traced: Traced) -> dict:
-    """The plan's graph passes on the traced graph, loaded and saved once; returns their results by name."""
-    steps = plan.passes(traced.lowering)
+    """The plan's graph passes on the traced graph (as ``trace`` loaded it), saved once; returns their results by
+    name."""
+    steps, model, traced.model = plan.passes(traced.lowering), traced.model, None
     if not steps:
         return {}
     import onnx_ir as ir
 
     from kiln.exporter import passes
 
-    model = ir.load(str(traced.path))
     results = passes.run(model, steps)
     if not any(result.modified for result in results.values()):
         return results
@@ -259,11 +261,7 @@ def copy_preprocessing(checkpoint: hub.Checkpoint, target: Path) -> list[str]:
     """config.json unchanged, plus the tokenizer or image processor files and the generation config; returns the
     names of those copied."""
     shutil.copyfile(checkpoint.path / "config.json", target / "config.json")
-    copied = []
-    for name in (*hub.TOKENIZER_FILES, *hub.PROCESSOR_FILES):
-        if (checkpoint.path / name).is_file():
-            shutil.copyfile(checkpoint.path / name, target / name)
-            copied.append(name)
+    copied = hub.copy_preprocessing_files(checkpoint.path, target)
     if "tokenizer.json" not in copied and "preprocessor_config.json" not in copied:
         log.warning("The checkpoint has no tokenizer.json: the artifact can run raw feeds but not text pipelines. "
                     "Save the fast tokenizer (AutoTokenizer(...).save_pretrained) into the checkpoint and re-export.")

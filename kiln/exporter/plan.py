@@ -1,7 +1,7 @@
 """What an export or a TensorRT build does to the traced graph, decided before anything is traced: pure data.
 
-``ExportPlan`` takes the facts known up front (the family's kind, the task, the precision, the attention form asked
-for, the framework, the target runtime) and gives the ordered graph passes (``kiln.exporter.passes.PASSES`` names with
+``ExportPlan`` takes the facts known up front (the family's kind, the precision, the attention form asked for, the
+target runtime, the inputs that get defaults) and gives the ordered graph passes (``kiln.exporter.passes.PASSES`` names with
 their options) and, from the passes' results, what kiln.json records about attention. Nothing here imports torch or
 onnx, so every combination is tested in milliseconds (tests/exporter/test_plan.py).
 
@@ -46,10 +46,8 @@ class Step:
 @dataclass(frozen=True)
 class ExportPlan:
     kind: str  # encoder | decoder (a family's spec "decoder", or any encoder spec)
-    task: str
     precision: str = "fp32"
     attention: str = "auto"  # as asked: auto or one of FORMS
-    framework: str = "torch"
     target: str = ""  # "" = from the precision: fp16/bf16 artifacts are for GPUs, the others for CPUs
     defaults: tuple[str, ...] = ()  # traced inputs that get a default of ones (head_mask): optional inputs
 
@@ -108,15 +106,16 @@ class ExportPlan:
                 if r.modified and "optional_input" in getattr(r, "details", {})]
 
 
-def tensorrt_passes(form: str, artifact_precision: str, precision: str) -> tuple[Step, ...]:
+def tensorrt_passes(form: str, half: str | None = None) -> tuple[Step, ...]:
     """What ``kiln build`` does to an artifact's graph before TensorRT parses it: 3-D attention back to 4-D (the
     parser is only known to take (B, H, T, D)), RotaryEmbedding back to Mul/Add (not every parser knows the op),
-    decoder attention to the kiln plugin (TensorRT's Attention has no KV cache), then fp16/bf16 typed into an fp32
-    artifact's graph (TensorRT 11 builds strongly typed networks only)."""
+    decoder attention to the kiln plugin (TensorRT's Attention has no KV cache), then, given ``half`` (fp16 or bf16:
+    ``tensorrt.precision_plan`` decides when), those types written into the graph (TensorRT 11 builds strongly typed
+    networks only)."""
     if form in ("contrib", "contrib-mha"):
         op = "Attention" if form == "contrib" else "MultiHeadAttention"
         raise ExportError(f"This artifact's attention is onnxruntime's com.microsoft.{op} (--attention {form}), "
                           "which TensorRT cannot parse. Re-export with --attention onnx.")
     wanted = {"to-4d": form in ("onnx-3d", "onnx-packed"), "unfuse-rotary": True, "lower-attention": True,
-              "half": precision in ("fp16", "bf16") and artifact_precision == "fp32"}
-    return tuple(Step(name, {"precision": precision} if name == "half" else {}) for name in TENSORRT if wanted[name])
+              "half": half is not None}
+    return tuple(Step(name, {"precision": half} if name == "half" else {}) for name in TENSORRT if wanted[name])

@@ -39,7 +39,6 @@ import numpy as np
 from kiln.artifact import MODEL_FILE, weights_file
 
 log = logging.getLogger("kiln")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # Short, varied English: what the accuracy gate embeds or continues.
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -16,7 +16,6 @@ pruned artifact over the unpruned one, timed here.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,11 +43,11 @@ def prune(model, output, keep: float = 0.75, task: str = "feature-extraction", s
     raw = hub.read_config(checkpoint)
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], task)
-    if not hasattr(_torch_class(arch, task), "prune_heads"):
-        raise InputError(f"model_type {raw['model_type']!r} has no head pruning in kiln (the BERT and LLaMA families "
-                         "have it).")
     state = read_state_dict(checkpoint.weight_files)
     reference = registry.build(raw, task, state).eval()
+    if not hasattr(reference, "prune_heads"):
+        raise InputError(f"model_type {raw['model_type']!r} has no head pruning in kiln (the BERT and LLaMA families "
+                         "have it).")
     if reference.config.pruned_heads:
         raise InputError("This checkpoint has pruned heads already; prune the original, unpruned checkpoint.")
     spec = _spec(arch, reference, task)
@@ -65,7 +64,7 @@ def prune(model, output, keep: float = 0.75, task: str = "feature-extraction", s
     with tempfile.TemporaryDirectory(prefix="kiln-prune-") as tmp:
         directory = Path(save_checkpoint) if save_checkpoint else Path(tmp) / "pruned"
         pruned.save_pretrained(directory)
-        _copy_preprocessing(checkpoint.path, directory)
+        hub.copy_preprocessing_files(checkpoint.path, directory)
         manifest = export(str(directory), output, task=task, **options)
         export(str(checkpoint.origin[0] if checkpoint.origin else checkpoint.path), Path(tmp) / "unpruned",
                task=task, **{k: v for k, v in options.items() if k != "keep_failed"})
@@ -83,12 +82,6 @@ def prune(model, output, keep: float = 0.75, task: str = "feature-extraction", s
                     "a reduced precision: keep more heads if that matters.", metric, report["accuracy"][metric],
                     report["accuracy"]["gate"])
     return manifest
-
-
-def _torch_class(arch, task: str):
-    import importlib
-
-    return getattr(importlib.import_module(f"kiln.graphs.{arch.family}.model_torch"), arch.tasks[task][0])
 
 
 def _spec(arch, reference, task: str):
@@ -159,28 +152,27 @@ def choose(scores: np.ndarray, keep: float, group: int = 1) -> dict[int, list[in
     return {layer: sorted(h) for layer, h in sorted(selection.items())}
 
 
-def _copy_preprocessing(source: Path, target: Path) -> None:
-    for name in (*hub.TOKENIZER_FILES, *hub.PROCESSOR_FILES):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-
-
 def _report(scores, selection, config, runner, specs, pruned: Path, unpruned: Path, checkpoint, keep, rounds) -> dict:
+    from kiln.artifact import MODEL_FILE
     from kiln.exporter.precision import accuracy, gate_feed
     from kiln.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
-    figures = accuracy(runner, specs[1], pruned / "model.onnx", pruned)
-    engines = {name: (OnnxRuntimeEngine(path / "model.onnx", spinning=False), gate_feed(spec, pruned))
+    figures = accuracy(runner, specs[1], pruned / MODEL_FILE, pruned)
+    engines = {name: (OnnxRuntimeEngine(path / MODEL_FILE, spinning=False), gate_feed(spec, pruned))
                for name, path, spec in (("unpruned", unpruned, specs[0]), ("pruned", pruned, specs[1]))}
     times = {name: [] for name in engines}
-    for _ in range(2):  # warm-up
-        for engine, feed in engines.values():
-            engine.run(feed)
-    for _ in range(rounds):  # interleaved, so that both see the same machine
-        for name, (engine, feed) in engines.items():
-            started = time.perf_counter()
-            engine.run(feed)
-            times[name].append(time.perf_counter() - started)
+    try:
+        for _ in range(2):  # warm-up
+            for engine, feed in engines.values():
+                engine.run(feed)
+        for _ in range(rounds):  # interleaved, so that both see the same machine
+            for name, (engine, feed) in engines.items():
+                started = time.perf_counter()
+                engine.run(feed)
+                times[name].append(time.perf_counter() - started)
+    finally:
+        for engine, _ in engines.values():
+            engine.close()
     median = {name: float(np.median(t)) * 1000 for name, t in times.items()}
     layers = config.num_hidden_layers
     return {

@@ -203,8 +203,7 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
     from kiln.kernels.attention.trt_plugin import DOMAIN, PLUGIN_NAME, supports_plugin, tensorrt_version
 
     form = (manifest.get("attention") or {}).get("form", "onnx")
-    precision = plan.precision if plan is not None else "fp32"
-    steps = tensorrt_passes(form, manifest.get("precision") or "fp32", precision)
+    steps = tensorrt_passes(form, plan.precision if plan is not None and plan.graph_pass else None)
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))
     results = passes.run(model, steps, aot=aot, sliding_window=_sliding_window(artifact),
@@ -227,15 +226,11 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
 
 def _sliding_window(artifact: Path) -> int | None:
     """The attention window the decoder uses, if narrower than its context (the plugin has no window): the family's
-    config decides, as when the model was exported."""
-    from kiln.errors import KilnError
+    config decides, as when the model was exported (a config it refuses is refused here too)."""
     from kiln.graphs import registry
 
-    try:
-        raw = hub.read_config(artifact)
-        config = registry.architecture(raw).config.from_dict(raw)
-    except KilnError:
-        return None
+    raw = hub.read_config(artifact)
+    config = registry.architecture(raw).config.from_dict(raw)
     window, context = getattr(config, "sliding_window", None), getattr(config, "max_position_embeddings", 0)
     return window if isinstance(window, int) and 0 < window < context else None
 

@@ -183,6 +183,18 @@ def save_pretrained(directory: str | os.PathLike, config: dict, hf_state: dict, 
     return directory
 
 
+def replace_config(model, raw: dict, **fields) -> None:
+    """Give ``model``, and every submodule holding its config, a copy with ``fields`` changed; ``raw`` is the same
+    change as config.json spells it, kept in ``config.raw`` so that ``save_pretrained`` writes it."""
+    import dataclasses
+
+    config = model.config
+    changed = dataclasses.replace(config, **fields, raw={**config.raw, **raw} if config.raw else {})
+    for module in model.modules():
+        if getattr(module, "config", None) is config:
+            module.config = changed
+
+
 class SavePretrainedMixin:
     """``model.save_pretrained(directory)`` and ``push_to_hub(repo_id)`` for the kiln references (needs ``self.config``
     and ``self.task``): writes the Hugging Face names and class, so ``transformers.AutoModel*.from_pretrained(directory)`` loads it back."""

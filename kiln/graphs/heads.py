@@ -12,8 +12,6 @@ key/value head with every query head that reads it.
 
 from __future__ import annotations
 
-import dataclasses
-
 from kiln.errors import ConfigError, InputError
 
 
@@ -110,10 +108,7 @@ class PruneHeadsMixin:
         for layer, listed in requested.items():
             remaining = [h for h in range(heads) if h not in config.pruned_heads.get(layer, ())]
             modules[layer].prune([remaining.index(h) for h in listed])
-        pruned = {**config.pruned_heads, **{layer: tuple(h) for layer, h in merged.items()}}
-        pruned = dict(sorted(pruned.items()))
-        raw = {**config.raw, "pruned_heads": {str(k): list(v) for k, v in pruned.items()}} if config.raw else {}
-        resized = dataclasses.replace(config, pruned_heads=pruned, raw=raw)
-        for module in self.modules():  # every part that kept the config sees the pruned one
-            if getattr(module, "config", None) is config:
-                module.config = resized
+        from kiln.graphs.checkpoint import replace_config
+
+        pruned = dict(sorted({**config.pruned_heads, **{layer: tuple(h) for layer, h in merged.items()}}.items()))
+        replace_config(self, {"pruned_heads": {str(k): list(v) for k, v in pruned.items()}}, pruned_heads=pruned)

@@ -10,13 +10,13 @@ follows, so ``save_pretrained`` writes a checkpoint transformers loads.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
 import torch.nn as nn
 
 from kiln.errors import ConfigError, InputError
+from kiln.graphs.checkpoint import replace_config
 
 log = logging.getLogger("kiln")
 
@@ -59,12 +59,7 @@ class TokenEmbeddingsMixin:
             bias = _get(self, self.token_tables["bias"]).detach()  # pads a tied decoder's bias
             padded = torch.cat([bias, bias.new_zeros(max(new_num_tokens - len(bias), 0))])[:new_num_tokens]
             _set(self, self.token_tables["bias"], nn.Parameter(padded))
-        config = self.config
-        raw = {**config.raw, "vocab_size": new_num_tokens} if config.raw else {}
-        resized = dataclasses.replace(config, vocab_size=new_num_tokens, raw=raw)
-        for module in self.modules():  # every part that kept the config sees the new size
-            if getattr(module, "config", None) is config:
-                module.config = resized
+        replace_config(self, {"vocab_size": new_num_tokens}, vocab_size=new_num_tokens)
         return new
 
 

@@ -11,6 +11,7 @@ Nothing here imports a framework. Weights are only *located* (and hashed) here; 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -107,29 +108,40 @@ def _gguf_checkpoint(source: str, file: Path, revision: str | None) -> Checkpoin
     return Checkpoint(source, directory, revision, find_weights(directory), origin=(file,))
 
 
-def _download(repo_id: str, revision: str | None) -> Checkpoint:
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def hub_errors(repo_id: str, revision: str | None):
+    """huggingface_hub's errors about ``repo_id`` as CheckpointErrors that name the fix (downloads of checkpoints
+    and of shared artifacts alike)."""
     from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    offline = _offline()
     try:
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW_PATTERNS, local_files_only=offline))
+        yield
     except HFValidationError as err:
         raise CheckpointError(f"{repo_id!r} is neither a checkpoint directory nor a valid hub id ({err}). "
                               "Check the path or the model id.") from err
     except LocalEntryNotFoundError as err:
-        where = "HF_HUB_OFFLINE=1 is set" if offline else "the hub could not be reached"
+        where = "HF_HUB_OFFLINE=1 is set" if _offline() else "the hub could not be reached"
         raise CheckpointError(
             f"{repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face cache and {where}. "
-            f"Download it once with network access (huggingface-cli download {repo_id}), or pass a local directory."
+            f"Download it once with network access (hf download {repo_id}), or pass a local directory."
         ) from err
     except RevisionNotFoundError as err:
         raise CheckpointError(f"{repo_id!r} has no revision {revision!r}. Check the branch, tag or commit.") from err
     except RepositoryNotFoundError as err:
-        raise CheckpointError(f"No model {repo_id!r} on the hub (or it is private: log in with `hf auth login`).") from err
+        raise CheckpointError(f"No repository {repo_id!r} on the hub (or it is private: log in with `hf auth "
+                              "login`).") from err
     except (HfHubHTTPError, OSError) as err:
         raise CheckpointError(f"Could not download {repo_id!r}: {err}") from err
+
+
+def _download(repo_id: str, revision: str | None) -> Checkpoint:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = _offline()
+    with hub_errors(repo_id, revision):
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_ALLOW_PATTERNS, local_files_only=offline))
     read_config(path)
     if not any((path / name).is_file() for name in WEIGHT_FILES[:2]):
         # Only legacy pickled weights on the hub: fetch them too (read later with torch.load(weights_only=True)).
@@ -185,6 +197,19 @@ def read_config(directory: Checkpoint | str | os.PathLike) -> dict:
     return read_json(path, "Restore it from the original checkpoint.", error=ConfigError,
                      missing=f"No config.json in {directory}. A checkpoint directory needs config.json next to its "
                              "weights.")
+
+
+def copy_preprocessing_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer, image processor and generation files of checkpoint directory ``source`` into ``target``;
+    returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
+        if Path(source, name).is_file():
+            shutil.copyfile(Path(source, name), Path(target, name))
+            copied.append(name)
+    return copied
 
 
 def endpoint() -> str | None:

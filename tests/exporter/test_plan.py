@@ -39,7 +39,7 @@ def test_the_plan_imports_neither_torch_nor_onnx():
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("attention", ("auto", *FORMS))
 def test_encoder_plans(precision, attention):
-    plan = ExportPlan("encoder", "feature-extraction", precision, attention)
+    plan = ExportPlan("encoder", precision, attention)
     gpu = precision in ("fp16", "bf16")
     assert plan.target == ("onnxruntime-cuda" if gpu else "onnxruntime-cpu")
     want = {"fp32": "onnx-3d", "int8": "onnx-3d"}.get(precision, "onnx") if attention == "auto" else attention
@@ -53,38 +53,33 @@ def test_encoder_plans(precision, attention):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("attention", ("auto", *FORMS))
 def test_decoder_plans(precision, attention):
-    plan = ExportPlan("decoder", "text-generation", precision, attention)
+    plan = ExportPlan("decoder", precision, attention)
     fused = attention != "onnx" and precision not in ("fp16", "bf16")
     assert plan.form == ("onnx-3d" if fused else "onnx")
     assert names(plan.passes()) == (DECODER if fused else ["logits-to-keep"])
     assert names(plan.passes("decomposed")) == names(plan.passes())  # rotary and packing find their own patterns
 
 
-def test_every_plan_names_registered_passes_and_runs_in_milliseconds():
-    import time
-
-    started = time.perf_counter()
+def test_every_plan_names_registered_passes():
     seen = set()
     for kind, precision, attention, target in itertools.product(("encoder", "decoder"), PRECISIONS, ("auto", *FORMS),
                                                                 TARGETS):
-        plan = ExportPlan(kind, "text-generation" if kind == "decoder" else "fill-mask", precision, attention,
-                          target=target)
+        plan = ExportPlan(kind, precision, attention, target=target)
         seen |= set(names(plan.passes()))
     for form, precision in itertools.product(FORMS[:3] + ("decomposed",), ("fp32", "fp16", "bf16")):
-        seen |= set(names(tensorrt_passes(form, "fp32", precision)))
+        seen |= set(names(tensorrt_passes(form, precision if precision != "fp32" else None)))
     assert seen <= set(passes.PASSES)
-    assert time.perf_counter() - started < 1.0
 
 
 def test_what_kiln_json_records():
-    encoder = ExportPlan("encoder", "feature-extraction")
+    encoder = ExportPlan("encoder")
     assert encoder.attention_record("onnx-attention", {"encoder-attention": result(6)}) == \
         {"form": "onnx-3d", "rotary_nodes": 0}
     # No layer had the traced pattern: the graph is in the traced form.
     assert encoder.attention_record("onnx-attention", {"encoder-attention": result(0)})["form"] == "onnx"
     assert encoder.attention_record("decomposed", {})["form"] == "decomposed"
-    assert ExportPlan("encoder", "feature-extraction", "fp16").attention_record("onnx-attention", {})["form"] == "onnx"
-    decoder = ExportPlan("decoder", "text-generation", "int4")
+    assert ExportPlan("encoder", "fp16").attention_record("onnx-attention", {})["form"] == "onnx"
+    decoder = ExportPlan("decoder", "int4")
     kept = {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}
     done = {"rotary": result(60), "decoder-attention-3d": result(30), "logits-to-keep": result(1, optional=kept)}
     assert decoder.attention_record("onnx-attention", done) == {"form": "onnx-3d", "rotary_nodes": 60}
@@ -95,28 +90,28 @@ def test_what_kiln_json_records():
 
 
 def test_a_head_mask_input_gets_its_default_last():
-    for kind, task in (("encoder", "fill-mask"), ("decoder", "text-generation")):
-        plan = ExportPlan(kind, task, defaults=("head_mask",))
+    for kind in ("encoder", "decoder"):
+        plan = ExportPlan(kind, defaults=("head_mask",))
         assert plan.passes()[-1] == Step("optional-input", {"name": "head_mask"})
         assert plan.passes("decomposed")[-1].name == "optional-input"
-    assert names(ExportPlan("encoder", "fill-mask", attention="onnx", defaults=("head_mask",)).passes()) == \
+    assert names(ExportPlan("encoder", attention="onnx", defaults=("head_mask",)).passes()) == \
         ["optional-input"]
 
 
 def test_tensorrt_plans():
-    assert names(tensorrt_passes("onnx-3d", "fp32", "fp16")) == ["to-4d", "unfuse-rotary", "lower-attention", "half"]
-    assert tensorrt_passes("onnx", "fp32", "bf16")[-1].options == {"precision": "bf16"}
-    assert names(tensorrt_passes("onnx", "fp16", "fp16")) == ["unfuse-rotary", "lower-attention"]  # typed at export
-    assert names(tensorrt_passes("decomposed", "fp32", "fp32")) == ["unfuse-rotary", "lower-attention"]
+    assert names(tensorrt_passes("onnx-3d", "fp16")) == ["to-4d", "unfuse-rotary", "lower-attention", "half"]
+    assert tensorrt_passes("onnx", "bf16")[-1].options == {"precision": "bf16"}
+    assert names(tensorrt_passes("onnx")) == ["unfuse-rotary", "lower-attention"]  # fp32, or typed at export
+    assert names(tensorrt_passes("decomposed")) == ["unfuse-rotary", "lower-attention"]
     for form in ("contrib", "contrib-mha"):
         with pytest.raises(ExportError, match="Re-export with --attention onnx"):
-            tensorrt_passes(form, "fp32", "fp32")
+            tensorrt_passes(form)
 
 
 def test_bad_options_name_the_choices():
     with pytest.raises(InputError, match="--precision 'fp8' is not supported.*fp32, fp16, bf16, int8, int4"):
-        ExportPlan("encoder", "feature-extraction", "fp8")
+        ExportPlan("encoder", "fp8")
     with pytest.raises(InputError, match="--attention 'fused': choose auto or one of onnx, onnx-3d"):
-        ExportPlan("encoder", "feature-extraction", attention="fused")
+        ExportPlan("encoder", attention="fused")
     with pytest.raises(InputError, match="target 'tpu'"):
-        ExportPlan("encoder", "feature-extraction", target="tpu")
+        ExportPlan("encoder", target="tpu")

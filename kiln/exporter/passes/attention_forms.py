@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from kiln.exporter.passes.attention_3d import standard_3d
 from kiln.exporter.passes.base import GraphPass, PassResult, Skip, standard_nodes
-from kiln.exporter.passes.builder import Builder, initializer, is_op, is_transpose, like
+from kiln.exporter.passes.builder import Builder, from_heads, initializer, is_op, is_transpose, like, only_reader
 from kiln.exporter.plan import FORMS
 
 
@@ -114,13 +114,10 @@ def match_encoder(node: ir.Node) -> EncoderLayer | Skip:
         return Skip("the query is not (B, H, T, D) with static heads")
     projections = []
     for value in node.inputs[:3]:
-        transpose = value.producer()
-        if not is_transpose(transpose):
+        y = from_heads(value)
+        if y is None:
             return Skip("q, k or v is not split into heads by Reshape -> Transpose")
-        reshape = transpose.inputs[0].producer()
-        if reshape is None or reshape.op_type != "Reshape" or len(value.uses()) != 1:
-            return Skip("q, k or v is not split into heads by Reshape -> Transpose")
-        add = reshape.inputs[0].producer()
+        add = y.producer()
         matmul = add.inputs[0].producer() if add is not None and add.op_type == "Add" else None
         if matmul is None or matmul.op_type != "MatMul":
             return Skip("q, k or v is not a MatMul + Add projection")
@@ -130,11 +127,9 @@ def match_encoder(node: ir.Node) -> EncoderLayer | Skip:
         projections.append({"x": matmul.inputs[0], "W": weight, "b": bias, "y": add.outputs[0]})
     if len({id(p["x"]) for p in projections}) != 1 or node.inputs[1].shape[1] != q_shape[1]:
         return Skip("q, k and v do not come from one input with as many key/value heads as query heads")
-    uses = node.outputs[0].uses()
-    transpose = uses[0].node if len(uses) == 1 else None
-    reshape_uses = transpose.outputs[0].uses() if is_transpose(transpose) else []
-    reshape = reshape_uses[0].node if len(reshape_uses) == 1 else None
-    if reshape is None or reshape.op_type != "Reshape":
+    transpose = only_reader(node.outputs[0], "Transpose")
+    reshape = only_reader(transpose.outputs[0], "Reshape") if is_transpose(transpose) else None
+    if reshape is None:
         return Skip("the output is not merged back by Transpose -> Reshape")
     return EncoderLayer(node, q_shape[1], q_shape[3], projections, reshape.outputs[0],
                         node.attributes.get_float("scale", None))
