@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kiln.errors import ClosedError, InputError, KilnError
-from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.base import Pipeline, check_int
 
 log = logging.getLogger("kiln")
 
@@ -50,8 +50,7 @@ class Batcher:
     def __init__(self, fn: Callable, *, max_batch_size: int = 8, max_wait_ms: float = 5.0):
         if not callable(fn):
             raise InputError(f"Batcher wraps a pipeline or a callable taking a list of inputs, got {type(fn).__name__}.")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise InputError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}.")
+        check_int("max_batch_size", max_batch_size)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
             raise InputError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}.")
         if isinstance(fn, Pipeline):

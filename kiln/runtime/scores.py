@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kiln.errors import InputError
+
+FUNCTIONS = ("softmax", "sigmoid", "none")  # a classifier's function_to_apply, as transformers names them
+
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """Over the last axis, shifted by its maximum so that exp cannot overflow; keeps the input's float dtype."""
@@ -23,3 +27,17 @@ def default_function(problem_type: str | None, num_labels: int) -> str:
     if problem_type == "multi_label_classification" or num_labels == 1:
         return "sigmoid"
     return "softmax"
+
+
+def check_function(function_to_apply) -> str:
+    """A classifier's ``function_to_apply`` option, lower-cased; an InputError for one not in ``FUNCTIONS``."""
+    if not isinstance(function_to_apply, str) or function_to_apply.lower() not in FUNCTIONS:
+        raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
+    return function_to_apply.lower()
+
+
+def apply_function(logits: np.ndarray, function: str | None, problem_type: str | None) -> np.ndarray:
+    """A classifier's scores (..., num_labels) from its logits: ``function`` (one of ``FUNCTIONS``), or when None
+    the default for config.json's ``problem_type`` and the number of labels."""
+    function = function or default_function(problem_type, logits.shape[-1])
+    return {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)

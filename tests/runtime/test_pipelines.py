@@ -116,6 +116,8 @@ def test_bad_options(artifacts):
         tc("x", function_to_apply="relu")
     with pytest.raises(InputError, match="top_k"):
         tc("x", top_k=0)
+    with pytest.raises(InputError, match="top_k must be a positive integer or None, got True"):
+        tc("x", top_k=True)  # a bool is not a count
     with pytest.raises(InputError, match="Unknown task"):
         kiln.pipeline("summarization", artifacts("bert", "feature-extraction"))
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
+from kiln.errors import InputError
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -40,7 +44,21 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def output_names(known: list[str], outputs: list[str] | None, keep) -> list[str]:
-    """The outputs a run returns: those asked for (default: all), then any kept ones not among them."""
+def output_names(known: list[str], outputs: list[str] | None, keep, what: str = "graph") -> list[str]:
+    """The outputs a run returns: those asked for (default: all ``known``), then any kept ones not among them; an
+    InputError for a name that is not among ``known`` (``what`` says whose outputs they are in the message)."""
     names = list(outputs or known)
-    return names + [name for name in keep if name not in names]
+    names += [name for name in keep if name not in names]
+    if outputs or keep:  # the default, all known outputs, needs no check
+        known_set = set(known)
+        unknown = [name for name in names if name not in known_set]
+        if unknown:
+            raise InputError(f"The {what} has no output(s) {unknown}; its outputs are {list(known)}.")
+    return names
+
+
+def check_head_mask(mask: np.ndarray) -> None:
+    """transformers' head_mask multiplies attention probabilities: values outside 0..1 (or NaN) are refused, by the
+    pipelines when a call gives one and by the engine when a feed holds one."""
+    if mask.size and not (np.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
+        raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from kiln.artifact import MANIFEST, load_manifest
 from kiln.errors import ArtifactError, InputError
-from kiln.runtime.engines.base import TensorInfo, output_names
+from kiln.runtime.engines.base import TensorInfo, check_head_mask, output_names
 
 log = logging.getLogger("kiln")
 
@@ -52,15 +52,17 @@ class OnnxRuntimeEngine:
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 axes: dict | None = None, spinning: bool = True):
+                 axes: dict | None = None, spinning: bool = True, manifest: dict | None = None):
         """``axes``: dynamic axis name -> {"min", "max"}, the ranges the graph was exported and validated for; by
-        default read from the kiln.json beside ``path`` (none for a bare ONNX file). ``spinning=False`` stops the
+        default read from the manifest. ``manifest``: the artifact's kiln.json, already loaded; by default read from
+        beside ``path`` (none for a bare ONNX file). ``spinning=False`` stops the
         intra-op threads from busy-waiting after each run: a little more latency for back-to-back calls, but no
         cores burnt between them (for processes that share the CPU with other work, and fair benchmarks)."""
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"No ONNX model at {path}. Re-export the artifact.")
-        manifest = load_manifest(path.parent) if (path.parent / MANIFEST).is_file() else {}
+        if manifest is None:
+            manifest = load_manifest(path.parent) if (path.parent / MANIFEST).is_file() else {}
         if axes is None:
             axes = manifest.get("dynamic_axes")
         self.path, self.axes = path, dict(axes or {})
@@ -83,13 +85,14 @@ class OnnxRuntimeEngine:
                                 "The file may be corrupt or need a newer onnxruntime; re-export or upgrade.") from err
         self._inputs = [TensorInfo(i.name, _ORT_DTYPES.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, _ORT_DTYPES.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
+        self._output_infos = {o.name: o for o in self._outputs}
         # Initializers that may be fed like inputs (onnxruntime's "overridable" ones): those kiln.json lists, or all
         # of them for a bare graph, e.g. the validator's before kiln.json exists.
         listed = {t["name"] for t in manifest.get("optional_inputs") or []} if "optional_inputs" in manifest else None
         self._optional = [TensorInfo(i.name, _ORT_DTYPES.get(i.type, i.type), tuple(i.shape))
                           for i in self.session.get_overridable_initializers() if listed is None or i.name in listed]
+        self._optional_names = frozenset(info.name for info in self._optional)
         self._local = threading.local()  # one IO binding per thread: a binding holds the state of the call in flight
-        self._constants: dict[tuple, ort.OrtValue] = {}
 
     def inputs(self) -> list[TensorInfo]:
         return list(self._inputs)
@@ -105,11 +108,8 @@ class OnnxRuntimeEngine:
         handles = {name: value for name, value in feed.items() if isinstance(value, ort.OrtValue)}
         arrays = {name: value for name, value in feed.items() if name not in handles} if handles else feed
         checked, sizes = check_feed(self._inputs, arrays, self.axes, optional=self._optional, handles=handles)
-        known = {o.name: o for o in self._outputs}
+        known = self._output_infos
         names = output_names(list(known), outputs, keep)
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise InputError(f"The graph has no output(s) {unknown}; its outputs are {list(known)}.")
         with self._errors():
             if keep or handles:
                 results = self._run_bound(checked, handles, names, keep)
@@ -126,13 +126,15 @@ class OnnxRuntimeEngine:
             binding = self._local.binding = self.session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        optional = {info.name for info in self._optional}
+        held = []  # onnxruntime reads bound CPU arrays in place: keep each alive until the run is done
         for name, value in checked.items():
+            value = np.asarray(value, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
+            held.append(value)
             # bind_cpu_input looks for a graph input of that name; an OrtValue binds an initializer too
-            if name in optional:
-                binding.bind_ortvalue_input(name, self._constant(name, value))
+            if name in self._optional_names:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
             else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, value)
         for name, value in handles.items():
             binding.bind_ortvalue_input(name, value)
         for name in names:
@@ -140,17 +142,6 @@ class OnnxRuntimeEngine:
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()  # OrtValues in bind order
         return {name: value if name in keep else value.numpy() for name, value in zip(names, values)}
-
-    def _constant(self, name: str, value: np.ndarray) -> ort.OrtValue:
-        """An OrtValue for a small optional input (``logits_to_keep`` = 1 at every decode step), made once per
-        engine and shared by every thread's binding: onnxruntime only reads it."""
-        if value.size > 1:
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-        key = (name, value.dtype.str, value.shape, value.tobytes())
-        found = self._constants.get(key)
-        if found is None:  # two threads may both make it; either copy serves
-            found = self._constants[key] = ort.OrtValue.ortvalue_from_numpy(np.array(value))
-        return found
 
     @contextlib.contextmanager
     def _errors(self):
@@ -174,7 +165,7 @@ class OnnxRuntimeEngine:
             binding.clear_binding_outputs()
 
     def close(self) -> None:
-        self.session, self._local, self._constants = None, threading.local(), {}
+        self.session, self._local = None, threading.local()
 
     def __enter__(self):
         return self
@@ -243,9 +234,8 @@ def check_feed(inputs: list[TensorInfo], feed: dict, axes: dict | None = None, *
         if info.name.endswith(("_ids", "_mask")) and value.dtype.kind in "iu" and value.size and value.min() < 0:
             raise InputError(f"Engine input {info.name!r} holds negative values (down to {value.min()}); ids, "
                              "positions and masks are >= 0.")
-        if info.name == "head_mask" and value.size and not (np.isfinite(value).all() and 0 <= value.min()
-                                                             and value.max() <= 1):
-            raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")
+        if info.name == "head_mask":
+            check_head_mask(value)
         checked[info.name] = value
     return checked, sizes
 

@@ -84,7 +84,7 @@ def open_engine(path, device: str = "cpu", threads: int | None = None, manifest:
         raise InputError(f"{directory} is a bf16 artifact, which onnxruntime's CPU provider cannot run. Run it on a "
                          "GPU (device='cuda' with onnxruntime-gpu, or a TensorRT engine from `kiln build`), or "
                          "export fp32, fp16 or int8 for CPUs.")
-    return OnnxRuntimeEngine(model, device=device, threads=threads, spinning=spinning)
+    return OnnxRuntimeEngine(model, device=device, threads=threads, spinning=spinning, manifest=manifest)
 
 
 def _open_tensorrt(directory: Path, manifest: dict | None):

@@ -165,11 +165,7 @@ class TensorRTEngine:
     def run(self, feed: dict, outputs: list[str] | None = None, keep=()) -> dict:
         """The outputs named in ``keep`` stay on the GPU as :class:`DeviceBuffer`\\ s; the others come back as
         numpy arrays."""
-        names = output_names([o.name for o in self._outputs], outputs, keep)
-        unknown = [name for name in names if name not in {o.name for o in self._outputs}]
-        if unknown:
-            raise InputError(f"The engine has no output(s) {unknown}; its outputs are "
-                             f"{[o.name for o in self._outputs]}.")
+        names = output_names([o.name for o in self._outputs], outputs, keep, what="engine")
         with self._lock:
             held = [self._bind_input(info, feed) for info in self._inputs]  # keeps device inputs alive until done
             results = {}
@@ -211,7 +207,7 @@ class TensorRTEngine:
                                  f"{value.dtype}.")
             shape, ptr = value.shape, value.ptr
         else:
-            value = np.ascontiguousarray(value, dtype=info.dtype)
+            value = np.asarray(value, dtype=info.dtype, order="C")  # keeps a 0-d array 0-d
             shape, buffer = value.shape, self._scratch_buffer(info, value.shape)
             if value.nbytes:
                 buffer.copy_from(value.reshape(-1).view(np.uint8), self._stream)

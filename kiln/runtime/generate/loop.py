@@ -75,7 +75,7 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
     The engine state of a generation belongs to the thread that runs it: closing the generator (a consumer that
     stops reading) or exhausting it releases it, in its ``finally``."""
     B, _ = input_ids.shape
-    rng = np.random.default_rng(config.seed)
+    rng = config.rng()
     stopper = StopChecker(config, batch=B, decode=decode)
     mask = attention_mask.astype(np.int64)
     generated = input_ids.astype(np.int64)

@@ -23,6 +23,7 @@ from kiln.artifact import verify as verify_artifact
 from kiln.errors import ArtifactError, InputError
 from kiln.files import read_json
 from kiln.runtime.engines import open_engine
+from kiln.runtime.engines.base import check_head_mask
 from kiln.runtime.tokenizer import Tokenizer, check_texts
 
 
@@ -102,8 +103,7 @@ class Pipeline:
         if mask.shape != (layers, heads):
             raise InputError(f"head_mask must have shape ({heads},) or ({layers}, {heads}) (layers, heads), got "
                              f"{mask.shape}.")
-        if not (np.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1):
-            raise InputError("head_mask values must be between 0 (mask the head) and 1 (keep it).")
+        check_head_mask(mask)
         return np.ascontiguousarray(mask)
 
     def _params(self, kwargs: dict) -> tuple[dict, dict, dict, int]:
@@ -185,6 +185,14 @@ class Pipeline:
 
     def postprocess(self, model_inputs, outputs, **params) -> list:
         raise NotImplementedError
+
+
+def check_int(name: str, value, least: int = 1, *, what: str | None = None) -> None:
+    """An InputError unless ``value`` is an int >= ``least``; a bool is refused too, though Python counts it an int
+    (``top_k=True`` is a mistake, not 1). ``what`` names the values allowed in the message (default: "an integer >=
+    least")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"{name} must be {what or f'an integer >= {least}'}, got {value!r}.")
 
 
 def given(**options) -> dict:

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from kiln.errors import ArtifactError, InputError
-from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.pipelines.base import Pipeline, check_int, given
 from kiln.runtime.scores import softmax
 
 log = logging.getLogger("kiln")
@@ -32,8 +32,8 @@ class FillMaskPipeline(Pipeline):
 
     def _sanitize_parameters(self, top_k=None, targets=None, truncation=None):
         # top_k=None means the default (5), as in transformers
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
+        if top_k is not None:
+            check_int("top_k", top_k, what="a positive integer")
         post = given(top_k=top_k, target_ids=None if targets is None else self.target_ids(targets))
         return given(truncation=truncation), {}, post
 

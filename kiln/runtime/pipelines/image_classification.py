@@ -6,9 +6,8 @@ import numpy as np
 
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.image_processor import FILE, ImageProcessor
-from kiln.runtime.pipelines.base import Pipeline, given
-from kiln.runtime.pipelines.text_classification import FUNCTIONS
-from kiln.runtime.scores import default_function, sigmoid, softmax
+from kiln.runtime.pipelines.base import Pipeline, check_int, given
+from kiln.runtime.scores import apply_function, check_function
 
 DEFAULT_TOP_K = 5
 
@@ -38,12 +37,11 @@ class ImageClassificationPipeline(Pipeline):
 
     def _sanitize_parameters(self, top_k=None, function_to_apply=None):
         # top_k=None means the default (5), as in transformers
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise InputError(f"top_k must be a positive integer, got {top_k!r}.")
-        if function_to_apply is not None and (not isinstance(function_to_apply, str)
-                                              or function_to_apply.lower() not in FUNCTIONS):
-            raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
-        return {}, {}, given(top_k=top_k, function_to_apply=function_to_apply and function_to_apply.lower())
+        if top_k is not None:
+            check_int("top_k", top_k, what="a positive integer")
+        if function_to_apply is not None:
+            function_to_apply = check_function(function_to_apply)
+        return {}, {}, given(top_k=top_k, function_to_apply=function_to_apply)
 
     def _items(self, inputs) -> tuple[bool, list]:
         if isinstance(inputs, (list, tuple)):
@@ -51,9 +49,6 @@ class ImageClassificationPipeline(Pipeline):
                 raise InputError("The input list is empty; give at least one image.")
             return False, list(inputs)
         return True, [inputs]
-
-    def default_function(self, num_labels: int) -> str:
-        return default_function(self.problem_type, num_labels)
 
     def preprocess(self, items):
         batch = self.image_processor(items)
@@ -65,8 +60,7 @@ class ImageClassificationPipeline(Pipeline):
 
     def postprocess(self, model_inputs, outputs, top_k=DEFAULT_TOP_K, function_to_apply=None):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
-        function = function_to_apply or self.default_function(logits.shape[-1])
-        scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
+        scores = apply_function(logits, function_to_apply, self.problem_type)
         k = min(top_k, logits.shape[-1])
         results = []
         for row in scores:

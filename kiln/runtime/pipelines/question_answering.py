@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.pipelines.base import Pipeline, check_int, given
 from kiln.runtime.scores import softmax
 
 
@@ -196,8 +196,7 @@ def check_options(top_k=1, max_answer_len=15, doc_stride=None, max_seq_len=None)
     checks += [(name, value, least) for name, value, least in (("doc_stride", doc_stride, 0),
                                                                ("max_seq_len", max_seq_len, 1)) if value is not None]
     for name, value, least in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{name} must be an integer >= {least}, got {value!r}.")
+        check_int(name, value, least)
 
 
 def gather_inputs(args: tuple, question, context) -> list[tuple[str, str]]:

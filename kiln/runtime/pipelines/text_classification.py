@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.errors import InputError
-from kiln.runtime.pipelines.base import Pipeline, given
-from kiln.runtime.scores import default_function, sigmoid, softmax
+from kiln.runtime.pipelines.base import Pipeline, check_int, given
+from kiln.runtime.scores import apply_function, check_function
 
-FUNCTIONS = ("softmax", "sigmoid", "none")
 _NOT_GIVEN = object()  # top_k not given: transformers' historical one-dict-per-input output (None means all labels)
 
 
@@ -25,22 +24,17 @@ class TextClassificationPipeline(Pipeline):
     def _sanitize_parameters(self, truncation=None, top_k=_NOT_GIVEN, function_to_apply=None):
         post = {}
         if top_k is not _NOT_GIVEN:
-            if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-                raise InputError(f"top_k must be a positive integer or None, got {top_k!r}.")
+            if top_k is not None:
+                check_int("top_k", top_k, what="a positive integer or None")
             post.update(top_k=top_k, legacy=False)  # as transformers: given anywhere, a list of labels comes back
         if function_to_apply is not None:
-            if not isinstance(function_to_apply, str) or function_to_apply.lower() not in FUNCTIONS:
-                raise InputError(f"function_to_apply must be one of {FUNCTIONS}, got {function_to_apply!r}.")
-            post["function_to_apply"] = function_to_apply.lower()
+            post["function_to_apply"] = check_function(function_to_apply)
         return given(truncation=truncation), {}, post
 
     def _items(self, inputs):
         if isinstance(inputs, dict):
             return True, [inputs]
         return super()._items(inputs)
-
-    def default_function(self, num_labels: int) -> str:
-        return default_function(self.problem_type, num_labels)
 
     def preprocess(self, items, truncation: bool = True):
         texts, pairs = [], []
@@ -57,8 +51,7 @@ class TextClassificationPipeline(Pipeline):
 
     def postprocess(self, model_inputs, outputs, top_k=1, legacy: bool = True, function_to_apply=None):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)
-        function = function_to_apply or self.default_function(logits.shape[-1])
-        scores = {"softmax": softmax, "sigmoid": sigmoid, "none": lambda x: x}[function](logits)
+        scores = apply_function(logits, function_to_apply, self.problem_type)
         results = []
         for row in scores:
             if legacy:

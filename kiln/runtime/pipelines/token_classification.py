@@ -61,6 +61,14 @@ class TokenClassificationPipeline(Pipeline):
             post["aggregation_strategy"] = strategy
         return given(truncation=truncation), {}, post
 
+    def _params(self, kwargs: dict) -> tuple[dict, dict, dict, int]:
+        params = super()._params(kwargs)
+        # Once per call (not per batch), for the strategy in force: given at construction or by this call.
+        if params[2].get("aggregation_strategy") in WORD_STRATEGIES and not self.word_aware:
+            log.warning("Tokenizer does not support real words, using fallback heuristic "
+                        "(a word starts after a space).")
+        return params
+
     def label(self, i: int) -> str:
         return self.id2label.get(int(i), f"LABEL_{int(i)}")
 
@@ -69,9 +77,6 @@ class TokenClassificationPipeline(Pipeline):
         return TextBatch(**vars(self.tokenizer(items, truncation=truncation)), texts=list(items))
 
     def postprocess(self, model_inputs, outputs, aggregation_strategy: str = "none", ignore_labels=None):
-        if aggregation_strategy in WORD_STRATEGIES and not self.word_aware:
-            log.warning("Tokenizer does not support real words, using fallback heuristic "
-                        "(a word starts after a space).")
         ignore = ["O"] if ignore_labels is None else ignore_labels
         scores = softmax(outputs["logits"].astype(np.float32))  # (B, T, num_labels)
         results = []
