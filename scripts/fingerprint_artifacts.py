@@ -7,8 +7,10 @@
 Mistral, Qwen2, GPT-2 and ViT checkpoints) at every attention form and precision, and the TensorRT lowering of some,
 and stores per case: kiln.json without the fields that change between runs (times, paths, file hashes), the graph
 in a canonical form that does not depend on node or value names (op, domain, attributes, inputs by producer, weights
-by content), and the outputs of onnxruntime on fixed feeds. ``compare`` names every case whose manifest, graph or
-outputs differ. Run ``record`` from a checkout of the old commit (``PYTHONPATH=<old checkout>``) and of the new one.
+by content), and the outputs of onnxruntime on fixed feeds (a refused export, a failed run or lowering: its error
+instead). ``compare`` names every case whose manifest, graph or outputs differ, and every case holding an error before
+or after: an error is no fingerprint, so two equal errors do not make a case "same". Run ``record`` from a checkout of
+the old commit (``PYTHONPATH=<old checkout>``) and of the new one.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def _numbers_close(a, b, path="") -> list[str]:
 
 def compare(a_path: Path, b_path: Path) -> int:
     a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
-    bad = 0
+    bad = errored = 0
     for name in sorted(a.keys() | b.keys()):
         if name not in a or name not in b:
             print(f"{name}: only in {'before' if name in a else 'after'}")
@@ -291,7 +293,7 @@ def compare(a_path: Path, b_path: Path) -> int:
         diffs = []
         for key in sorted(a[name].keys() | b[name].keys()):
             x, y = a[name].get(key), b[name].get(key)
-            if key == "graph" or key.startswith("lowered") and isinstance(x, list):
+            if key == "graph" or key.startswith("lowered") and isinstance(x, list) and isinstance(y, list):
                 if x != y:
                     first = next((i for i, (p, q) in enumerate(zip(x or [], y or [])) if p != q),
                                  min(len(x or []), len(y or [])))
@@ -299,14 +301,20 @@ def compare(a_path: Path, b_path: Path) -> int:
                                  f"\n    {(x or [''])[min(first, len(x or [''])-1)]}\n    {(y or [''])[min(first, len(y or [''])-1)]}")
             else:
                 diffs += _numbers_close(x, y, key)
-        if diffs:
+        # record() stores a refused export, a failed run and a failed lowering as an error string in place of the
+        # fingerprint: two equal errors compared nothing, so such a case counts as differing, never as "same"
+        errors = [f"{side} {key}: {value:.300}" for side, entry in (("before", a[name]), ("after", b[name]))
+                  for key, value in entry.items() if isinstance(value, str)]
+        if diffs or errors:
             bad += 1
-            print(f"{name}: DIFFERENT")
-            for d in diffs[:12]:
+            errored += bool(errors)
+            print(f"{name}: {'DIFFERENT' if diffs else 'ERROR'}{' (with errors)' if diffs and errors else ''}")
+            for d in [*errors, *diffs][:12]:
                 print("   ", d)
         else:
             print(f"{name}: same")
-    print(f"{bad} case(s) differ out of {len(a.keys() | b.keys())}")
+    print(f"{bad} case(s) differ out of {len(a.keys() | b.keys())}"
+          f"{f' ({errored} of them with an error)' if errored else ''}")
     return 1 if bad else 0
 
 

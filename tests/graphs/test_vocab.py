@@ -122,12 +122,20 @@ def test_siblings_load_a_resized_checkpoint(tmp_path, framework):
 def test_gpt2_tied_head_follows_the_embedding(tmp_path):
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=100)
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    theirs = transformers.GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(tmp_path / "gpt2")
     ours = kiln.from_pretrained(tmp_path / "gpt2", task="text-generation")
-    ours.resize_token_embeddings(102)
+    resize_both(ours, theirs, 102)
+    check_resized(ours, theirs, 100, 102, [("embed.weight", theirs.transformer.wte.weight)])
+    assert theirs.lm_head.weight is theirs.transformer.wte.weight  # transformers' head is still tied, as ours is
+    ids = torch.tensor([[3, 100, 101]])
     with torch.no_grad():
-        logits = ours(torch.tensor([[3, 100, 101]]))["logits"]
+        logits = ours(ids)["logits"]
     assert logits.shape[-1] == 102 and ours.lm_head is None
+    ours.save_pretrained(tmp_path / "saved")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, atol=1e-5, rtol=0)
 
 
 def test_models_without_tokens_say_so(vit_checkpoints):

@@ -47,6 +47,7 @@ def test_decoder_attention_fed_3d_and_back(traced, model_type):
     kept = 2 * 2 * LAYERS if model_type == "qwen3" else 0
     assert after[("", "Reshape")] == before[("", "Reshape")] - 4 * LAYERS + kept
     attention = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(attention) == LAYERS
     assert all(n.attributes.get_int("q_num_heads", 0) == 4 and n.attributes.get_int("kv_num_heads", 0) == 2
                for n in attention)
     rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding"]

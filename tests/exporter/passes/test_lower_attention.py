@@ -18,6 +18,7 @@ import transformers
 from onnx import helper
 
 import kiln
+from conftest import graph_ops as ops
 from kiln.errors import ExportError
 from kiln.exporter.passes.attention_3d import To4D
 from kiln.exporter.passes.lower_attention import DecomposePlugin, LowerForTensorRT
@@ -57,10 +58,6 @@ def as_4d(artifact) -> ir.Model:
 def lower(model: ir.Model, **options) -> dict:
     """LowerForTensorRT's counts: encoder nodes kept, decoder nodes lowered to the plugin, decoder nodes skipped."""
     return LowerForTensorRT(**options)(model).details
-
-
-def ops(model: ir.Model) -> Counter:
-    return Counter((n.domain, n.op_type) for n in model.graph)
 
 
 def session(model: ir.Model) -> ort.InferenceSession:
