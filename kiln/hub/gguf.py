@@ -27,8 +27,14 @@ log = logging.getLogger("kiln")
 # general.architecture -> (HF model_type, transformers class). Mistral GGUFs also say "llama" (llama.cpp runs them as
 # one architecture). Qwen3 GGUFs name the head width (`qwen3.attention.key_length`), which transformers' GGUF loader
 # ignores (it takes Qwen3Config's default, 128, right for the released sizes); kiln reads it, or the q tensor's rows.
+# Gemma: llama.cpp stores each RMSNorm weight plus one (its norm multiplies by the weight, Gemma's by 1 + weight):
+# kiln subtracts it again, as transformers' GGUF loader does. A Gemma GGUF omits what llama.cpp hard-codes, which
+# kiln (like transformers' loader) fills from transformers' config defaults: query_pre_attn_scalar (256), the
+# local/global layer pattern (Gemma 2: alternating; Gemma 3: every sixth global) and Gemma 3's local RoPE base (10k).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+GEMMA = {"gemma2", "gemma3"}
 PERMUTED_QK = {"llama"}  # llama.cpp's converter reorders q/k rows for these only (LlamaModel.permute)
 # Per architecture: llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
 LLAMA_TENSORS = {
@@ -45,9 +51,14 @@ LLAMA_TENSORS = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-TENSORS = {"llama": LLAMA_TENSORS, "qwen2": LLAMA_TENSORS,
-           "qwen3": {**LLAMA_TENSORS, "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
-                     "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm"}}
+QK_NORMS = {"blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+            "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm"}
+GEMMA_TENSORS = {**LLAMA_TENSORS, **QK_NORMS,  # ffn_norm is the norm before the MLP; two more after each block
+                 "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+                 "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
+                 "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm"}
+TENSORS = {"llama": LLAMA_TENSORS, "qwen2": LLAMA_TENSORS, "qwen3": {**LLAMA_TENSORS, **QK_NORMS},
+           "gemma2": GEMMA_TENSORS, "gemma3": GEMMA_TENSORS}
 
 
 def _reader(path: str | os.PathLike):
@@ -292,6 +303,14 @@ def read_config(path: str | os.PathLike) -> dict:
         "tie_word_embeddings": "output.weight" not in names,  # llama.cpp drops a tied head: token_embd serves as both
         "torch_dtype": "float32",
     }
+    if arch in GEMMA:
+        del config["hidden_act"]
+        config["hidden_activation"] = "gelu_pytorch_tanh"
+        config["sliding_window"] = _typed(reader, path, f"{arch}.attention.sliding_window", "count")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2 files carry both
+            cap = _typed(reader, path, f"{arch}.{key}", "number")
+            if cap is not None:
+                config[key] = _f32(cap)
     for role in ("bos", "eos", "pad"):
         token_id = _typed(reader, path, f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id", "id")
         if token_id is not None:
@@ -350,6 +369,8 @@ def read_tensors(path: str | os.PathLike) -> dict:
         role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") and tensor.name.count(".") >= 3 else None
         if role in heads and arch in PERMUTED_QK:
             data = _unpermute(data, heads[role])
+        if arch in GEMMA and tensor.name.endswith("norm.weight"):
+            data = data - 1  # llama.cpp's converter added it (see GEMMA)
         state[hf_name(tensor.name, arch)] = data
     return state
 

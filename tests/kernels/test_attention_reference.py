@@ -219,3 +219,35 @@ def test_value_errors() -> None:
         attention(q[0], k, v)
     with pytest.raises(ValueError, match=r"batch size mismatch"):
         attention(q, k[:1], v[:1])
+
+
+def test_softcap_the_spec_the_torch_op_and_onnxruntime_agree() -> None:
+    """Gemma 2's soft-capped scores: the spec, kiln's torch op (its eager math) and onnxruntime running the ONNX
+    Attention node the op exports to, over a past, grouped-query heads and a padding mask."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import kiln.kernels.attention.torch_ops  # noqa: F401 (registers torch.ops.kiln)
+
+    q, k, v = qkv(B=2, H=4, Hkv=2, T=3, S=3, D=8, seed=4)
+    q *= 3  # scores large enough for the cap to bite
+    past_k, past_v = rand(2, 2, 5, 8, seed=9), rand(2, 2, 5, 8, seed=10)
+    mask = np.ones((2, 1, 3, 8), bool)
+    mask[1, :, :, :2] = False  # left padding of row 1
+    mask &= causal_mask(3, 8)
+    spec = attention(q, k, v, mask=mask, scale=0.5, softcap=2.0, past_key=past_k, past_value=past_v)
+    uncapped = attention(q, k, v, mask=mask, scale=0.5, past_key=past_k, past_value=past_v)
+    assert np.abs(spec.out - uncapped.out).max() > 1e-2  # the cap changes the answer
+    t = torch.from_numpy
+    ours = torch.ops.kiln.attention_kv(t(q), t(k), t(v), t(mask), t(past_k), t(past_v), 0.5, 2.0)
+    np.testing.assert_allclose(ours[0].numpy(), spec.out, atol=ATOL)
+    np.testing.assert_allclose(ours[1].numpy(), spec.present_key, atol=0)
+    names = ["q", "k", "v", "mask", "past_key", "past_value"]
+    node = helper.make_node("Attention", names, ["y", "present_key", "present_value"], scale=0.5, softcap=2.0)
+    dtypes = [TensorProto.FLOAT] * 3 + [TensorProto.BOOL] + [TensorProto.FLOAT] * 2
+    graph = helper.make_graph([node], "capped", [helper.make_tensor_value_info(n, d, None) for n, d in zip(names, dtypes)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(["y"], dict(zip(names, (q, k, v, mask, past_k, past_v))))[0]
+    np.testing.assert_allclose(y, spec.out, atol=ATOL)

@@ -19,6 +19,13 @@ VARIANTS = {
                                 num_key_value_heads=2, max_position_embeddings=64)),
     "qwen2-mqa": ("qwen2", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=1, max_position_embeddings=64)),
+    # local layers with a 4-token window (generation runs past it), soft-capping (Gemma 2), q/k norms (Gemma 3)
+    "gemma2": ("gemma2", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                              attn_logit_softcapping=5.0, final_logit_softcapping=5.0, max_position_embeddings=64)),
+    "gemma3": ("gemma3_text", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+                                   sliding_window_pattern=2, max_position_embeddings=64)),
 }
 
 

@@ -37,7 +37,7 @@ class KeepLastLogits(GraphPass):
     def match(self, model: ir.Model):
         graph = model.graph
         logits = next((v for v in graph.outputs if v.name == self.output), None)
-        head = logits.producer() if logits is not None else None
+        head, after = _head(logits) if logits is not None else (None, [])
         if head is None or not _maps_sequence_axis(head):
             return Skip(f"{self.output!r} is not a product of (batch, sequence, hidden) states")
         if any(v.name == NAME for v in graph.inputs):
@@ -45,10 +45,10 @@ class KeepLastLogits(GraphPass):
         hidden = head.inputs[0]
         if hidden.shape is None or len(hidden.shape) != 3:
             return Skip("the LM head's input is not (batch, sequence, hidden)")
-        return logits, head, hidden
+        return logits, head, hidden, after
 
     def rewrite(self, model, match, result: PassResult) -> None:
-        logits, head, hidden = match
+        logits, head, hidden, after = match
         graph = model.graph
         keep = ir.Value(name=NAME, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]),
                         const_value=ir.tensor(np.array(0, dtype=np.int64), name=NAME))
@@ -68,12 +68,34 @@ class KeepLastLogits(GraphPass):
         sliced.outputs[0].dtype = hidden.dtype
         sliced.outputs[0].shape = ir.Shape([hidden.shape[0], ir.SymbolicDim("logits_sequence"), hidden.shape[2]])
         head.replace_input_with(0, sliced.outputs[0])
-        if logits.shape is not None and len(logits.shape) == 3:
-            logits.shape = ir.Shape([logits.shape[0], ir.SymbolicDim("logits_sequence"), logits.shape[2]])
+        for value in (*after, logits):  # the head's output, what soft-caps it, the logits: (B, kept, V) now
+            if value.shape is not None and len(value.shape) == 3:
+                value.shape = ir.Shape([value.shape[0], ir.SymbolicDim("logits_sequence"), value.shape[2]])
         result.details["optional_input"] = dict(OPTIONAL_INPUT)
 
     def finish(self, model, result) -> None:
         pass
+
+
+# Element-wise steps between the head and the logits, each with a scalar constant beside the logits if binary: Gemma
+# 2's final soft-capping, tanh(x / cap) * cap. Slicing positions before the head commutes with them.
+_ELEMENTWISE = ("Div", "Mul", "Tanh")
+
+
+def _head(logits: ir.Value) -> tuple[ir.Node | None, list[ir.Value]]:
+    """The node that makes the logits from the hidden states, through element-wise steps (whose outputs are listed)."""
+    node, after = logits.producer(), []
+    while node is not None and node.op_type in _ELEMENTWISE and node.domain in ("", "ai.onnx"):
+        varying = [v for v in node.inputs if not _scalar_constant(v)]
+        if len(varying) != 1:
+            break
+        after.append(varying[0])
+        node = varying[0].producer()
+    return node, after
+
+
+def _scalar_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.const_value.size == 1
 
 
 def _maps_sequence_axis(head: ir.Node) -> bool:

@@ -72,11 +72,12 @@ class LlamaConfig:
     def kv_heads_in_layer(self, layer: int) -> int:
         return self.heads_in_layer(layer) // self.heads_per_group
 
-    def inverse_frequencies(self) -> np.ndarray:
+    def inverse_frequencies(self, rope: dict | None = None) -> np.ndarray:
         """RoPE frequencies (D/2,) in float32, with linear or llama3 scaling: one definition for the torch, JAX and
         TensorFlow references, in float32 arithmetic as transformers computes them (its torch pow and NumPy's can
-        round one of the D/2 values to the neighbouring float; SmolLM2's and Llama 3's sizes agree exactly)."""
-        rope, D, f32 = self.rope, self.head_dim, np.float32
+        round one of the D/2 values to the neighbouring float; SmolLM2's and Llama 3's sizes agree exactly).
+        ``rope``: parameters other than the config's own (Gemma's local layers have theirs)."""
+        rope, D, f32 = rope or self.rope, self.head_dim, np.float32
         inv_freq = f32(1.0) / (f32(rope["rope_theta"]) ** (np.arange(0, D, 2).astype(f32) / f32(D)))
         if rope["rope_type"] == "linear":
             inv_freq = inv_freq / f32(rope["factor"])
@@ -111,7 +112,7 @@ class LlamaConfig:
         values = {**variant.get("defaults", {}), **{k: v for k, v in raw.items() if k in known and v is not None}}
         if _window(raw, variant) is None:
             values.pop("sliding_window", None)
-        values["rope"] = _rope(raw)
+        values["rope"] = read_rope(raw)
         config = cls(**values, raw=dict(raw))
         config.validate()
         pruned = read_pruned_heads(raw, config.num_hidden_layers, config.num_attention_heads, config.heads_per_group)
@@ -190,7 +191,7 @@ def _window(raw: dict, variant: Variant):
     return window if types and types[0] == "sliding_attention" else None
 
 
-def _rope(raw: dict) -> dict:
+def read_rope(raw: dict) -> dict:
     """The RoPE parameters, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):

@@ -28,8 +28,12 @@ def attention_kv_translation(opset: int = MIN_OPSET):
     """torch.onnx translation of ``torch.ops.kiln.attention_kv``: one Attention node with past in, present out."""
     from onnxscript import opset23
 
-    def attention_kv(q, k, v, mask, past_key, past_value, scale: float):
-        y, present_key, present_value, _ = opset23.Attention(q, k, v, mask, past_key, past_value, scale=scale)
+    def attention_kv(q, k, v, mask, past_key, past_value, scale: float, softcap: float = 0.0):
+        if softcap:  # 0, the attribute's default, means none: left out so that other graphs stay as they were
+            y, present_key, present_value, _ = opset23.Attention(q, k, v, mask, past_key, past_value, scale=scale,
+                                                                 softcap=softcap)
+        else:
+            y, present_key, present_value, _ = opset23.Attention(q, k, v, mask, past_key, past_value, scale=scale)
         return y, present_key, present_value
 
     return attention_kv

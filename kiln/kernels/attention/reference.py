@@ -70,6 +70,7 @@ def attention(
     past_key: np.ndarray | None = None,
     past_value: np.ndarray | None = None,
     return_probs: bool = False,
+    softcap: float = 0.0,
 ) -> AttentionOutput:
     """Scaled-dot-product attention with optional mask, causality, GQA and KV cache.
 
@@ -87,6 +88,9 @@ def attention(
         past_key: cached keys, (B, Hkv, P, D); must come with past_value.
         past_value: cached values, (B, Hkv, P, Dv); must come with past_key.
         return_probs: also return the attention probabilities.
+        softcap: when > 0, the scaled scores are capped to (-softcap, softcap)
+            as ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2's
+            attention-logit soft-capping; ONNX Attention's ``softcap``).
 
     Returns:
         AttentionOutput(out, present_key, present_value, probs).  present_* is
@@ -170,6 +174,8 @@ def attention(
 
     # --- Scores. ---
     scores = (q.astype(cdt, copy=False) @ kx.swapaxes(-1, -2)) * cdt(scale)  # (B, H, T, S)
+    if softcap:
+        scores = cdt(softcap) * np.tanh(scores / cdt(softcap))
     if bias is not None:
         scores = scores + bias
     if keep is not None:
