@@ -302,6 +302,8 @@ def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, 
     }
     if optional:
         manifest["optional_inputs"] = optional
+    if spec.extra.get("recompute_cache_at"):  # read by the runtime's decode loop (kiln.runtime.generate.loop)
+        manifest["decoder"] = {"recompute_cache_at": spec.extra["recompute_cache_at"]}
     manifest["accuracy"] = accuracy
     return manifest
 

@@ -209,8 +209,15 @@ def kv_heads(config, layer: int) -> int:
     return per_layer(layer) if per_layer else config.num_key_value_heads
 
 
+def cache_window(config, layer: int) -> int | None:
+    """How many past keys ``layer`` keeps (Gemma's local layers: the window), or None: all of them."""
+    window = getattr(config, "cache_window", None)
+    return window(layer) if window else None
+
+
 def decoder_feed(config, names: list[str]):
-    """Random prompts, every other row left-padded (as batched generation pads), with a random past of the sizes."""
+    """Random prompts, every other row left-padded (as batched generation pads), with a random past of the sizes
+    (a layer whose cache is bounded by a window gets the last keys that fit)."""
     layers, D = config.num_hidden_layers, config.head_dim
 
     def make(sizes: dict, rng: np.random.Generator) -> dict:
@@ -225,7 +232,8 @@ def decoder_feed(config, names: list[str]):
                 "attention_mask": mask, "position_ids": positions.astype(np.int64)}
         for i in range(layers):
             for kind in ("key", "value"):
-                shape = (B, kv_heads(config, i), P, D)
+                window = cache_window(config, i)
+                shape = (B, kv_heads(config, i), P if window is None else min(P, window), D)
                 feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal(shape).astype(np.float32)
         return {name: feed[name] for name in names}
 
@@ -241,18 +249,28 @@ def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRang
     inputs = [TensorSpec("input_ids", "int64", (B, T)), TensorSpec("attention_mask", "int64", (B, S)),
               TensorSpec("position_ids", "int64", (B, T))]
     outputs = [TensorSpec("logits", "float32", (B, T, config.vocab_size))]
+    windows = set()
     for i in range(config.num_hidden_layers):
+        window = cache_window(config, i)  # a layer whose cache the window bounds has axes of its own
+        windows.add(window)
+        past, present = (P, S) if window is None else ("past_window", "present_window")
         for kind in ("key", "value"):
             Hkv = kv_heads(config, i)  # per layer: a pruned layer has fewer
-            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", (B, Hkv, P, config.head_dim)))
-            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", (B, Hkv, S, config.head_dim)))
+            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", "float32", (B, Hkv, past, config.head_dim)))
+            outputs.append(TensorSpec(f"present.{i}.{kind}", "float32", (B, Hkv, present, config.head_dim)))
     context = config.max_position_embeddings
     seq = seq or AxisRange(1, context)
     if seq.max > context:
         raise ValueError(f"--seq max {seq.max} exceeds the model's context window {context} (max_position_embeddings).")
     axes = {B: batch or AxisRange(1, 64), T: seq, P: AxisRange(0, context - 1)}
+    windows.discard(None)
+    if windows:  # one window for all local layers (Gemma's config has one)
+        axes["past_window"] = AxisRange(0, min(max(windows), context - 1))
+    extra = {"derived_axes": {S: (P, T)}}
+    if getattr(config, "recompute_cache_at", None):  # LongRoPE: generation reruns the sequence once (kiln.json)
+        extra["recompute_cache_at"] = config.recompute_cache_at
     return ExportSpec(task, tuple(inputs), tuple(outputs), axes, decoder_feed(config, [t.name for t in inputs]),
-                      atol=1e-4, extra={"derived_axes": {S: (P, T)}})
+                      atol=1e-4, extra=extra)
 
 
 def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:

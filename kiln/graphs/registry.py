@@ -68,8 +68,10 @@ class Architecture:
 
         if framework not in FRAMEWORKS:
             raise InputError(f"Unknown framework {framework!r}; choose {', '.join(FRAMEWORKS)}.")
-        if framework not in self.frameworks:
-            raise ConfigError(f"model_type {model_type!r} has a reference in {', '.join(self.frameworks)} only, "
+        frameworks = self.variants[model_type].get("frameworks", self.frameworks) if model_type in self.variants \
+            else self.frameworks  # a model type may have fewer references than its family (Phi-3: torch only)
+        if framework not in frameworks:
+            raise ConfigError(f"model_type {model_type!r} has a reference in {', '.join(frameworks)} only, "
                               f"not {framework}. Use --framework torch.")
         info = FRAMEWORKS[framework]
         if importlib.util.find_spec(info.module) is None:

@@ -25,12 +25,16 @@ def oracle():
 
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=8, n_layer=1, n_head=2))
 
-    def processors(config: GenerationConfig, mask: np.ndarray):
+    def processors(config: GenerationConfig, mask: np.ndarray, new_tokens: int = 0):
         hf = transformers.GenerationConfig(do_sample=config.do_sample, temperature=config.temperature,
                                            top_k=config.top_k, top_p=config.top_p,
-                                           repetition_penalty=config.repetition_penalty)
-        return model._get_logits_processor(generation_config=hf, input_ids_seq_length=mask.shape[1], device="cpu",
-                                           model_kwargs={"attention_mask": torch.from_numpy(mask)})
+                                           repetition_penalty=config.repetition_penalty,
+                                           no_repeat_ngram_size=config.no_repeat_ngram_size or None,
+                                           min_new_tokens=config.min_new_tokens or None,
+                                           eos_token_id=config.eos_token_id)
+        hf._eos_token_tensor = None if config.eos_token_id is None else torch.tensor(config.eos_ids)
+        return model._get_logits_processor(generation_config=hf, input_ids_seq_length=mask.shape[1] - new_tokens,
+                                           device="cpu", model_kwargs={"attention_mask": torch.from_numpy(mask)})
     return processors
 
 
@@ -49,6 +53,11 @@ CONFIGS = [
     {"do_sample": True, "top_k": 10, "top_p": 0.9, "temperature": 0.8, "repetition_penalty": 1.2},
     {"do_sample": True, "top_k": 3, "top_p": 0.5, "temperature": 2.0},
     {"do_sample": False, "top_k": 3, "top_p": 0.5, "temperature": 0.5, "repetition_penalty": 1.5},  # warpers off
+    {"no_repeat_ngram_size": 2},
+    {"no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
+    {"no_repeat_ngram_size": 20},  # longer than the sequence: nothing to ban
+    {"min_new_tokens": 5, "eos_token_id": [3, 7]},
+    {"min_new_tokens": 2, "eos_token_id": 3, "do_sample": True, "top_k": 5},  # reached at the third seed's step
 ]
 
 
@@ -68,11 +77,20 @@ def test_process_logits_matches_transformers(options, seed, oracle):
     mask[1, :3] = 0  # left padding: not penalized
     generated[1, :3] = 0
     mask[2, -1] = 0  # a 0 after the first 1 does not count as padding in transformers
+    generated[3, -2:] = generated[3, 5:7]  # row 3 ends as it went earlier: n-grams to ban
     config = GenerationConfig(**options)
 
-    ours = process_logits(logits, generated, config, attention_mask=mask)
-    theirs = oracle(config, mask)(torch.from_numpy(generated), torch.from_numpy(logits.copy())).numpy()
+    new_tokens = seed  # how many of the N ids are new (min_new_tokens counts them)
+    ours = process_logits(logits, generated, config, attention_mask=mask, new_tokens=new_tokens)
+    theirs = oracle(config, mask, new_tokens)(torch.from_numpy(generated), torch.from_numpy(logits.copy())).numpy()
+    if config.no_repeat_ngram_size in (2, 3) or (config.min_new_tokens > new_tokens):
+        assert np.isneginf(ours).any()  # the case bans something
     assert ours.dtype == np.float32 and ours.shape == (B, V)
+    if config.no_repeat_ngram_size:  # kiln leaves row 1's left padding out of its n-grams (batched = alone)
+        alone = oracle(config, mask[1:2, 3:])(torch.from_numpy(generated[1:2, 3:]), torch.from_numpy(logits[1:2].copy()))
+        np.testing.assert_array_equal(np.isneginf(ours[1]), np.isneginf(alone.numpy()[0]))
+        keep = [0, 2, 3]
+        ours, theirs, logits, mask = ours[keep], theirs[keep], logits[keep], mask[keep]
     if seed == 2 and config.do_sample and (config.top_p or 1.0) < 1.0:
         # which of several tied tokens top-p drops depends on torch's unstable sort; how many does not
         np.testing.assert_array_equal(np.isneginf(ours).sum(-1), np.isneginf(theirs).sum(-1))
@@ -120,7 +138,9 @@ def test_sampling_after_top_k_draws_only_kept_tokens():
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("max_new_tokens", 2.5), ("temperature", 0.0),
                                          ("temperature", -1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-                                         ("repetition_penalty", 0), ("eos_token_id", -3), ("stop_strings", ("",))])
+                                         ("repetition_penalty", 0), ("eos_token_id", -3), ("stop_strings", ("",)),
+                                         ("no_repeat_ngram_size", -1), ("no_repeat_ngram_size", True),
+                                         ("min_new_tokens", 1.5)])
 def test_config_rejects_out_of_range_values(field, value):
     with pytest.raises(InputError, match=field):
         GenerationConfig.from_dict({field: value})

@@ -26,6 +26,17 @@ VARIANTS = {
     "gemma3": ("gemma3_text", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
                                    sliding_window_pattern=2, max_position_embeddings=64)),
+    # LongRoPE past an original context of 8: a short prompt crosses it while generating, where transformers (and
+    # kiln) rerun the whole sequence once; Phi-4-mini's partial rotary on top
+    "phi3-longrope": ("phi3", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=8,
+                                   rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 2.0],
+                                                 "long_factor": [1.5, 2.0, 3.0, 5.0]})),
+    "phi4-partial-rotary": ("phi3", dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, partial_rotary_factor=0.5,
+                                         max_position_embeddings=64, original_max_position_embeddings=8,
+                                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2],
+                                                       "long_factor": [2.0, 4.0]})),
 }
 
 
@@ -263,3 +274,17 @@ def test_batch_runs_chats_and_prompts_in_separate_calls(decoders):
     # chats hold their special tokens already, prompts get them added: the same as calling for each item alone
     assert pipe.batch(items, max_new_tokens=4) == [pipe(item, max_new_tokens=4) for item in items]
     assert pipe.batch([PROMPTS[2]], max_new_tokens=4) == [pipe(PROMPTS[2], max_new_tokens=4)]
+
+
+@pytest.mark.parametrize("options", [{"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 1},
+                                     {"min_new_tokens": 12, "max_new_tokens": 14}])
+def test_no_repeat_ngram_size_and_min_new_tokens_match_transformers(options, decoders):
+    """Each prompt alone and the prompts as one left-padded batch give transformers' tokens for each prompt alone
+    (kiln's n-grams leave the left padding out)."""
+    ckpt, out, _ = decoders("llama-gqa")
+    ours = kiln.pipeline("text-generation", out)
+    theirs = transformers.pipeline("text-generation", model=str(ckpt), tokenizer=str(ckpt))
+    options = {"max_new_tokens": 10, **options}
+    expected = [theirs(prompt, do_sample=False, eos_token_id=[5, 9], **options) for prompt in PROMPTS]
+    assert [ours(prompt, eos_token_id=[5, 9], **options) for prompt in PROMPTS] == expected
+    assert ours(PROMPTS, eos_token_id=[5, 9], **options) == expected

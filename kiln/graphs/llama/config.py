@@ -12,7 +12,7 @@ from kiln.errors import ConfigError
 from kiln.graphs.heads import read_pruned_heads
 from kiln.graphs.registry import Variant
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # The model types this family reads. Qwen2 always has q/k/v biases and no o_proj bias; the others follow
 # `attention_bias` (default off). Qwen3 normalises each query and key head (RMSNorm over the head dimension, before
 # RoPE) and has a 128-wide head when config.json does not say. A sliding window applies as config.json gives it
@@ -25,6 +25,11 @@ VARIANTS = {
     "qwen2": Variant("Qwen2", {"qkv_bias": True, "use_sliding_window": False, "max_window_layers": 28}),
     "qwen3": Variant("Qwen3", {"qk_norm": True, "use_sliding_window": False, "max_window_layers": 28,
                                "defaults": {"head_dim": 128}}),
+    # Phi-3 / Phi-4-mini: q, k and v in one `qkv_proj`, gate and up in one `gate_up_proj` (split on load, joined on
+    # save), LongRoPE (older configs name it "su" or "yarn"), a rotated fraction of each head
+    # (`partial_rotary_factor`); a sliding window, where config.json gives one, on every layer. Torch only.
+    "phi3": Variant("Phi3", {"fused_projections": True, "rope_aliases": {"su": "longrope", "yarn": "longrope"},
+                             "frameworks": ("torch",)}),
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -77,9 +82,13 @@ class LlamaConfig:
         TensorFlow references, in float32 arithmetic as transformers computes them (its torch pow and NumPy's can
         round one of the D/2 values to the neighbouring float; SmolLM2's and Llama 3's sizes agree exactly).
         ``rope``: parameters other than the config's own (Gemma's local layers have theirs)."""
-        rope, D, f32 = rope or self.rope, self.head_dim, np.float32
+        rope, f32 = rope or self.rope, np.float32
+        D = self.rotary_dim  # the rotated part of each head (all of it unless partial_rotary_factor says less)
         inv_freq = f32(1.0) / (f32(rope["rope_theta"]) ** (np.arange(0, D, 2).astype(f32) / f32(D)))
-        if rope["rope_type"] == "linear":
+        if rope["rope_type"] == "longrope":  # the short factors; long_inverse_frequencies() past the original context
+            inv_freq = f32(1.0) / (np.asarray(rope["short_factor"], f32) * (f32(rope["rope_theta"]) ** (
+                np.arange(0, D, 2).astype(f32) / f32(D))))
+        elif rope["rope_type"] == "linear":
             inv_freq = inv_freq / f32(rope["factor"])
         elif rope["rope_type"] == "llama3":
             # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
@@ -91,6 +100,43 @@ class LlamaConfig:
             inv_freq = np.where(wavelen > context / low, inv_freq / factor,
                                 np.where(wavelen < context / high, inv_freq, between))
         return inv_freq.astype(f32)
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many dimensions of each head RoPE rotates (the first ones): head_dim x partial_rotary_factor."""
+        return int(self.head_dim * self.rope.get("partial_rotary_factor", 1.0))
+
+    def long_inverse_frequencies(self) -> np.ndarray | None:
+        """LongRoPE's frequencies with the long factors (used once a sequence passes the original context), or None
+        for other RoPE types."""
+        rope, f32, D = self.rope, np.float32, self.rotary_dim
+        if rope["rope_type"] != "longrope":
+            return None
+        return (f32(1.0) / (np.asarray(rope["long_factor"], f32) * (f32(rope["rope_theta"]) ** (
+            np.arange(0, D, 2).astype(f32) / f32(D))))).astype(f32)
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """What cos and sin are multiplied by: LongRoPE's attention factor (given, or sqrt(1 + ln(factor) /
+        ln(original context)) with factor = max_position_embeddings / original context, as transformers), else 1."""
+        rope = self.rope
+        if rope["rope_type"] != "longrope":
+            return 1.0
+        if rope.get("attention_factor") is not None:
+            return float(rope["attention_factor"])
+        original = rope["original_max_position_embeddings"]
+        factor = rope.get("factor") or self.max_position_embeddings / original
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+    @property
+    def recompute_cache_at(self) -> int | None:
+        """LongRoPE: transformers' generate drops the cache and runs the whole sequence again when it first reaches
+        the original context + 1 tokens, so that every key is rotated with the long factors; that context, or None."""
+        return self.rope["original_max_position_embeddings"] if self.rope["rope_type"] == "longrope" else None
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS.get(self.model_type, VARIANTS["llama"])
 
     @property
     def qkv_bias(self) -> bool:
@@ -112,7 +158,7 @@ class LlamaConfig:
         values = {**variant.get("defaults", {}), **{k: v for k, v in raw.items() if k in known and v is not None}}
         if _window(raw, variant) is None:
             values.pop("sliding_window", None)
-        values["rope"] = read_rope(raw)
+        values["rope"] = read_rope(raw, variant.get("rope_aliases"))
         config = cls(**values, raw=dict(raw))
         config.validate()
         pruned = read_pruned_heads(raw, config.num_hidden_layers, config.num_attention_heads, config.heads_per_group)
@@ -141,8 +187,14 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"config.json 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
                               f"'num_key_value_heads' ({self.num_key_value_heads}).")
-        if self.head_dim % 2:
-            raise ConfigError(f"The head dimension ({self.head_dim}) must be even for rotary embeddings.")
+        if self.head_dim % 2 or self.rotary_dim % 2 or self.rotary_dim < 2:
+            raise ConfigError(f"RoPE rotates {self.rotary_dim} of the head's {self.head_dim} dimensions "
+                              "(head_dim x partial_rotary_factor): it needs an even number, 2 at least.")
+        if self.rope["rope_type"] == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope[key]) != self.rotary_dim // 2:
+                    raise ConfigError(f"LongRoPE's {key} has {len(self.rope[key])} values; the model rotates "
+                                      f"{self.rotary_dim} dimensions per head, so it needs {self.rotary_dim // 2}.")
         if self.hidden_act not in ("silu", "swish"):
             raise ConfigError(f"config.json 'hidden_act' {self.hidden_act!r} is not supported; LLaMA-family models use 'silu'.")
         if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:
@@ -191,25 +243,46 @@ def _window(raw: dict, variant: Variant):
     return window if types and types[0] == "sliding_attention" else None
 
 
-def read_rope(raw: dict) -> dict:
-    """The RoPE parameters, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+def read_rope(raw: dict, aliases: dict | None = None) -> dict:
+    """The RoPE parameters, from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling` (and
+    `partial_rotary_factor`, `original_max_position_embeddings` beside them); ``aliases``: older names of a RoPE
+    type that a model type reads as another (Phi-3: "su" -> "longrope")."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"config.json 'rope_parameters'/'rope_scaling' must be an object, got {params!r:.200}.")
     params = dict(params)
     params.setdefault("rope_theta", raw.get("rope_theta", params.get("rope_theta", 10000.0)))
+    params.setdefault("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = (aliases or {}).get(rope_type, rope_type) if isinstance(rope_type, str) else rope_type
     if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(f"RoPE scaling {rope_type!r} is not supported; kiln implements {', '.join(ROPE_TYPES)}.")
     params["rope_type"] = rope_type
-    if rope_type != "default" and "factor" not in params:
+    if rope_type not in ("default", "longrope") and "factor" not in params:
         raise ConfigError(f"RoPE scaling {rope_type!r} needs a 'factor' in config.json's rope_scaling.")
+    if rope_type == "longrope":
+        params.setdefault("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+        for key in ("short_factor", "long_factor"):
+            values = params.get(key)
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and math.isfinite(v) and v > 0 for v in values):
+                raise ConfigError(f"LongRoPE needs '{key}' in config.json's rope_scaling: a list of positive "
+                                  f"numbers, got {values!r:.100}.")
+        if params.get("attention_factor") is not None:
+            value = params["attention_factor"]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"config.json 'attention_factor' must be a positive number (RoPE), got {value!r}.")
+    prf = params["partial_rotary_factor"]
+    if not isinstance(prf, (int, float)) or isinstance(prf, bool) or not 0 < prf <= 1:
+        raise ConfigError(f"config.json 'partial_rotary_factor' must be a number in (0, 1], got {prf!r:.100}.")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in params:
                 raise ConfigError(f"llama3 RoPE scaling needs {key!r} in config.json's rope_scaling.")
     for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         value = params.get(key, 1)  # the keys a rope_type needs were checked above; others may be absent
+        if value is None and key == "factor":
+            continue  # LongRoPE without a factor: transformers derives it
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             raise ConfigError(f"config.json '{key}' must be a positive number (RoPE), got {value!r}.")
     return params

@@ -35,7 +35,13 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin  # x (B, H, T, D); cos/sin (B, 1, T, D)
+    """x (B, H, T, D); cos/sin (B, 1, T, R): R = D rotates the whole head, R < D (Phi-4-mini's
+    partial_rotary_factor) its first R dimensions, the rest passing through."""
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotated, rest = x[..., :R], x[..., R:]
+    return torch.cat([rotated * cos + rotate_half(rotated) * sin, rest], dim=-1)
 
 
 class Attention(nn.Module):
@@ -144,6 +150,8 @@ class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.from_numpy(config.inverse_frequencies()), persistent=False)
+        long = config.long_inverse_frequencies()  # LongRoPE (Phi-3): the frequencies past the original context
+        self.register_buffer("long_inv_freq", None if long is None else torch.from_numpy(long), persistent=False)
 
     def attention_modules(self) -> list:
         return [layer.attn for layer in self.layers]
@@ -158,12 +166,21 @@ class LlamaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:  # as transformers' forward: positions continue from the cache (generation passes them)
             position_ids = torch.arange(P, P + T, device=input_ids.device)[None].expand(B, T)
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+        inv_freq = self.inv_freq[None, None, :]  # (1, 1, R/2)
+        if self.long_inv_freq is not None:  # LongRoPE, as transformers runs one sequence: the long factors for every
+            # position of a call whose last position passes the original context (cached keys keep theirs). Per row,
+            # so that a batch gives each row what it alone would get (transformers' batches take the batch's max).
+            longer = position_ids.max(dim=-1, keepdim=True).values + 1 > self.config.rope["original_max_position_embeddings"]
+            inv_freq = torch.where(longer[:, :, None], self.long_inv_freq, self.inv_freq)  # (B, 1, R/2)
+        freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, R/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, R), R = D unless partial_rotary_factor < 1
         x = self.embed(input_ids)  # (B, T, C)
         # Angles in fp32 (positions up to the context length need it), applied in the model's dtype as transformers
         # does: fp32 cos/sin would promote a half-precision q/k to fp32 while v stays half.
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.config.rope_attention_factor != 1.0:  # LongRoPE scales both
+            cos, sin = cos * self.config.rope_attention_factor, sin * self.config.rope_attention_factor
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = decoder_mask(attention_mask, T, self.config.sliding_window)
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):

@@ -25,6 +25,8 @@ class GenerationConfig:
     top_k: int | None = None  # 0/None = off (transformers' generate() defaults to 50 when sampling; we do not)
     top_p: float | None = None  # None/1.0 = off
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram of the sequence (prompt included) occurs twice
+    min_new_tokens: int = 0  # EOS is held back until this many new tokens
     seed: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -52,6 +54,9 @@ class GenerationConfig:
               "a number in (0, 1] (1.0 or None turns it off)")
         check("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0,
               "a number > 0 (1.0 turns it off)")
+        check("no_repeat_ngram_size", _integer(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+              "an integer >= 0 (0 turns it off)")
+        check("min_new_tokens", _integer(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0")
         check("eos_token_id", all(_integer(i) and i >= 0 for i in self.eos_ids),
               "a token id >= 0, a list of them, or None")
         check("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "a tuple of non-empty strings")
@@ -84,7 +89,7 @@ class GenerationConfig:
             return cls()
         raw = read_json(path, "Fix or delete it.", error=InputError)
         keys = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                "eos_token_id", "pad_token_id", "bos_token_id")
+                "no_repeat_ngram_size", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id")
         return cls.from_dict({k: raw[k] for k in keys if raw.get(k) is not None})
 
     def rng(self) -> np.random.Generator:

@@ -30,9 +30,13 @@ class DecoderSession:
     """A decoder graph's names and shapes over an engine, and one forward step. Holds no per-call state, so one
     session serves many threads; what a step leaves on the engine's side is dropped by ``release``."""
 
-    def __init__(self, engine, feed: dict | None = None):
-        """``feed``: inputs fed unchanged at every step (an optional ``head_mask``)."""
-        self.engine = engine
+    def __init__(self, engine, feed: dict | None = None, recompute_at: int | None = None):
+        """``feed``: inputs fed unchanged at every step (an optional ``head_mask``). ``recompute_at``: kiln.json's
+        ``decoder.recompute_cache_at`` (LongRoPE models): when a row first reaches that many tokens + 1, the step
+        drops the cache and runs the whole sequence, as transformers' generate does for Phi-3, so that every key of
+        that row is rotated with the long factors from then on (the graph picks the factors per row; the rows that
+        have not passed it keep theirs, so each row gets what it would get alone)."""
+        self.engine, self.recompute_at = engine, recompute_at
         infos = {i.name: i for i in engine.inputs()}
         self.past_names = [n for n in infos if n.startswith("past_key_values.")]
         if not self.past_names or "position_ids" not in infos:
@@ -81,9 +85,9 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
     generated = input_ids.astype(np.int64)
     step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B)
     try:
-        for _ in range(config.max_new_tokens):
+        for new_tokens in range(config.max_new_tokens):
             logits, cache = session.step(step_ids, mask, step_pos, cache)
-            scores = process_logits(logits, generated, config, attention_mask=mask)
+            scores = process_logits(logits, generated, config, attention_mask=mask, new_tokens=new_tokens)
             tokens = stopper.fill(select_next(scores, config, rng))  # finished rows only pad
             generated = np.concatenate([generated, tokens[:, None]], axis=1)
             done = stopper.update(tokens).all()
@@ -92,6 +96,9 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
                 break
             step_ids, step_pos = tokens[:, None], step_pos[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+            if session.recompute_at is not None and (mask.sum(axis=1) == session.recompute_at + 1).any():
+                session.release()  # a row just passed the original context: the whole batch again, no cache
+                step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B)
     finally:
         session.release()
 

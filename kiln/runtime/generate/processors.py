@@ -1,6 +1,6 @@
 """Logits processors and token selection, each following what transformers' ``generate`` does for the same options,
-so that a kiln artifact and the PyTorch model pick the same tokens under greedy decoding: repetition penalty always,
-then (only when sampling) temperature, top-k, top-p, in that order.
+so that a kiln artifact and the PyTorch model pick the same tokens under greedy decoding: repetition penalty, repeated
+n-grams and the minimum of new tokens always, then (only when sampling) temperature, top-k, top-p, in that order.
 """
 
 from __future__ import annotations
@@ -29,6 +29,33 @@ def penalize_repetition(scores: np.ndarray, generated: np.ndarray, penalty: floa
     return np.where(seen[:, :V], penalized, scores).astype(np.float32)
 
 
+def ban_repeated_ngrams(scores: np.ndarray, generated: np.ndarray, n: int,
+                        ignore: np.ndarray | None = None) -> np.ndarray:
+    """transformers' ``no_repeat_ngram_size``: a token that would complete an n-gram already in the row (prompt
+    included) gets -inf. ``ignore`` (B,): leading positions per row that are left padding, left out, so that a row
+    in a batch gets what it would alone (transformers' batches count the padding too)."""
+    B, N = generated.shape
+    out = scores
+    for b in range(B):
+        row = generated[b, 0 if ignore is None else int(ignore[b]):].tolist()
+        if len(row) + 1 < n:
+            continue
+        prefix = tuple(row[len(row) - n + 1:])  # the last n - 1 tokens: the n-gram the next token would complete
+        banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
+        banned = [t for t in banned if 0 <= t < scores.shape[1]]
+        if banned:
+            out = out.copy() if out is scores else out
+            out[b, banned] = -np.inf
+    return out
+
+
+def hold_back_eos(scores: np.ndarray, eos_ids: tuple[int, ...]) -> np.ndarray:
+    """``min_new_tokens`` not reached yet: no end-of-sequence token may be picked."""
+    out = scores.copy()
+    out[:, [i for i in eos_ids if i < scores.shape[1]]] = -np.inf
+    return out
+
+
 def scale_temperature(scores: np.ndarray, value: float) -> np.ndarray:
     return (scores / np.float32(value)).astype(np.float32)
 
@@ -54,15 +81,21 @@ def filter_top_p(scores: np.ndarray, p: float, min_tokens_to_keep: int = 1) -> n
 
 
 def process_logits(logits: np.ndarray, generated: np.ndarray, config: GenerationConfig,
-                   attention_mask: np.ndarray | None = None) -> np.ndarray:
+                   attention_mask: np.ndarray | None = None, new_tokens: int = 0) -> np.ndarray:
     """(B, V) last-position logits -> processed scores, in the order of transformers' ``_get_logits_processor``.
 
-    ``generated`` (B, N) holds prompt + new ids. ``attention_mask`` (B, N), when given, marks left padding: the
-    positions before each row's first 1 are not penalized (transformers derives the same from the prompt's mask)."""
+    ``generated`` (B, N) holds prompt + new ids; ``new_tokens`` how many of them are new. ``attention_mask`` (B, N),
+    when given, marks left padding: the positions before each row's first 1 are not penalized (transformers derives
+    the same from the prompt's mask)."""
     scores = np.asarray(logits, dtype=np.float32)  # transformers casts logits to float32 before processing
+    ignore = None if attention_mask is None else (np.asarray(attention_mask) != 0).argmax(axis=1)
     if config.repetition_penalty != 1.0:
-        ignore = None if attention_mask is None else (np.asarray(attention_mask) != 0).argmax(axis=1)
         scores = penalize_repetition(scores, np.asarray(generated, dtype=np.int64), config.repetition_penalty, ignore)
+    if config.no_repeat_ngram_size:
+        scores = ban_repeated_ngrams(scores, np.asarray(generated, dtype=np.int64), config.no_repeat_ngram_size,
+                                     ignore)
+    if new_tokens < config.min_new_tokens and config.eos_ids:
+        scores = hold_back_eos(scores, config.eos_ids)
     if not config.do_sample:  # the warpers below change no argmax, so greedy decoding skips them like transformers
         return scores
     if config.temperature != 1.0:

@@ -41,7 +41,8 @@ class TextGenerationPipeline(Pipeline):
     task = "text-generation"
 
     def setup(self) -> None:
-        self.decoder = DecoderSession(self.engine)
+        self.recompute_at = (self.manifest.get("decoder") or {}).get("recompute_cache_at")
+        self.decoder = DecoderSession(self.engine, recompute_at=self.recompute_at)
         self.defaults = GenerationConfig.from_artifact(self.path)
         self.chat_template = chat_template_from(self.path)
         self.context = int(self.config.get("max_position_embeddings") or self.config.get("n_positions") or 0) or None
@@ -105,7 +106,8 @@ class TextGenerationPipeline(Pipeline):
         return self._stream(self.preprocess([prompt], **pre), self._session(forward.get("head_mask")))
 
     def _session(self, head_mask) -> DecoderSession:
-        return self.decoder if head_mask is None else DecoderSession(self.engine, feed={"head_mask": head_mask})
+        return self.decoder if head_mask is None else DecoderSession(self.engine, feed={"head_mask": head_mask},
+                                                                     recompute_at=self.recompute_at)
 
     def _stream(self, prompts: Prompts, session: DecoderSession) -> Iterator[str]:
         # The decode loop is a generator advanced from here: each piece reaches the caller as its token is chosen,
