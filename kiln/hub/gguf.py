@@ -33,8 +33,13 @@ log = logging.getLogger("kiln")
 # local/global layer pattern (Gemma 2: alternating; Gemma 3: every sixth global) and Gemma 3's local RoPE base (10k).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
 GEMMA = {"gemma2", "gemma3"}
+# Phi-3: llama.cpp keeps the fused q/k/v and gate/up matrices (kiln's phi3 entry splits them on load), rotates
+# rope.dimension_count of each head (partial_rotary_factor), and stores LongRoPE's factors as the tensors
+# rope_factors_short/long (read into the config, as the original config.json has them; transformers' GGUF loader
+# drops them and runs default RoPE).
+ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 PERMUTED_QK = {"llama"}  # llama.cpp's converter reorders q/k rows for these only (LlamaModel.permute)
 # Per architecture: llama.cpp tensor name (without .weight/.bias) -> HF name; '{i}' is the layer index.
 LLAMA_TENSORS = {
@@ -57,8 +62,12 @@ GEMMA_TENSORS = {**LLAMA_TENSORS, **QK_NORMS,  # ffn_norm is the norm before the
                  "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
                  "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
                  "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm"}
+PHI3_TENSORS = {**{k: v for k, v in LLAMA_TENSORS.items() if k not in ("blk.{i}.attn_q", "blk.{i}.attn_k",
+                                                                          "blk.{i}.attn_v", "blk.{i}.ffn_gate")},
+                "blk.{i}.attn_qkv": "model.layers.{i}.self_attn.qkv_proj",
+                "blk.{i}.ffn_up": "model.layers.{i}.mlp.gate_up_proj"}
 TENSORS = {"llama": LLAMA_TENSORS, "qwen2": LLAMA_TENSORS, "qwen3": {**LLAMA_TENSORS, **QK_NORMS},
-           "gemma2": GEMMA_TENSORS, "gemma3": GEMMA_TENSORS}
+           "gemma2": GEMMA_TENSORS, "gemma3": GEMMA_TENSORS, "phi3": PHI3_TENSORS}
 
 
 def _reader(path: str | os.PathLike):
@@ -261,12 +270,18 @@ def read_config(path: str | os.PathLike) -> dict:
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
     kv_heads = need("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads
+    if heads % kv_heads:
+        raise CheckpointError(f"{path.name}: '{arch}.attention.head_count' ({heads}) is not a multiple of "
+                              f"'{arch}.attention.head_count_kv' ({kv_heads}). The file is corrupt: convert the "
+                              "checkpoint again.")
     q = next((t for t in reader.tensors if t.name == "blk.0.attn_q.weight"), None)
     q_rows = int(q.shape[-1]) if q is not None and len(q.shape) == 2 else 0  # ggml lists the output dimension last
+    if arch == "phi3":  # q/k/v fused: the head width is the hidden size's share
+        q_rows = hidden
     head_dim = (_typed(reader, path, f"{arch}.attention.key_length", "count")
                 or (q_rows // heads if q_rows and q_rows % heads == 0 else hidden // heads))
     rotary = _typed(reader, path, f"{arch}.rope.dimension_count", "count", head_dim)
-    if rotary != head_dim:
+    if rotary != head_dim and (arch != "phi3" or rotary > head_dim or rotary % 2):
         raise CheckpointError(f"{path.name} rotates {rotary} of {head_dim} dimensions per head (partial RoPE); kiln's "
                               f"{arch} reference rotates all of them.")
     if "rope_freqs.weight" in names:
@@ -283,6 +298,19 @@ def read_config(path: str | os.PathLike) -> dict:
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = (_typed(reader, path, f"{arch}.vocab_size", "count") or (len(tokens.data) if tokens is not None else None)
              or (int(embed.shape[-1]) if embed is not None else None))
+    if arch == "phi3":
+        rope["partial_rotary_factor"] = rotary / head_dim
+        factors = {t.name: t for t in reader.tensors if t.name in ROPE_FACTORS}
+        if factors:
+            if len(factors) != 2:
+                raise CheckpointError(f"{path.name} has one of LongRoPE's factor tensors {ROPE_FACTORS} without the "
+                                      "other. The file is incomplete; convert the checkpoint again.")
+            rope.update(rope_type="longrope", short_factor=_floats(factors[ROPE_FACTORS[0]]),
+                        long_factor=_floats(factors[ROPE_FACTORS[1]]),
+                        original_max_position_embeddings=need("rope.scaling.original_context_length"))
+            attn_factor = _typed(reader, path, f"{arch}.rope.scaling.attn_factor", "number")
+            if attn_factor is not None:
+                rope["attention_factor"] = _f32(attn_factor)
     config = {
         "model_type": ARCHITECTURES[arch][0],
         "architectures": [ARCHITECTURES[arch][1]],
@@ -303,6 +331,12 @@ def read_config(path: str | os.PathLike) -> dict:
         "tie_word_embeddings": "output.weight" not in names,  # llama.cpp drops a tied head: token_embd serves as both
         "torch_dtype": "float32",
     }
+    if arch == "phi3":
+        window = _typed(reader, path, f"{arch}.attention.sliding_window", "count")
+        if window is not None:
+            config["sliding_window"] = window
+        if rope["rope_type"] == "longrope":
+            config["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     if arch in GEMMA:
         del config["hidden_act"]
         config["hidden_activation"] = "gelu_pytorch_tanh"
@@ -316,6 +350,13 @@ def read_config(path: str | os.PathLike) -> dict:
         if token_id is not None:
             config[f"{role}_token_id"] = token_id
     return config
+
+
+def _floats(tensor) -> list[float]:
+    """A small F32 tensor (LongRoPE's factors) as the list config.json holds."""
+    import numpy as np
+
+    return [float(str(v)) for v in np.asarray(tensor.data, dtype=np.float32).reshape(-1)]
 
 
 def _f32(value) -> float:
@@ -355,6 +396,8 @@ def read_tensors(path: str | os.PathLike) -> dict:
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state = {}
     for tensor in reader.tensors:
+        if tensor.name in ROPE_FACTORS:
+            continue  # read into the config (read_config)
         kind = GGMLQuantizationType(tensor.tensor_type)
         try:
             data = dequantize(tensor.data, kind)
@@ -368,6 +411,10 @@ def read_tensors(path: str | os.PathLike) -> dict:
             data = data.copy()
         role = tensor.name.split(".")[2] if tensor.name.startswith("blk.") and tensor.name.count(".") >= 3 else None
         if role in heads and arch in PERMUTED_QK:
+            if data.ndim != 2 or data.shape[0] % (2 * heads[role]):
+                raise CheckpointError(f"Tensor {tensor.name!r} in {path.name} has shape {list(data.shape)}: not "
+                                      f"{heads[role]} heads of an even width, as the metadata says. The file is "
+                                      "corrupt: convert the checkpoint again.")
             data = _unpermute(data, heads[role])
         if arch in GEMMA and tensor.name.endswith("norm.weight"):
             data = data - 1  # llama.cpp's converter added it (see GEMMA)
@@ -397,20 +444,56 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def build_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer (``tokenizers.Tokenizer``) for a byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2),
-    or None for other tokenizer models (SentencePiece 'llama', 'bert', ...), which kiln does not rebuild yet."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """The fast tokenizer (``tokenizers.Tokenizer``) for a byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2)
+    or a Gemma SentencePiece one ('llama' in a gemma2/gemma3 file); None for other tokenizer models (other
+    SentencePiece vocabularies, 'bert', ...), which kiln does not rebuild yet."""
+    from tokenizers import processors
 
     reader, path = _reader(path), Path(path)
-    kind, pre = _get(reader, "tokenizer.ggml.model"), _typed(reader, path, "tokenizer.ggml.pre", "text")
-    if kind != "gpt2":
-        log.warning("%s: kiln rebuilds only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') from GGUF, not %r.",
-                    path.name, kind)
+    kind, arch = _get(reader, "tokenizer.ggml.model"), _get(reader, "general.architecture")
+    if kind == "llama" and arch in GEMMA:
+        tok, tokens = _gemma_tokenizer(reader, path)
+    elif kind == "gpt2":
+        tok, tokens = _byte_level_tokenizer(reader, path)
+    else:
+        log.warning("%s: kiln rebuilds byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') and Gemma's from GGUF, "
+                    "not %r.", path.name, kind)
         return None
+    added = {}  # role -> (token, id) that llama.cpp puts around every text (tokenizer.ggml.add_bos_token ...)
+    for role in ("bos", "eos"):
+        token_id = _typed(reader, path, f"tokenizer.ggml.{role}_token_id", "id")
+        if _adds(reader, role) and token_id in range(len(tokens)):
+            added[role] = (tokens[token_id], token_id)
+    if added:
+        single = [f"{added['bos'][0]}:0"] if "bos" in added else []
+        single += ["$A:0"] + ([f"{added['eos'][0]}:0"] if "eos" in added else [])
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(added.values()))
+    elif kind == "gpt2":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def _adds(reader, role: str) -> bool:
+    """Whether llama.cpp puts ``role`` (bos or eos) around every text: the file's flag, else its default (BOS for a
+    SentencePiece vocabulary, as llama.cpp and transformers' GGUF loader do)."""
+    default = role == "bos" and _get(reader, "tokenizer.ggml.model") == "llama"
+    return bool(_get(reader, f"tokenizer.ggml.add_{role}_token", default))
+
+
+def _tokens(reader, path: Path) -> list[str]:
     tokens = _typed(reader, path, "tokenizer.ggml.tokens", "texts")
     if not tokens:
         raise CheckpointError(f"{path.name} has no vocabulary (GGUF metadata 'tokenizer.ggml.tokens'). The file is "
                               "incomplete; convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py.")
+    return tokens
+
+
+def _byte_level_tokenizer(reader, path: Path):
+    """(tokenizer without post-processor, the vocabulary as the file spells it) for a byte-level BPE vocabulary."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    pre = _typed(reader, path, "tokenizer.ggml.pre", "text")
+    tokens = _tokens(reader, path)
     types = _typed(reader, path, "tokenizer.ggml.token_type", "ints", [])
     spelling = _bytes_to_unicode()
     alphabet = set(spelling)
@@ -439,18 +522,39 @@ def build_tokenizer(path: str | os.PathLike):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
                             if ty == _CONTROL and set(t) <= alphabet])
     tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-    added = {}  # role -> (token, id) that llama.cpp puts around every text (tokenizer.ggml.add_bos_token ...)
-    for role in ("bos", "eos"):
-        token_id = _typed(reader, path, f"tokenizer.ggml.{role}_token_id", "id")
-        if _get(reader, f"tokenizer.ggml.add_{role}_token", False) and token_id in range(len(tokens)):
-            added[role] = (tokens[token_id], token_id)
-    if added:
-        single = [f"{added['bos'][0]}:0"] if "bos" in added else []
-        single += ["$A:0"] + ([f"{added['eos'][0]}:0"] if "eos" in added else [])
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(added.values()))
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
+    return tok, tokens
+
+
+def _gemma_tokenizer(reader, path: Path):
+    """(tokenizer without post-processor, the vocabulary as the file spells it) for Gemma's SentencePiece BPE, as
+    transformers' GemmaTokenizer is built: spaces normalised to '▁', no pre-tokenizer, byte fallback, unknown
+    pieces fused. The file lists no merges: they are recovered from the vocabulary, each token cut into two tokens,
+    ordered by the position of the merged token in the file (Gemma's scores do not follow its merge order). Tokens
+    of spaces only are stored as spaces, which the vocabulary spells with '▁' (as transformers' GGUF loader
+    respells them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tokens = _tokens(reader, path)
+    types = _typed(reader, path, "tokenizer.ggml.token_type", "ints", [])
+    spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}  # of two equal spellings the later id wins, as in transformers
+    merges = []
+    for token in vocab:  # transformers' generate_merges with position as the score
+        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges.sort(key=lambda pair: (-vocab[pair[0] + pair[1]], len(pair[0]), len(pair[1])), reverse=True)
+    unk = _special(reader, "unk") or "<unk>"
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True))
+    except Exception as err:  # tokenizers raises a bare Exception for a vocabulary it cannot use
+        raise CheckpointError(f"{path.name}: the GGUF vocabulary does not form a BPE tokenizer ({err}). The file is "
+                              "corrupt: convert the checkpoint again.") from None
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(spelled, types)
+                            if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(spelled, types) if ty == _USER_DEFINED])
+    return tok, spelled
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -476,8 +580,7 @@ def tokenizer_config(path: str | os.PathLike) -> dict:
     """``tokenizer_config.json``: special tokens by role, BOS/EOS flags, the chat template, the context length."""
     reader = _reader(path)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "add_bos_token": bool(_get(reader, "tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(_get(reader, "tokenizer.ggml.add_eos_token", False))}
+              "add_bos_token": _adds(reader, "bos"), "add_eos_token": _adds(reader, "eos")}
     for role in ("bos", "eos", "unk", "pad"):
         if (token := _special(reader, role)) is not None:
             config[f"{role}_token"] = token
@@ -502,9 +605,15 @@ def write_tokenizer(path: str | os.PathLike, directory: str | os.PathLike) -> li
     return ["tokenizer.json", "tokenizer_config.json"]
 
 
+# What a conversion writes, versioned: a kiln that converts differently (Gemma's norms and tokenizer: 2) converts a
+# file again instead of reusing what an older kiln left in the cache.
+CONVERSION = 2
+
+
 def convert(path: str | os.PathLike, root: str | os.PathLike) -> Path:
     """The Hugging Face style directory for GGUF ``path`` under ``root``, converted on first use (keyed by the file's
-    sha256, so a changed file converts again) and written atomically: config.json, model.safetensors (float32),
+    sha256 and ``CONVERSION``, so a changed file, or a kiln that converts differently, converts again) and written
+    atomically: config.json, model.safetensors (float32),
     tokenizer.json + tokenizer_config.json rebuilt from the vocabulary (or, for tokenizers kiln cannot rebuild, the
     tokenizer files found beside the GGUF file) and generation_config.json (the special token ids)."""
     import shutil
@@ -517,7 +626,7 @@ def convert(path: str | os.PathLike, root: str | os.PathLike) -> Path:
 
     path = Path(path).resolve()
     config = read_config(path)  # a file that is not GGUF, is cut off, or holds another architecture fails here
-    target = Path(root) / f"gguf-{sha256_files([path])[:24]}"
+    target = Path(root) / f"gguf{CONVERSION}-{sha256_files([path])[:24]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

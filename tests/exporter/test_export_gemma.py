@@ -34,6 +34,7 @@ def exported(request, tmp_path_factory):
 
 
 def feed(ids, mask, pos, past: dict | None = None) -> dict:
+    """A graph feed; with ``past`` (a previous run's outputs) its presents become the past, else the past is empty."""
     out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     for i in range(LAYERS):
         for kind in ("key", "value"):
@@ -75,6 +76,10 @@ def test_onnxruntime_equals_transformers_with_and_without_cache(exported):
         out = engine.run(feed(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past=out))
         real = mask[:, t] == 1  # a padding query has no defined output
         np.testing.assert_allclose(out["logits"][real, -1], full["logits"][real, t], atol=1e-4)
+    # Layers 0 and 2 are local: their cache holds the window (less the next token), layer 1's the whole context.
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [WINDOW - 1, T, WINDOW - 1]
+    assert full["present.0.value"].shape[2] == WINDOW - 1  # a long prefill keeps no more
+    assert load_manifest(artifact)["dynamic_axes"]["past_window"] == {"min": 0, "max": WINDOW - 1}
 
 
 def test_logits_to_keep_sees_through_the_soft_cap(exported):

@@ -71,6 +71,8 @@ def test_logits_hidden_states_and_cache_match_transformers(name, models):
             out = ours(ids[:, t:t + 1], mask[:, :t + 1], pos[:, t:t + 1], past_key_values=past)
             past = out["present_key_values"]
             steps.append(out["logits"])
+        # a local layer keeps window - 1 keys (as transformers' sliding-window cache), a global layer all of them
+        assert [p[0].shape[2] for p in past] == [3 if ours.config.sliding(i) else 10 for i in range(3)]
         later = valid[:, 4:]  # padded query positions have no defined output
         torch.testing.assert_close(torch.cat(steps, 1)[later], a["logits"][:, 4:][later], atol=1e-5, rtol=0)
 

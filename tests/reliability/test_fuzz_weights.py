@@ -291,9 +291,26 @@ def _tokens():
     return [*"abcdefghijkl", "ab", "cd", "<s>", "</s>"]
 
 
-def gguf_metadata():
+def gguf_metadata(arch: str = "llama"):
+    """A tiny file's metadata: LLaMA with a byte-level BPE vocabulary, or Gemma 3 with a SentencePiece one (no
+    merges, spaces stored as spaces) and what llama.cpp writes for Gemma (head width, window)."""
     from gguf import GGUFValueType as T
 
+    if arch == "gemma3":
+        tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "▁", *"abcdefghij", "▁a", "  "]
+        return {
+            "general.architecture": ("gemma3", T.STRING), "gemma3.block_count": (2, T.UINT32),
+            "gemma3.context_length": (32, T.UINT32), "gemma3.embedding_length": (32, T.UINT32),
+            "gemma3.feed_forward_length": (32, T.UINT32), "gemma3.attention.head_count": (2, T.UINT32),
+            "gemma3.attention.head_count_kv": (1, T.UINT32), "gemma3.rope.freq_base": (1e6, T.FLOAT32),
+            "gemma3.attention.layer_norm_rms_epsilon": (1e-6, T.FLOAT32), "gemma3.attention.key_length": (16, T.UINT32),
+            "gemma3.attention.value_length": (16, T.UINT32), "gemma3.attention.sliding_window": (4, T.UINT32),
+            "tokenizer.ggml.model": ("llama", T.STRING), "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+            "tokenizer.ggml.scores": ([0.0] * len(tokens), T.ARRAY, T.FLOAT32),
+            "tokenizer.ggml.token_type": ([3] * 4 + [1] * (len(tokens) - 4), T.ARRAY, T.INT32),
+            "tokenizer.ggml.bos_token_id": (2, T.UINT32), "tokenizer.ggml.eos_token_id": (1, T.UINT32),
+            "tokenizer.ggml.unknown_token_id": (3, T.UINT32), "tokenizer.ggml.add_bos_token": (True, T.BOOL),
+        }
     return {
         "general.architecture": ("llama", T.STRING), "llama.block_count": (1, T.UINT32),
         "llama.context_length": (32, T.UINT32), "llama.embedding_length": (32, T.UINT32),
@@ -309,20 +326,28 @@ def gguf_metadata():
     }
 
 
-def write_gguf(path: Path, metadata: dict | None = None) -> Path:
-    """A tiny LLaMA GGUF (1 layer, hidden 32, GQA 2:1, vocab 16) with F32, F16 and Q8_0 tensors."""
+def write_gguf(path: Path, metadata: dict | None = None, arch: str = "llama") -> Path:
+    """A tiny GGUF with F32, F16 and Q8_0 tensors: LLaMA (1 layer, hidden 32, GQA 2:1, vocab 16) or Gemma 3 (2
+    layers, hidden 32, head width 16, MQA, q/k norms and Gemma's four norms, vocab 16)."""
     import logging
 
     import gguf
 
     logging.getLogger("gguf").setLevel(logging.ERROR)  # overriding general.architecture warns
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for key, (value, vtype, *sub) in (metadata or gguf_metadata()).items():
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, (value, vtype, *sub) in (metadata or gguf_metadata(arch)).items():
         writer.add_key_value(key, value, vtype, sub[0] if sub else None)
     shapes = {"token_embd": (16, 32), "blk.0.attn_norm": (32,), "blk.0.attn_q": (32, 32), "blk.0.attn_k": (16, 32),
               "blk.0.attn_v": (16, 32), "blk.0.attn_output": (32, 32), "blk.0.ffn_norm": (32,),
               "blk.0.ffn_gate": (32, 32), "blk.0.ffn_up": (32, 32), "blk.0.ffn_down": (32, 32), "output_norm": (32,)}
+    if arch == "gemma3":
+        layer = {"attn_norm": (32,), "attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32),
+                 "attn_output": (32, 32), "attn_q_norm": (16,), "attn_k_norm": (16,), "post_attention_norm": (32,),
+                 "ffn_norm": (32,), "post_ffw_norm": (32,), "ffn_gate": (32, 32), "ffn_up": (32, 32),
+                 "ffn_down": (32, 32)}
+        shapes = {"token_embd": (16, 32), **{f"blk.{i}.{k}": v for i in range(2) for k, v in layer.items()},
+                  "output_norm": (32,)}
     for name, shape in shapes.items():
         data = rng.standard_normal(shape).astype(np.float32)
         if name == "blk.0.attn_q":
@@ -352,19 +377,20 @@ def length_fields(path: Path) -> list[int]:
 
 
 def _load_gguf(path):
-    from kiln.graphs.llama.config import LlamaConfig
+    from kiln.graphs import registry
 
     checkpoint = hub.resolve(path)  # what `kiln export model.gguf` runs first: converts config, weights, tokenizer
-    LlamaConfig.from_dict(hub.read_config(checkpoint))
+    raw = hub.read_config(checkpoint)
+    registry.architecture(raw).config.from_dict(raw)
     read_state_dict = __import__("kiln.graphs.checkpoint", fromlist=["read_state_dict"]).read_state_dict
     read_state_dict(checkpoint.weight_files)
 
 
-def gguf_metadata_edits():
+def gguf_metadata_edits(arch: str = "llama"):
     """Metadata values of other types or absurd sizes, written by the real GGUF writer (a well-formed file)."""
     from gguf import GGUFValueType as T
 
-    keys = sorted(gguf_metadata())
+    keys = sorted(gguf_metadata(arch))
     value = st.one_of(
         st.tuples(st.integers(0, 2**32 - 1), st.just(T.UINT32)),
         st.tuples(st.integers(-2**63, 2**63 - 1), st.just(T.INT64)),
@@ -376,20 +402,22 @@ def gguf_metadata_edits():
     return st.dictionaries(st.sampled_from(keys), value, min_size=1, max_size=3)
 
 
-def test_gguf(tmp_path, report):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf(arch, tmp_path, report):
     pytest.importorskip("gguf")
-    valid_path = write_gguf(tmp_path / "valid.gguf")
+    valid_path = write_gguf(tmp_path / "valid.gguf", arch=arch)
     valid, hot = valid_path.read_bytes(), length_fields(valid_path)
+    _load_gguf(valid_path)  # the unedited file loads
 
     def edited_metadata(edits):
-        metadata = gguf_metadata()
+        metadata = gguf_metadata(arch)
         for key, value in edits.items():
             metadata.pop(key) if value is None else metadata.__setitem__(key, value)
         return metadata
 
-    @fuzz(260)
+    @fuzz(260 if arch == "llama" else 130)
     @given(case_=st.one_of(st.tuples(st.just("bytes"), byte_edits(len(valid), hot=hot)),
-                           st.tuples(st.just("metadata"), gguf_metadata_edits())))
+                           st.tuples(st.just("metadata"), gguf_metadata_edits(arch))))
     def case(case_):
         kind, edits = case_
         path = scratch(tmp_path) / "model.gguf"
@@ -397,21 +425,26 @@ def test_gguf(tmp_path, report):
             path.write_bytes(apply_edits(valid, edits))
         else:
             try:
-                write_gguf(path, edited_metadata(edits))
+                write_gguf(path, edited_metadata(edits), arch=arch)
             except (ValueError, TypeError, OverflowError, struct.error):
                 return  # the writer itself refuses this value
-        TALLY.check("gguf", _load_gguf, path, case=f"{kind}: {edits!r}")
+        TALLY.check(f"gguf ({arch})", _load_gguf, path, case=f"{kind}: {edits!r}")
 
     from gguf import GGUFValueType as T
 
-    for edits in ({"tokenizer.ggml.eos_token_id": ("", T.STRING)}, {"tokenizer.ggml.merges": (True, T.BOOL)},
+    for edits in () if arch != "llama" else ({"tokenizer.ggml.eos_token_id": ("", T.STRING)}, {"tokenizer.ggml.merges": (True, T.BOOL)},
                   {"general.architecture": ([1, 2], T.ARRAY, T.INT32)},
                   {"tokenizer.ggml.bos_token_id": (0.0, T.FLOAT32)}, {"llama.attention.head_count_kv": (True, T.BOOL)},
                   {"llama.attention.head_count_kv": (0.0, T.FLOAT32)},
                   {"tokenizer.ggml.tokens": (7, T.UINT32)}):  # each broke a loader before issue 8
         case = example(case_=("metadata", edits))(case)
+    for edits in () if arch != "gemma3" else (
+            {"gemma3.attention.sliding_window": (0, T.UINT32)}, {"gemma3.attention.sliding_window": ("4", T.STRING)},
+            {"tokenizer.ggml.token_type": ([9], T.ARRAY, T.INT32)}, {"tokenizer.ggml.unknown_token_id": (99, T.UINT32)},
+            {"gemma3.attention.key_length": (None)}):
+        case = example(case_=("metadata", edits))(case)
     case()
-    report("gguf")
+    report(f"gguf ({arch})")
 
 
 def test_gguf_size_claims_are_refused_quickly(tmp_path):

@@ -66,6 +66,12 @@ class GemmaConfig(LlamaConfig):
         """Whether ``layer`` attends within the sliding window (a local layer)."""
         return self.sliding_window is not None and self.layer_types[layer] == "sliding_attention"
 
+    def cache_window(self, layer: int) -> int | None:
+        """How many past keys and values ``layer`` keeps for the next step: a local layer's next query sees itself
+        and ``sliding_window - 1`` keys before it, so that many (as transformers' sliding-window cache keeps);
+        None for a global layer (all of them)."""
+        return self.sliding_window - 1 if self.sliding(layer) else None
+
     @classmethod
     def from_dict(cls, raw: dict) -> "GemmaConfig":
         variant = VARIANTS.get(raw.get("model_type"), VARIANTS["gemma3_text"])

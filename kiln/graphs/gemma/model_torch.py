@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kiln.errors import InputError
 from kiln.graphs.attention import attention_kv, eager, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.gemma.config import GemmaConfig
@@ -43,6 +44,7 @@ class Attention(LlamaAttention):
             self.q_norm, self.k_norm = RMSNorm(self.D, config.rms_norm_eps), RMSNorm(self.D, config.rms_norm_eps)
         self.scale = config.query_pre_attn_scalar ** -0.5  # not 1 / sqrt(D)
         self.softcap = config.attention_softcap
+        self.cache_window = config.cache_window(layer)  # a local layer's cache: the window, not the context
 
     def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
         B, T, _ = x.shape
@@ -62,6 +64,8 @@ class Attention(LlamaAttention):
         else:  # one op -> one ONNX Attention node with past/present (and softcap)
             y, *present = attention_kv(q, k, v, mask, past[0], past[1], self.scale, self.softcap)
             probs = None
+        if self.cache_window is not None:  # (B, Hkv, min(P + T, W - 1), D): what the next step's queries can see
+            present = [p[:, :, -self.cache_window:] if self.cache_window else p[:, :, p.shape[2]:] for p in present]
         y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)  # (B, T, H*D)
         return self.o(y), tuple(present), probs
@@ -99,9 +103,10 @@ class Layer(nn.Module):
 
 
 class GemmaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixin, nn.Module):
-    """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, Hkv, S, D)); with
-    ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and ``attentions``. Every layer keeps
-    its whole cache; a local layer's mask looks back ``sliding_window`` tokens."""
+    """Returns ``logits`` (B, T, V) and ``present_key_values`` (per layer (key, value), each (B, Hkv, S, D), S = P +
+    T for a global layer and at most ``sliding_window - 1`` for a local one: its cache is bounded by the window, as
+    transformers' is); with ``output_hidden_states`` / ``output_attentions`` also ``hidden_states`` and
+    ``attentions``. ``attention_mask`` (B, P + T) covers the whole context; a local layer reads its last keys'."""
 
     task = "text-generation"
     token_tables = {"input": "embed", "output": "lm_head"}  # lm_head None: tied to the embedding
@@ -125,7 +130,18 @@ class GemmaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
         B, T = input_ids.shape
         head_mask = head_mask_per_layer(head_mask, len(self.layers), self.config.num_attention_heads,
                                         pruned=bool(self.config.pruned_heads))
-        P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        local = [i for i, layer in enumerate(self.layers) if layer.attn.cache_window is not None]
+        # P: the whole context's past, which only a global layer's cache (or the mask) spans
+        whole = next((i for i in range(len(self.layers)) if i not in local), None)
+        if past_key_values is None:
+            P = 0
+        elif attention_mask is not None:
+            P = attention_mask.shape[1] - T
+        elif whole is not None:
+            P = past_key_values[whole][0].shape[2]
+        else:
+            raise InputError("Every layer of this model is local, so its cache does not tell how long the context "
+                             "is: pass attention_mask (batch, past + new tokens).")
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:  # as transformers' forward: positions continue from the cache (generation passes them)
@@ -138,7 +154,11 @@ class GemmaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
                 freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, D/2)
                 emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
                 ropes[sliding] = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-                masks[sliding] = decoder_mask(attention_mask, T, self.config.sliding_window if sliding else None)
+                mask = attention_mask
+                if sliding and local and past_key_values is not None:  # the local cache holds the last P_l keys
+                    kept = past_key_values[local[0]][0].shape[2] + T
+                    mask = attention_mask[:, attention_mask.shape[1] - kept:]  # (B, P_l + T)
+                masks[sliding] = decoder_mask(mask, T, self.config.sliding_window if sliding else None)
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
