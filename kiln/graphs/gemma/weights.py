@@ -29,6 +29,7 @@ TABLE = [
 IGNORED = re.compile(r"rotary_emb\.\w*inv_freq$")
 
 
+# Copied from graphs.llama.weights (hf_to_kiln, kiln_to_hf), over Gemma's table
 def hf_to_kiln(hf_state: dict, config: GemmaConfig, task: str) -> tuple[dict, list[str]]:
     state, unused = rename(hf_state, [(hf, kiln) for kiln, hf in TABLE])
     if config.tie_word_embeddings:
