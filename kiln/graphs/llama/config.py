@@ -140,16 +140,16 @@ class LlamaConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or bool(VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias"))
+        return self.attention_bias or bool(self.variant.get("qkv_bias"))
 
     @property
     def qk_norm(self) -> bool:
         """Qwen3: an RMSNorm over each query and key head before RoPE (``q_norm`` / ``k_norm``, one weight of size D)."""
-        return bool(VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qk_norm"))
+        return bool(self.variant.get("qk_norm"))
 
     @property
     def o_bias(self) -> bool:
-        return self.attention_bias and not VARIANTS.get(self.model_type, VARIANTS["llama"]).get("qkv_bias")
+        return self.attention_bias and not self.variant.get("qkv_bias")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LlamaConfig":
