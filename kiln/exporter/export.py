@@ -18,6 +18,7 @@ from kiln.version import __version__
 from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, weights_file, write_manifest
 from kiln.errors import ExportError, InputError, ValidationError
 from kiln.exporter.plan import TRACED, ExportPlan
+from kiln.tasks import REFERENCE_ONLY
 
 log = logging.getLogger("kiln")
 DEFAULT_OPSET = 23
@@ -146,6 +147,9 @@ def resolve(model, opts: ExportOptions) -> Source:
     raw = hub.read_config(checkpoint)
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], opts.task)
+    if opts.task in REFERENCE_ONLY:
+        raise ExportError(f"kiln builds the {raw['model_type']} reference for {opts.task} (kiln.from_pretrained) but "
+                          "cannot export it yet; the encoder-decoder artifact is not implemented.")
     arch.check_framework(raw["model_type"], opts.framework)
     check_vocabulary(checkpoint, raw)
     return Source(checkpoint, raw, arch, hub.sha256_files(checkpoint.source_files))

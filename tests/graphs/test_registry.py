@@ -13,20 +13,21 @@ import torch
 import kiln
 from kiln.errors import ConfigError, InputError
 from kiln.graphs import registry
+from kiln.tasks import REFERENCE_ONLY
 
 
 def test_every_family_is_a_record_with_what_it_names():
     families = {arch.family: arch for arch in registry.architectures()}
-    assert set(families) == {"bert", "gemma", "gpt2", "llama", "vit"}
+    assert set(families) == {"bert", "gemma", "gpt2", "llama", "vit", "whisper"}
     model_types = [m for arch in families.values() for m in arch.variants]
     assert len(model_types) == len(set(model_types))  # a model type belongs to one family
     for arch in families.values():
-        assert set(arch.tasks) <= set(kiln.TASKS)
+        assert set(arch.tasks) <= set(kiln.TASKS) | set(REFERENCE_ONLY)
         for framework in arch.frameworks:
             models = importlib.import_module(f"kiln.graphs.{arch.family}.model_{framework}")
             for kiln_class, _ in arch.tasks.values():
                 assert hasattr(models, kiln_class), (arch.family, framework, kiln_class)
-        assert arch.spec in ("text-encoder", "vision-encoder", "decoder")
+        assert arch.spec in ("text-encoder", "vision-encoder", "decoder", "speech-seq2seq")
 
 
 def test_lookups_name_what_is_supported():

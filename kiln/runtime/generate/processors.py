@@ -5,6 +5,8 @@ n-grams and the minimum of new tokens always, then (only when sampling) temperat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from kiln.runtime.generate.config import GenerationConfig
@@ -81,12 +83,14 @@ def filter_top_p(scores: np.ndarray, p: float, min_tokens_to_keep: int = 1) -> n
 
 
 def process_logits(logits: np.ndarray, generated: np.ndarray, config: GenerationConfig,
-                   attention_mask: np.ndarray | None = None, new_tokens: int = 0) -> np.ndarray:
+                   attention_mask: np.ndarray | None = None, new_tokens: int = 0,
+                   rules: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """(B, V) last-position logits -> processed scores, in the order of transformers' ``_get_logits_processor``.
 
     ``generated`` (B, N) holds prompt + new ids; ``new_tokens`` how many of them are new. ``attention_mask`` (B, N),
     when given, marks left padding: the positions before each row's first 1 are not penalized (transformers derives
-    the same from the prompt's mask)."""
+    the same from the prompt's mask). ``rules``: a model's own processors (Whisper's), which transformers runs after
+    the generic ones and before sampling's warpers."""
     scores = np.asarray(logits, dtype=np.float32)  # transformers casts logits to float32 before processing
     ignore = None if attention_mask is None else (np.asarray(attention_mask) != 0).argmax(axis=1)
     if config.repetition_penalty != 1.0:
@@ -96,6 +100,8 @@ def process_logits(logits: np.ndarray, generated: np.ndarray, config: Generation
                                      ignore)
     if new_tokens < config.min_new_tokens and config.eos_ids:
         scores = hold_back_eos(scores, config.eos_ids)
+    if rules is not None:
+        scores = rules(scores)
     if not config.do_sample:  # the warpers below change no argmax, so greedy decoding skips them like transformers
         return scores
     if config.temperature != 1.0:

@@ -1,0 +1,218 @@
+"""Whisper's decoding rules in numpy, as transformers' ``WhisperForConditionalGeneration.generate`` applies them
+(short-form: one 30 s window), for the runtime's encoder-decoder loop.
+
+- The decoder prompt: ``<|startoftranscript|>``, the language (given, or detected from the first step's logits over
+  the language tokens), the task (``<|transcribe|>`` / ``<|translate|>``), ``<|notimestamps|>`` unless timestamps are
+  asked for; a text prompt before it behind ``<|startofprev|>``. English-only checkpoints (".en") have no language or
+  task tokens.
+- ``suppress_tokens`` at every step, ``begin_suppress_tokens`` at the first generated position.
+- With timestamps, the timestamp rules of ``WhisperTimeStampLogitsProcessor``: timestamps come in pairs (after a
+  lone timestamp, another or end-of-text; after a pair, text), never decrease, the first token is a timestamp no later
+  than ``max_initial_timestamp_index`` (1 s), and a timestamp is forced when the timestamps' total probability beats
+  every single text token's.
+
+They run after the generic processors (repetition penalty, n-grams, minimum length) and before sampling's warpers,
+the order transformers' generate builds. Read from the artifact's ``generation_config.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.errors import ConfigError, InputError
+
+# Whisper's languages: code -> English name (the language tokens are "<|code|>"), and the other names transformers
+# accepts for some of them.
+LANGUAGES = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
+    "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish", "pl": "polish", "ca": "catalan",
+    "nl": "dutch", "ar": "arabic", "sv": "swedish", "it": "italian", "id": "indonesian", "hi": "hindi",
+    "fi": "finnish", "vi": "vietnamese", "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay",
+    "cs": "czech", "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian", "la": "latin", "mi": "maori",
+    "ml": "malayalam", "cy": "welsh", "sk": "slovak", "te": "telugu", "fa": "persian", "lv": "latvian",
+    "bn": "bengali", "sr": "serbian", "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian",
+    "mk": "macedonian", "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
+    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili", "gl": "galician",
+    "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer", "sn": "shona", "yo": "yoruba", "so": "somali",
+    "af": "afrikaans", "oc": "occitan", "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi",
+    "gu": "gujarati", "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
+    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese", "sa": "sanskrit",
+    "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy", "as": "assamese",
+    "tt": "tatar", "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir", "jw": "javanese",
+    "su": "sundanese", "yue": "cantonese",
+}
+LANGUAGE_ALIASES = {"burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
+                    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
+                    "castilian": "es", "mandarin": "zh"}
+TASKS = ("transcribe", "translate")
+
+
+def _token_list(raw: dict, key: str) -> tuple[int, ...]:
+    value = raw.get(key) or ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ConfigError(f"generation_config.json '{key}' must be a list of token ids, got {value!r:.80}.")
+    return tuple(value)
+
+
+def _token_map(raw: dict, key: str) -> dict[str, int]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value.values()):
+        raise ConfigError(f"generation_config.json '{key}' must map token strings to ids, got {value!r:.80}.")
+    return dict(value)
+
+
+def _optional_id(raw: dict, key: str) -> int | None:
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigError(f"generation_config.json '{key}' must be a token id, got {value!r:.80}.")
+    return value
+
+
+@dataclass(frozen=True)
+class WhisperDecoding:
+    """What Whisper's rules read from generation_config.json."""
+
+    decoder_start_token_id: int  # <|startoftranscript|>
+    eos_token_id: int  # <|endoftext|>
+    no_timestamps_token_id: int | None = None  # timestamps are the ids after it (<|0.00|>, <|0.02|>, ...)
+    prev_sot_token_id: int | None = None  # <|startofprev|>, before a text prompt
+    lang_to_id: dict[str, int] = field(default_factory=dict)  # "<|en|>" -> id; empty for English-only models
+    task_to_id: dict[str, int] = field(default_factory=dict)  # "transcribe" -> id
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    max_initial_timestamp_index: int | None = None
+    alignment_heads: tuple[tuple[int, int], ...] = ()  # (layer, head) of the cross-attention that aligns words
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "WhisperDecoding":
+        """From a generation_config.json dict, checked (token ids must be ints, the start and end ids present)."""
+        start, eos = _optional_id(raw, "decoder_start_token_id"), raw.get("eos_token_id")
+        if isinstance(eos, list) and len(eos) == 1:
+            eos = eos[0]
+        if start is None or not isinstance(eos, int) or isinstance(eos, bool):
+            raise ConfigError("generation_config.json must name Whisper's decoder_start_token_id and one "
+                              f"eos_token_id; got {start!r} and {eos!r}. Copy it from the original checkpoint.")
+        max_initial = raw.get("max_initial_timestamp_index")
+        if max_initial is not None and (not isinstance(max_initial, int) or isinstance(max_initial, bool)
+                                        or max_initial < 0):
+            raise ConfigError(f"generation_config.json 'max_initial_timestamp_index' must be a non-negative "
+                              f"integer, got {max_initial!r}.")
+        heads = raw.get("alignment_heads") or ()
+        if not isinstance(heads, (list, tuple)) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(i, int) for i in h) for h in heads):
+            raise ConfigError(f"generation_config.json 'alignment_heads' must be [layer, head] pairs, got "
+                              f"{heads!r:.80}.")
+        return cls(start, eos, _optional_id(raw, "no_timestamps_token_id"), _optional_id(raw, "prev_sot_token_id"),
+                   _token_map(raw, "lang_to_id"), _token_map(raw, "task_to_id"), _token_list(raw, "suppress_tokens"),
+                   _token_list(raw, "begin_suppress_tokens"), max_initial, tuple(tuple(h) for h in heads))
+
+    @property
+    def timestamp_begin(self) -> int:
+        """The id of <|0.00|>: every id from here on is a timestamp, 0.02 s apart."""
+        if self.no_timestamps_token_id is None:
+            raise ConfigError("This Whisper's generation_config.json has no 'no_timestamps_token_id', so kiln cannot "
+                              "tell timestamps from text; copy the file from the original checkpoint.")
+        return self.no_timestamps_token_id + 1
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.lang_to_id)
+
+    def language_id(self, language: str) -> int:
+        """The token of a language given as a code ("fr"), a token ("<|fr|>") or an English name ("french")."""
+        if not isinstance(language, str):
+            raise InputError(f"language must be a string such as 'fr' or 'french', got {language!r:.50}.")
+        name = language.lower().strip()
+        code = name[2:-2] if name.startswith("<|") and name.endswith("|>") else name
+        code = LANGUAGE_ALIASES.get(code, code)
+        code = next((c for c, n in LANGUAGES.items() if n == code), code)
+        if not self.multilingual:
+            raise InputError("This Whisper model is English-only (a '.en' checkpoint): it takes no language. Leave "
+                             "language unset, or use a multilingual checkpoint.")
+        if f"<|{code}|>" not in self.lang_to_id:
+            known = sorted(t[2:-2] for t in self.lang_to_id)
+            raise InputError(f"Unsupported language {language!r}; this model knows {', '.join(known)} (codes or "
+                             "English names).")
+        return self.lang_to_id[f"<|{code}|>"]
+
+    def task_id(self, task: str) -> int:
+        if task not in TASKS:
+            raise InputError(f"Whisper's task is 'transcribe' or 'translate' (to English), got {task!r:.50}.")
+        if task not in self.task_to_id:
+            raise InputError(f"This Whisper model has no {task!r} task token (English-only models only transcribe).")
+        return self.task_to_id[task]
+
+    def prompt(self, language_id: int | None = None, task: str | None = None, timestamps: bool = False,
+               prompt_ids: list[int] | None = None) -> list[int]:
+        """The decoder's first tokens for one row, as transformers builds them: [<|startofprev|>, prompt...]
+        <|startoftranscript|> [<|lang|>] [<|task|>] [<|notimestamps|>]. ``language_id`` None on a multilingual
+        model: detect it first (``detect_language``). Without a task a multilingual model transcribes: transformers
+        does so from a given language, or from the checkpoints' ``forced_decoder_ids`` ([[1, null], [2,
+        <|transcribe|>]]) when neither is given, as openai's decoder always does."""
+        tokens = [self.decoder_start_token_id]
+        if language_id is not None:
+            tokens.append(language_id)
+        if task is not None or self.task_to_id:
+            tokens.append(self.task_id(task or "transcribe"))
+        if not timestamps:
+            if self.no_timestamps_token_id is None:
+                raise ConfigError("generation_config.json has no 'no_timestamps_token_id'; copy it from the original "
+                                  "checkpoint.")
+            tokens.append(self.no_timestamps_token_id)
+        if prompt_ids:
+            if self.prev_sot_token_id is None:
+                raise ConfigError("generation_config.json has no 'prev_sot_token_id' (<|startofprev|>), which a text "
+                                  "prompt goes behind; copy it from the original checkpoint.")
+            prompt = list(prompt_ids)
+            tokens = ([] if prompt[0] == self.prev_sot_token_id else [self.prev_sot_token_id]) + prompt + tokens
+        return tokens
+
+    def detect_language(self, logits: np.ndarray) -> np.ndarray:
+        """(B, V) logits of the step after <|startoftranscript|> -> (B,) the most likely language token per row."""
+        ids = np.array(sorted(self.lang_to_id.values()), dtype=np.int64)
+        return ids[np.asarray(logits)[:, ids].argmax(axis=-1)]
+
+    def process(self, scores: np.ndarray, generated: np.ndarray, begin_index: int, timestamps: bool) -> np.ndarray:
+        """(B, V) scores after the generic processors -> Whisper's rules applied. ``generated`` (B, N) holds the
+        prompt (``begin_index`` tokens) and what was generated after it."""
+        out = np.array(scores, dtype=np.float32)
+        first = generated.shape[1] == begin_index
+        if first and self.begin_suppress_tokens:
+            out[:, [t for t in self.begin_suppress_tokens if t < out.shape[1]]] = -np.inf
+        if self.suppress_tokens:
+            out[:, [t for t in self.suppress_tokens if t < out.shape[1]]] = -np.inf
+        return self._timestamp_rules(out, generated, begin_index) if timestamps else out
+
+    def _timestamp_rules(self, out: np.ndarray, generated: np.ndarray, begin_index: int) -> np.ndarray:
+        begin, eos = self.timestamp_begin, self.eos_token_id
+        out[:, self.no_timestamps_token_id] = -np.inf
+        for b, row in enumerate(np.asarray(generated)):
+            seq = row[begin_index:]
+            last = len(seq) >= 1 and seq[-1] >= begin
+            penultimate = len(seq) < 2 or seq[-2] >= begin
+            if last:
+                if penultimate:  # a pair just closed (or the first timestamp): text must follow
+                    out[b, begin:] = -np.inf
+                else:  # an opened segment: its closing timestamp (or end of text), not text
+                    out[b, :eos] = -np.inf
+            stamps = seq[seq >= begin]
+            floor = begin  # timestamps never go back; a closing one may repeat the opening one
+            if len(stamps):
+                floor = stamps[-1] if last and not penultimate else stamps[-1] + 1
+            out[b, begin:floor] = -np.inf
+        if generated.shape[1] == begin_index:  # the first token is a timestamp, within the first second
+            out[:, :begin] = -np.inf
+            if self.max_initial_timestamp_index is not None:
+                out[:, begin + self.max_initial_timestamp_index + 1:] = -np.inf
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            shifted = out - out.max(axis=-1, keepdims=True)
+            logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            top = logprobs[:, begin:].max(axis=-1, keepdims=True)
+            timestamp = (top + np.log(np.exp(logprobs[:, begin:] - top).sum(axis=-1, keepdims=True)))[:, 0]
+            text = logprobs[:, :begin].max(axis=-1)
+            force = timestamp > text  # the timestamps together are likelier than any one text token
+        out[force, :begin] = -np.inf
+        return out

@@ -1,0 +1,192 @@
+"""Whisper's decoding rules (kiln/runtime/generate/whisper.py) against transformers: the processors on random scores
+and sequences, and whole greedy decodes of a tiny random Whisper (kiln's reference + kiln's rules vs transformers'
+WhisperForConditionalGeneration.generate): language detection, forced language and task, timestamps, a prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.errors import ConfigError, InputError
+from kiln.graphs.checkpoint import from_pretrained
+from kiln.runtime.generate import GenerationConfig, process_logits
+from kiln.runtime.generate.whisper import WhisperDecoding
+
+transformers = pytest.importorskip("transformers")
+
+# A tiny vocabulary laid out as Whisper's: text, then the special tokens, then the timestamps.
+EOS, SOT, LANGS = 100, 101, {"<|en|>": 102, "<|fr|>": 103, "<|de|>": 104, "<|es|>": 105}
+TRANSLATE, TRANSCRIBE, PREV, NO_TIMESTAMPS, VOCAB = 106, 107, 109, 111, 140
+GENERATION = dict(decoder_start_token_id=SOT, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS,
+                  no_timestamps_token_id=NO_TIMESTAMPS, prev_sot_token_id=PREV, lang_to_id=LANGS,
+                  task_to_id={"translate": TRANSLATE, "transcribe": TRANSCRIBE}, is_multilingual=True,
+                  suppress_tokens=[1, 2, 7, 64], begin_suppress_tokens=[3, EOS], max_initial_timestamp_index=5,
+                  alignment_heads=[[1, 0], [1, 2]],
+                  forced_decoder_ids=[[1, None], [2, TRANSCRIBE]])  # as the hub's multilingual checkpoints
+RULES = WhisperDecoding.from_dict(GENERATION)
+
+
+def hf_processors(begin_index: int, timestamps: bool):
+    from transformers.generation.logits_process import (SuppressTokensAtBeginLogitsProcessor,
+                                                        SuppressTokensLogitsProcessor,
+                                                        WhisperTimeStampLogitsProcessor)
+
+    config = transformers.GenerationConfig(**GENERATION)
+    procs = [SuppressTokensAtBeginLogitsProcessor(GENERATION["begin_suppress_tokens"], begin_index),
+             SuppressTokensLogitsProcessor(GENERATION["suppress_tokens"])]
+    return procs + ([WhisperTimeStampLogitsProcessor(config, begin_index)] if timestamps else [])
+
+
+def random_sequence(rng, begin_index: int, length: int) -> list[int]:
+    """A prompt, then text and timestamps in the shapes the rules distinguish (pairs, lone stamps, text)."""
+    seq = [SOT, 103, TRANSCRIBE][:begin_index]
+    stamp = NO_TIMESTAMPS + 1
+    for _ in range(length):
+        kind = rng.integers(3)
+        if kind == 0:
+            seq.append(int(rng.integers(0, 100)))
+        else:
+            stamp = min(VOCAB - 1, stamp + int(rng.integers(0, 3)))
+            seq.append(stamp)
+    return seq
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_processors_equal_transformers_on_random_scores_and_sequences(timestamps):
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        begin = 3
+        batch = [random_sequence(rng, begin, int(rng.integers(0, 6))) for _ in range(1)]
+        ids = np.array(batch)
+        scores = (rng.standard_normal((1, VOCAB)) * 3).astype(np.float32)
+        if case % 3 == 0:  # make timestamps likely, so the probability rule fires
+            scores[:, NO_TIMESTAMPS + 1:] += 4
+        expected = torch.from_numpy(scores.copy())
+        for proc in hf_processors(begin, timestamps):
+            expected = proc(torch.from_numpy(ids), expected)
+        ours = RULES.process(scores, ids, begin, timestamps)
+        np.testing.assert_array_equal(np.isneginf(ours), torch.isneginf(expected).numpy(), err_msg=str(batch))
+        np.testing.assert_allclose(ours, expected.numpy(), rtol=0, atol=0)
+
+
+# --- whole decodes: kiln's reference + kiln's rules vs transformers' generate ---
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    config = transformers.WhisperConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=80, max_source_positions=1500,
+        max_target_positions=40, decoder_start_token_id=SOT, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS)
+    torch.manual_seed(3)
+    hf = transformers.WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.5)  # large weights: varied, confident tokens
+    hf.generation_config = transformers.GenerationConfig(**GENERATION)
+    path = tmp_path_factory.mktemp("whisper")
+    hf.save_pretrained(path)
+    return hf, from_pretrained(path, task="automatic-speech-recognition")
+
+
+def kiln_decode(model, feats, rules: WhisperDecoding, language=None, task=None, timestamps=False, prompt_ids=None,
+                max_new_tokens=10):
+    """What the runtime's decode loop will do over the artifact, here over the torch reference."""
+    with torch.no_grad():
+        audio = model.encode(feats)
+        B = feats.shape[0]
+        if language is None:
+            start = torch.full((B, 1), rules.decoder_start_token_id)
+            languages = rules.detect_language(model(decoder_input_ids=start, encoder_outputs=audio)["logits"][:, -1]
+                                              .numpy())
+        else:
+            languages = [rules.language_id(language)] * B
+        prompts = np.array([rules.prompt(int(lang), task, timestamps, prompt_ids) for lang in languages])
+        begin, generated = prompts.shape[1], prompts
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=EOS)
+        step = model(decoder_input_ids=torch.from_numpy(prompts), encoder_outputs=audio)
+        done = np.zeros(B, dtype=bool)
+        for new in range(max_new_tokens):
+            scores = process_logits(step["logits"][:, -1].numpy(), generated, config, new_tokens=new,
+                                    rules=lambda s: rules.process(s, generated, begin, timestamps))
+            tokens = np.where(done, EOS, scores.argmax(-1))
+            generated = np.concatenate([generated, tokens[:, None]], axis=1)
+            done |= tokens == EOS
+            if done.all():
+                break
+            step = model(decoder_input_ids=torch.from_numpy(tokens[:, None]), encoder_outputs=audio,
+                         past_key_values=step["present_key_values"])
+    return generated[:, :begin].tolist(), [until_eos(row) for row in generated[:, begin:].tolist()]
+
+
+def until_eos(tokens: list[int]) -> list[int]:
+    """The tokens before <|endoftext|> (transformers' Whisper appends one to a row cut by max_new_tokens too)."""
+    return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+
+def features(batch: int, seed: int) -> torch.Tensor:
+    """30 s of random mel frames: transformers' generate treats a model whose window is shorter than 30 s as
+    long-form and decodes a second segment, so the tiny model keeps Whisper's 1500 encoder positions."""
+    return torch.randn(batch, 80, 3000, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("options", [
+    {},  # language detected per row
+    {"language": "fr"},
+    {"language": "german", "task": "translate"},
+    {"task": "translate"},
+    {"language": "es", "return_timestamps": True},
+    {"return_timestamps": True},
+])
+def test_greedy_decode_equals_transformers_generate(tiny, options):
+    hf, ours = tiny
+    feats = features(3, seed=7)
+    timestamps = options.get("return_timestamps", False)
+    # One decode per 30 s window (force_unique_generate_call): transformers otherwise seeks on from the last
+    # timestamp pair and decodes the window again, the long-form loop, which is the pipeline's business.
+    expected = [until_eos(row) for row in hf.generate(feats, max_new_tokens=10, force_unique_generate_call=True,
+                                                      **options).tolist()]
+    prompts, got = kiln_decode(ours, feats, RULES, options.get("language"), options.get("task"), timestamps)
+    assert [p + g for p, g in zip(prompts, got)] == expected  # the prompt (detected languages included) and tokens
+    assert all(len(row) > 1 for row in got) and got != [got[0]] * len(got)  # something, and rows differ
+    if timestamps:  # the first token is a timestamp within max_initial_timestamp_index (5)
+        assert all(NO_TIMESTAMPS < row[0] <= NO_TIMESTAMPS + 6 for row in got), got
+    if "language" not in options:  # detected per row: the rows need not agree
+        assert all(prompt[1] in LANGS.values() for prompt in prompts), prompts
+
+
+def test_a_text_prompt_goes_before_the_start_token(tiny):
+    hf, ours = tiny
+    feats, prompt = features(1, seed=5), [PREV, 11, 12, 13]
+    expected = until_eos(hf.generate(feats, max_new_tokens=8, language="en", prompt_ids=torch.tensor(prompt),
+                                     force_unique_generate_call=True).tolist()[0])
+    prompts, got = kiln_decode(ours, feats, RULES, "en", prompt_ids=prompt, max_new_tokens=8)
+    assert prompts == [prompt + [SOT, 102, TRANSCRIBE, NO_TIMESTAMPS]]
+    assert prompts[0] + got[0] == expected
+    assert expected[len(prompt):] != until_eos(hf.generate(feats, max_new_tokens=8, language="en",
+                                             force_unique_generate_call=True).tolist()[0])  # the prompt mattered
+
+
+def test_prompts_and_errors():
+    assert RULES.prompt(103, "translate") == [SOT, 103, TRANSLATE, NO_TIMESTAMPS]
+    assert RULES.prompt(103, None, timestamps=True) == [SOT, 103, TRANSCRIBE]
+    assert RULES.prompt(102, prompt_ids=[11, 12]) == [PREV, 11, 12, SOT, 102, TRANSCRIBE, NO_TIMESTAMPS]
+    assert [RULES.language_id(x) for x in ("fr", "<|fr|>", "French", "castilian")] == [103, 103, 103, 105]
+    with pytest.raises(InputError, match="Unsupported language 'klingon'; this model knows de, en, es, fr"):
+        RULES.language_id("klingon")
+    with pytest.raises(InputError, match="'transcribe' or 'translate'"):
+        RULES.prompt(102, "summarize")
+    english = WhisperDecoding.from_dict({**GENERATION, "lang_to_id": {}, "task_to_id": {}})
+    assert english.prompt(None, None) == [SOT, NO_TIMESTAMPS]
+    with pytest.raises(InputError, match="English-only"):
+        english.language_id("fr")
+    with pytest.raises(InputError, match="no 'translate' task token"):
+        english.prompt(None, "translate")
+    with pytest.raises(ConfigError, match="must name Whisper's decoder_start_token_id and one eos_token_id"):
+        WhisperDecoding.from_dict({"eos_token_id": EOS})
+    with pytest.raises(ConfigError, match="'suppress_tokens' must be a list of token ids"):
+        WhisperDecoding.from_dict({**GENERATION, "suppress_tokens": "1,2"})
+    with pytest.raises(ConfigError, match="'alignment_heads' must be \\[layer, head\\] pairs"):
+        WhisperDecoding.from_dict({**GENERATION, "alignment_heads": [[1]]})
+    with pytest.raises(ConfigError, match="no 'no_timestamps_token_id'"):
+        WhisperDecoding.from_dict({**GENERATION, "no_timestamps_token_id": None}).timestamp_begin
