@@ -22,6 +22,28 @@ def _attention_line(attention: dict, framework: str | None) -> str:
     return f"attention  {attention.get('nodes')} fused nodes ({attention.get('lowering')}{form})"
 
 
+def _graph_lines(g: dict, framework: str | None, title: str = "graph") -> list[str]:
+    """One graph's file, attention, interface, ops and validation (kiln.json's top, or a further graph's record)."""
+    val = g.get("validation", {})
+    precision = f", precision {g['precision']}" if g.get("precision") else ""
+    return [
+        f"{title:<10} {g['model']}, opset {g.get('opset')}{precision}",
+        _attention_line(g.get("attention", {}), framework),
+        "inputs",
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in g["inputs"]),
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}  optional, default {t.get('default')}"
+          for t in g.get("optional_inputs") or []),
+        "outputs",
+        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in g["outputs"]),
+        "dynamic axes  " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in g.get("dynamic_axes", {}).items()),
+        "ops        " + ", ".join(f"{k} {v}" for k, v in sorted(g.get("op_counts", {}).items(), key=lambda kv: -kv[1])),
+        f"validation {'passed' if val.get('passed') else 'FAILED'} on shapes {val.get('shapes')}",
+        *(f"  {name:<18} max abs {e['max_abs']:.3g} (allowed {e.get('allowed', e['atol']):.2g}), max rel {e['max_rel']:.3g}"
+          for name, e in val.get("outputs", {}).items()),
+        *(f"  {k}: {v}" for k, v in val.get("task", {}).items()),
+    ]
+
+
 def run(args) -> int:
     from kiln.artifact import load_manifest
 
@@ -30,25 +52,13 @@ def run(args) -> int:
         print(json.dumps(m, indent=2))
         return 0
     src = m.get("source", {})
-    val = m.get("validation", {})
+    encoder = m.get("encoder")  # an encoder-decoder artifact: the top describes the decoder, run per step
     lines = [
         f"artifact   {args.artifact}  (format {m['format_version']}, kiln {m.get('kiln_version')})",
         f"source     {src.get('id')}  revision={src.get('revision') or '-'}  weights sha256={str(src.get('weights_sha256'))[:16]}...",
         f"model      {m.get('model_type')} ({m.get('architecture')}), task {m['task']}, framework {m.get('framework')}",
-        f"graph      {m['model']}, opset {m.get('opset')}, precision {m.get('precision')}",
-        _attention_line(m.get("attention", {}), m.get("framework")),
-        "inputs",
-        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["inputs"]),
-        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}  optional, default {t.get('default')}"
-          for t in m.get("optional_inputs") or []),
-        "outputs",
-        *(f"  {t['name']:<18} {t['dtype']:<8} {t['shape']}" for t in m["outputs"]),
-        "dynamic axes  " + ", ".join(f"{k} {v['min']}..{v['max']}" for k, v in m.get("dynamic_axes", {}).items()),
-        "ops        " + ", ".join(f"{k} {v}" for k, v in sorted(m.get("op_counts", {}).items(), key=lambda kv: -kv[1])),
-        f"validation {'passed' if val.get('passed') else 'FAILED'} on shapes {val.get('shapes')}",
-        *(f"  {name:<18} max abs {e['max_abs']:.3g} (allowed {e.get('allowed', e['atol']):.2g}), max rel {e['max_rel']:.3g}"
-          for name, e in val.get("outputs", {}).items()),
-        *(f"  {k}: {v}" for k, v in val.get("task", {}).items()),
+        *_graph_lines(m, m.get("framework"), "decoder" if encoder else "graph"),
+        *(_graph_lines(encoder, m.get("framework"), "encoder") if encoder else []),
         *([f"accuracy   {m['precision']} vs fp32 on {m['accuracy'].get('inputs')} inputs: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["accuracy"].items() if k != "inputs")]
           if m.get("accuracy") else []),

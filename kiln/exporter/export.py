@@ -18,7 +18,7 @@ from kiln.version import __version__
 from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, weights_file, write_manifest
 from kiln.errors import ExportError, InputError, ValidationError
 from kiln.exporter.plan import TRACED, ExportPlan
-from kiln.tasks import REFERENCE_ONLY
+from kiln.exporter.specs import COMPANIONS
 
 log = logging.getLogger("kiln")
 DEFAULT_OPSET = 23
@@ -75,32 +75,91 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
     steps, started = Progress(5 if opts.precision == "fp32" else 6), time.perf_counter()
     steps(f"Resolving {model}")
     source = resolve(model, opts)
-    plan = ExportPlan("decoder" if source.arch.spec == "decoder" else "encoder", opts.precision, opts.attention,
-                      defaults=("head_mask",) if opts.head_mask else ())
+    steps.total += 2 * len(COMPANIONS.get(source.arch.spec, {}))  # each further graph is traced and validated
     steps(f"Loading the {framework_title(opts.framework)} reference ({source.raw['model_type']}, {task})")
     reference, spec = load_reference(source, opts)
+    graphs = graphs_to_export(source, reference, spec, opts)
     with atomic_directory(output, overwrite=opts.force, keep_failed=opts.keep_failed) as tmp:
-        steps(f"Tracing with {converter(opts.framework)} (opset {opts.opset})")
-        traced = trace(reference, spec, tmp / MODEL_FILE, opts)
-        results = run_passes(plan, traced)
-        steps("Validating against the reference on shapes "
-              + ", ".join("x".join(map(str, size.values())) for size in spec.validation_sizes()))
-        runner = tracer_for(opts.framework).reference_runner(reference, [o.name for o in spec.outputs])
-        report = validate(runner, spec, traced.path)
+        for graph in graphs:
+            steps(f"Tracing {graph.title}with {converter(opts.framework)} (opset {opts.opset})")
+            graph.traced = trace(graph.module, graph.spec, tmp / graph.file, opts)
+            graph.results = run_passes(graph.plan, graph.traced)
+            steps(f"Validating {graph.title}against the reference on shapes "
+                  + ", ".join("x".join(map(str, size.values())) for size in graph.spec.validation_sizes()))
+            graph.runner = tracer_for(opts.framework).reference_runner(graph.module,
+                                                                       [o.name for o in graph.spec.outputs])
+            graph.report = validate(graph.runner, graph.spec, graph.traced.path)
+        main, *companions = graphs
         preprocessing = copy_preprocessing(source.checkpoint, tmp)
         accuracy = None
-        if opts.precision != "fp32" and report["passed"]:
+        if opts.precision != "fp32" and main.report["passed"]:
             steps(f"Converting to {opts.precision} and measuring its accuracy against the fp32 reference")
-            accuracy, traced.ops = reduce_precision(runner, spec, tmp, opts.precision)
+            accuracy, main.traced.ops = reduce_precision(main.runner, main.spec, tmp, opts.precision)
         steps("Writing the artifact")
-        manifest = build_manifest(source, opts, plan, spec, traced, results, report, accuracy, preprocessing)
+        manifest = build_manifest(source, opts, main.plan, main.spec, main.traced, main.results, main.report,
+                                  accuracy, preprocessing, model_file=main.file)
+        for graph in companions:  # kiln.json's top describes the main graph; each other graph has a record
+            manifest[graph.name] = graph_record(graph)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
         write_manifest(tmp, manifest)
-        refuse_failures(report, accuracy, opts, output)
+        for graph in companions:
+            refuse_failures(graph.report, None, opts, output, graph.title)
+        refuse_failures(main.report, accuracy, opts, output)
     steps.finish()
     log.info("Artifact written to %s (validation passed)", output)
     return manifest
+
+
+@dataclass
+class Graph:
+    """One graph of the artifact: what is traced (``module``), its spec and plan, and what tracing, the passes and
+    validation made of it."""
+
+    name: str  # "model" for a one-graph artifact; "decoder" / "encoder" for an encoder-decoder
+    file: str
+    module: object
+    spec: object
+    plan: ExportPlan
+    traced: Traced | None = None
+    results: dict | None = None
+    report: dict | None = None
+    runner: object = None
+
+    @property
+    def title(self) -> str:
+        return "" if self.name == "model" else f"the {self.name} "
+
+
+def graphs_to_export(source: Source, reference, spec, opts: ExportOptions) -> list[Graph]:
+    """The artifact's graphs, the main one (run per step) first: one for most families; an encoder-decoder's
+    decoder and encoder (``Architecture.spec`` names a layout in ``specs.COMPANIONS``)."""
+    defaults = ("head_mask",) if opts.head_mask else ()
+    kind = source.arch.spec
+    if kind not in COMPANIONS:
+        plan = ExportPlan("decoder" if kind == "decoder" else "encoder", opts.precision, opts.attention,
+                          defaults=defaults)
+        return [Graph("model", MODEL_FILE, reference, spec, plan)]
+    modules = reference.export_graphs()
+    main = next(iter(modules))
+    # The traced attention form only, and logits_to_keep: the decoder passes' rotary, 3-D and packing rewrites
+    # expect a decoder-only layout, not cross-attention (to be measured before they are enabled here).
+    graphs = [Graph(main, f"{main}.onnx", modules[main], spec, ExportPlan("decoder", opts.precision, "onnx"))]
+    for name, companion in COMPANIONS[kind].items():
+        graphs.append(Graph(name, f"{name}.onnx", modules[name], companion(reference, opts.task),
+                            ExportPlan("encoder", opts.precision, "onnx")))
+    return graphs
+
+
+def graph_record(graph: Graph) -> dict:
+    """kiln.json's record of a graph other than the main one: its file, interface, attention and validation."""
+    traced = graph.traced
+    return {"model": graph.file, "opset": traced.opset,
+            "attention": {"lowering": traced.lowering, "nodes": traced.ops["Attention"],
+                          **graph.plan.attention_record(traced.lowering, graph.results)},
+            "inputs": [t.to_json() for t in graph.spec.inputs], "outputs": [t.to_json() for t in graph.spec.outputs],
+            "dynamic_axes": {name: {"min": r.min, "max": r.max} for name, r in graph.spec.axes.items()},
+            "op_counts": dict(sorted(traced.ops.items())), "validation": graph.report}
 
 
 class Progress:
@@ -147,9 +206,10 @@ def resolve(model, opts: ExportOptions) -> Source:
     raw = hub.read_config(checkpoint)
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], opts.task)
-    if opts.task in REFERENCE_ONLY:
-        raise ExportError(f"kiln builds the {raw['model_type']} reference for {opts.task} (kiln.from_pretrained) but "
-                          "cannot export it yet; the encoder-decoder artifact is not implemented.")
+    if arch.spec == "speech-seq2seq" and (opts.precision != "fp32" or opts.head_mask):
+        raise InputError(f"{raw['model_type']} exports in fp32 without --head-mask for now: precisions and head "
+                         "masks for encoder-decoder artifacts are not implemented yet. Leave --precision and "
+                         "--head-mask out.")
     arch.check_framework(raw["model_type"], opts.framework)
     check_vocabulary(checkpoint, raw)
     return Source(checkpoint, raw, arch, hub.sha256_files(checkpoint.source_files))
@@ -208,19 +268,19 @@ def trace(reference, spec, path: Path, opts: ExportOptions) -> Traced:
     ops = Counter(node.op_type for node in model.graph)
     # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opts.opset))
-    layers = reference.config.num_hidden_layers
-    return Traced(path, opset, attention_lowering(ops, layers, opts.framework, opts.output_attentions), ops, model)
+    nodes = getattr(reference, "attention_nodes", reference.config.num_hidden_layers)  # one fused node per attention
+    return Traced(path, opset, attention_lowering(ops, nodes, opts.framework, opts.output_attentions), ops, model)
 
 
-def attention_lowering(ops: Counter, layers: int, framework: str, probabilities: bool = False) -> str:
+def attention_lowering(ops: Counter, nodes: int, framework: str, probabilities: bool = False) -> str:
     """``onnx-attention`` when every layer's attention is one standard ONNX ``Attention`` node. torch.onnx always
     manages (anything else is an error); tf2onnx has no Attention op, and the JAX reference computes returned
     probabilities with eager math, so those graphs keep MatMul/Softmax (``decomposed``, said in kiln.json and
     ``kiln inspect``)."""
-    if ops["Attention"] == layers:
+    if ops["Attention"] == nodes:
         return TRACED
     if framework == "torch" or ops["Attention"]:
-        raise ExportError(f"Expected {layers} fused ONNX Attention nodes (one per layer), found {ops['Attention']}. "
+        raise ExportError(f"Expected {nodes} fused ONNX Attention nodes (one per attention), found {ops['Attention']}. "
                           "The attention was not captured as one op; check the opset and the converter's version.")
     why = ("the JAX reference returns attention probabilities with eager math" if framework == "jax" and probabilities
            else f"{converter(framework)} emits no fused ONNX Attention op for this model")
@@ -273,7 +333,7 @@ def copy_preprocessing(checkpoint: hub.Checkpoint, target: Path) -> list[str]:
 
 
 def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, traced: Traced, results: dict,
-                   report: dict, accuracy: dict | None, preprocessing: list[str]) -> dict:
+                   report: dict, accuracy: dict | None, preprocessing: list[str], model_file: str = MODEL_FILE) -> dict:
     """kiln.json (``kiln.artifact`` writes it)."""
     import onnx
     import onnxruntime
@@ -288,7 +348,7 @@ def build_manifest(source: Source, opts: ExportOptions, plan: ExportPlan, spec, 
         "model_type": raw["model_type"],
         "task": opts.task,
         "framework": opts.framework,
-        "model": MODEL_FILE,
+        "model": model_file,
         "opset": traced.opset,
         "precision": opts.precision,
         "attention": {"lowering": traced.lowering, "nodes": traced.ops["Attention"],
@@ -326,14 +386,15 @@ def _versions(framework: str) -> dict:
     return found
 
 
-def refuse_failures(report: dict, accuracy: dict | None, opts: ExportOptions, output) -> None:
+def refuse_failures(report: dict, accuracy: dict | None, opts: ExportOptions, output, title: str = "") -> None:
     """A ValidationError (the artifact is then not written) for a graph that disagrees with the reference or a reduced
     precision below its gate (unless forced)."""
     from kiln.exporter.validate import describe_failure
 
     where = f" The failed artifact is kept at {Path(output)}.failed." if opts.keep_failed else ""
     if not report["passed"]:
-        raise ValidationError(f"Validation failed: {describe_failure(report)}.{where}", report)
+        raise ValidationError(f"Validation {'of ' + title if title else ''}failed: {describe_failure(report)}."
+                              f"{where}", report)
     if accuracy is not None and not accuracy["passed"] and not opts.force_precision:
         metric = next(iter(accuracy))
         raise ValidationError(f"{opts.precision} is below its accuracy gate: {metric} {accuracy[metric]:.4f} < "

@@ -69,26 +69,34 @@ class ExportSpec:
         return [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in sizes)]
 
 
+# Per-layer key/value pairs travel as ``<group>.{i}.key`` / ``.value``: the decoder's cache (``past_key_values`` in,
+# ``present`` out) and an encoder-decoder's cross-attention keys/values (``cross_key_values``, out of the encoder
+# graph and into the decoder's). The model side holds each group as a tuple of (key, value) per layer.
+PAIRED = {"past_key_values": "past_key_values", "cross_key_values": "cross_key_values", "present": "present_key_values"}
+
+
 def model_inputs(names: list[str], values) -> dict:
-    """Flat graph inputs -> model keyword arguments; ``past_key_values.{i}.key/value`` become a list of pairs."""
-    kwargs, past = {}, {}
+    """Flat graph inputs -> model keyword arguments; ``past_key_values.{i}.key/value`` (and ``cross_key_values``)
+    become a list of pairs."""
+    kwargs, pairs = {}, {}
     for name, value in zip(names, values):
-        if name.startswith("past_key_values."):
-            _, i, kind = name.split(".")
-            past.setdefault(int(i), {})[kind] = value
+        group, _, rest = name.partition(".")
+        if group in PAIRED and rest:
+            i, kind = rest.split(".")
+            pairs.setdefault(group, {}).setdefault(int(i), {})[kind] = value
         else:
             kwargs[name] = value
-    if past:
-        kwargs["past_key_values"] = [(past[i]["key"], past[i]["value"]) for i in sorted(past)]
+    for group, layers in pairs.items():
+        kwargs[PAIRED[group]] = [(layers[i]["key"], layers[i]["value"]) for i in sorted(layers)]
     return kwargs
 
 
 def pick(outputs: dict, name: str):
     """``outputs["hidden_states"][3]`` for ``hidden_states.3``, ``outputs["present_key_values"][0][1]`` for
-    ``present.0.value``; plain names index the dict."""
-    if name.startswith("present."):
-        _, i, kind = name.split(".")
-        return outputs["present_key_values"][int(i)][0 if kind == "key" else 1]
+    ``present.0.value`` (and ``cross_key_values.0.key`` alike); plain names index the dict."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] in PAIRED:
+        return outputs[PAIRED[parts[0]]][int(parts[1])][0 if parts[2] == "key" else 1]
     key, _, index = name.partition(".")
     return outputs[key][int(index)] if index else outputs[name]
 
@@ -273,6 +281,47 @@ def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRang
                       atol=1e-4, extra=extra)
 
 
+# Encoder-decoder speech models (Whisper) export two graphs. The encoder graph runs once per 30 s window:
+# ``input_features`` (batch, mel bins, frames) -> ``encoder_last_hidden_state`` and every decoder layer's
+# ``cross_key_values.{i}.key/value`` (batch, heads, encoder positions, head_dim). The decoder graph is the decoders' one
+# graph for prefill and decode (above), which also takes those cross-attention keys/values as inputs.
+
+def speech_encoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+                        hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    if hidden_states or attentions:
+        raise ValueError("--output-hidden-states/--output-attentions are not supported for speech exports yet.")
+    config = model.config
+    B, F, N, E = "batch", config.num_mel_bins, config.input_frames, config.max_source_positions
+    inputs = (TensorSpec("input_features", "float32", (B, F, N)),)  # 30 s of mel frames: only the batch varies
+    outputs = (TensorSpec("encoder_last_hidden_state", "float32", (B, E, config.d_model)),
+               *_cross_key_values(config))
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        return {"input_features": rng.standard_normal((sizes["batch"], F, N)).astype(np.float32)}
+
+    return ExportSpec(task, inputs, outputs, {B: batch or AxisRange(1, 64)}, make, extra={"check": "speech-encoder"})
+
+
+def _cross_key_values(config) -> list[TensorSpec]:
+    shape = ("batch", config.decoder_attention_heads, config.max_source_positions, config.head_dim)
+    return [TensorSpec(f"cross_key_values.{i}.{kind}", "float32", shape)
+            for i in range(config.decoder_layers) for kind in ("key", "value")]
+
+
+def speech_decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+                        hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    import dataclasses
+
+    spec = decoder_spec(model, task, batch, seq, hidden_states, attentions)
+    cross = _cross_key_values(model.config)
+
+    def make(sizes: dict, rng: np.random.Generator) -> dict:
+        feed = spec.make_feed(sizes, rng)
+        return feed | {t.name: rng.standard_normal((sizes["batch"], *t.axes[1:])).astype(np.float32) for t in cross}
+
+    return dataclasses.replace(spec, inputs=(*spec.inputs, *cross), make_feed=make)
+
+
 def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:
     """``spec`` with a ``head_mask`` (layers, heads) input, fed random 0/1 masks (each row keeping one head at least)
     so that validation sees masked heads; the export then gives it a default of ones."""
@@ -287,7 +336,11 @@ def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:
 
 
 # A family's record names its layout (``Architecture.spec``).
-SPECS = {"text-encoder": bert_spec, "vision-encoder": vit_spec, "decoder": decoder_spec}
+SPECS = {"text-encoder": bert_spec, "vision-encoder": vit_spec, "decoder": decoder_spec,
+         "speech-seq2seq": speech_decoder_spec}
+# Layouts whose artifact holds more graphs than the main one: graph name -> its spec. The reference gives the module
+# of each (``export_graphs()``); the main graph is the one run per step, described at the top of kiln.json.
+COMPANIONS = {"speech-seq2seq": {"encoder": speech_encoder_spec}}
 
 
 def spec_for(kind: str, model, task: str, **options) -> ExportSpec:

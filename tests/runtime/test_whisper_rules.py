@@ -15,15 +15,9 @@ from kiln.runtime.generate.whisper import WhisperDecoding
 
 transformers = pytest.importorskip("transformers")
 
-# A tiny vocabulary laid out as Whisper's: text, then the special tokens, then the timestamps.
-EOS, SOT, LANGS = 100, 101, {"<|en|>": 102, "<|fr|>": 103, "<|de|>": 104, "<|es|>": 105}
-TRANSLATE, TRANSCRIBE, PREV, NO_TIMESTAMPS, VOCAB = 106, 107, 109, 111, 140
-GENERATION = dict(decoder_start_token_id=SOT, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS,
-                  no_timestamps_token_id=NO_TIMESTAMPS, prev_sot_token_id=PREV, lang_to_id=LANGS,
-                  task_to_id={"translate": TRANSLATE, "transcribe": TRANSCRIBE}, is_multilingual=True,
-                  suppress_tokens=[1, 2, 7, 64], begin_suppress_tokens=[3, EOS], max_initial_timestamp_index=5,
-                  alignment_heads=[[1, 0], [1, 2]],
-                  forced_decoder_ids=[[1, None], [2, TRANSCRIBE]])  # as the hub's multilingual checkpoints
+from whisper_tiny import (EOS, GENERATION, LANGS, NO_TIMESTAMPS, PREV, SOT, TRANSCRIBE, TRANSLATE,  # noqa: E402
+                          VOCAB, features, save_tiny_whisper, until_eos)
+
 RULES = WhisperDecoding.from_dict(GENERATION)
 
 
@@ -74,18 +68,8 @@ def test_processors_equal_transformers_on_random_scores_and_sequences(timestamps
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    config = transformers.WhisperConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=80, max_source_positions=1500,
-        max_target_positions=40, decoder_start_token_id=SOT, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=EOS)
-    torch.manual_seed(3)
-    hf = transformers.WhisperForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for param in hf.parameters():
-            param.add_(torch.randn_like(param) * 0.5)  # large weights: varied, confident tokens
-    hf.generation_config = transformers.GenerationConfig(**GENERATION)
     path = tmp_path_factory.mktemp("whisper")
-    hf.save_pretrained(path)
+    hf = save_tiny_whisper(path)
     return hf, from_pretrained(path, task="automatic-speech-recognition")
 
 
@@ -117,17 +101,6 @@ def kiln_decode(model, feats, rules: WhisperDecoding, language=None, task=None, 
             step = model(decoder_input_ids=torch.from_numpy(tokens[:, None]), encoder_outputs=audio,
                          past_key_values=step["present_key_values"])
     return generated[:, :begin].tolist(), [until_eos(row) for row in generated[:, begin:].tolist()]
-
-
-def until_eos(tokens: list[int]) -> list[int]:
-    """The tokens before <|endoftext|> (transformers' Whisper appends one to a row cut by max_new_tokens too)."""
-    return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
-
-
-def features(batch: int, seed: int) -> torch.Tensor:
-    """30 s of random mel frames: transformers' generate treats a model whose window is shorter than 30 s as
-    long-form and decodes a second segment, so the tiny model keeps Whisper's 1500 encoder positions."""
-    return torch.randn(batch, 80, 3000, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("options", [

@@ -274,3 +274,35 @@ class WhisperForConditionalGeneration(SavePretrainedMixin, TokenEmbeddingsMixin,
         if output_attentions:
             out["decoder_attentions"], out["cross_attentions"] = dec["attentions"], dec["cross_attentions"]
         return out
+
+    def export_graphs(self) -> dict:
+        """The artifact's two graphs as modules: ``decoder`` (the main one, run per step) and ``encoder``."""
+        return {"decoder": DecoderGraph(self), "encoder": EncoderGraph(self)}
+
+
+class EncoderGraph(nn.Module):
+    """The encoder graph: ``input_features`` -> ``encoder_last_hidden_state`` and ``cross_key_values``."""
+
+    def __init__(self, model: WhisperForConditionalGeneration):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.attention_nodes = model.config.encoder_layers  # one fused node per encoder layer
+
+    def forward(self, input_features):
+        return self.model.encode(input_features)
+
+
+class DecoderGraph(nn.Module):
+    """The decoder graph for prefill and decode: tokens, their mask and positions, the self-attention cache and the
+    cross-attention keys/values -> ``logits`` and the presents."""
+
+    def __init__(self, model: WhisperForConditionalGeneration):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.attention_nodes = 2 * model.config.decoder_layers  # self- and cross-attention per layer
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, cross_key_values):
+        out = self.model(decoder_input_ids=input_ids, encoder_outputs={"cross_key_values": cross_key_values},
+                         decoder_attention_mask=attention_mask, decoder_position_ids=position_ids,
+                         past_key_values=past_key_values)
+        return {"logits": out["logits"], "present_key_values": out["present_key_values"]}

@@ -216,3 +216,63 @@ class WhisperDecoding:
             force = timestamp > text  # the timestamps together are likelier than any one text token
         out[force, :begin] = -np.inf
         return out
+
+
+class WhisperSession:
+    """An encoder-decoder artifact's two engines and Whisper's loop over them: the encoder once per 30 s window,
+    its cross-attention keys/values kept on the engine's side (handles, bound into every decoder step without a copy
+    through numpy), then the decoder's prefill and decode steps over its own cache (``DecoderSession``)."""
+
+    def __init__(self, encoder, decoder, rules: WhisperDecoding):
+        from kiln.runtime.generate.loop import DecoderSession
+
+        self.encoder, self.rules = encoder, rules
+        self.decoder = DecoderSession(decoder)
+        self.cross_names = [i.name for i in decoder.inputs() if i.name.startswith("cross_key_values.")]
+        produced = {o.name for o in encoder.outputs()}
+        if not self.cross_names or not set(self.cross_names) <= produced:
+            raise InputError("This artifact's encoder and decoder graphs do not fit together (the decoder's "
+                             "cross_key_values inputs are not the encoder's outputs); re-export it.")
+
+    def encode(self, input_features: np.ndarray) -> dict:
+        """(B, mel bins, frames) -> the cross-attention keys/values as engine handles, for ``generate``."""
+        return self.encoder.run({"input_features": np.asarray(input_features, dtype=np.float32)},
+                                outputs=self.cross_names, keep=self.cross_names)
+
+    def detect_language(self, cross: dict, batch: int) -> np.ndarray:
+        """(B,) the language token each row's audio is most likely in: one decoder step after
+        <|startoftranscript|>, over the language tokens only, as transformers' detect_language."""
+        if not self.rules.multilingual:
+            raise InputError("This Whisper model is English-only; it has no languages to detect.")
+        start = np.full((batch, 1), self.rules.decoder_start_token_id, dtype=np.int64)
+        ones, zeros = np.ones((batch, 1), dtype=np.int64), np.zeros((batch, 1), dtype=np.int64)
+        logits, _ = self.decoder.step(start, ones, zeros, {**self.decoder.empty_cache(batch), **cross})
+        return self.rules.detect_language(logits)
+
+    def steps(self, cross: dict, prompts: np.ndarray, config, timestamps: bool = False):
+        """Yield each step's new tokens (B,) after the decoder prompts (B, T) (all rows of one length), with the
+        generic processors of ``config`` (a GenerationConfig), then Whisper's rules, then greedy or sampled choice.
+        Rows that finished get the end-of-text token; stops when every row has or at ``config.max_new_tokens``."""
+        from kiln.runtime.generate.processors import process_logits, select_next
+
+        B, begin = prompts.shape
+        rng, eos = config.rng(), self.rules.eos_token_id
+        generated, mask = prompts.astype(np.int64), np.ones(prompts.shape, dtype=np.int64)
+        step_ids, positions = generated, np.broadcast_to(np.arange(begin, dtype=np.int64), (B, begin))
+        cache, done = {**self.decoder.empty_cache(B), **cross}, np.zeros(B, dtype=bool)
+        try:
+            for new in range(config.max_new_tokens):
+                logits, cache = self.decoder.step(step_ids, mask, positions, cache)
+                cache.update(cross)
+                scores = process_logits(logits, generated, config, new_tokens=new,
+                                        rules=lambda s: self.rules.process(s, generated, begin, timestamps))
+                tokens = np.where(done, eos, select_next(scores, config, rng)).astype(np.int64)
+                generated = np.concatenate([generated, tokens[:, None]], axis=1)
+                done |= tokens == eos
+                yield tokens
+                if done.all():
+                    break
+                step_ids, positions = tokens[:, None], positions[:, -1:] + 1
+                mask = np.ones((B, generated.shape[1]), dtype=np.int64)
+        finally:
+            self.decoder.release()
