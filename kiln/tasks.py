@@ -3,9 +3,6 @@
 (``kiln.graphs.registry.Architecture.tasks``)."""
 
 TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
-         "image-classification", "text-generation")
-# Tasks a family has a reference for (kiln.from_pretrained, save_pretrained) that kiln does not export or run yet:
-# Whisper's encoder-decoder artifact and its pipeline are the next slice of the speech issue.
-REFERENCE_ONLY = ("automatic-speech-recognition",)
+         "image-classification", "text-generation", "automatic-speech-recognition")
 # transformers' TASK_ALIASES that name one of kiln's tasks
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}

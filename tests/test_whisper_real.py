@@ -76,3 +76,85 @@ def test_reference_transcribes_jfk_as_transformers(tiny_en, timestamps):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     text = tokenizer.decode(got, skip_special_tokens=True)
     assert "ask not what your country can do for you" in text, text
+
+
+# --- the artifact and the pipeline, against transformers.pipeline("automatic-speech-recognition") ---
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory, tiny_en):
+    """(kiln's pipeline over the exported tiny.en, transformers' pipeline over the same checkpoint)."""
+    import kiln
+
+    path = tiny_en[0]
+    out = tmp_path_factory.mktemp("tiny-en") / "artifact"
+    kiln.export(path, out, task=TASK)
+    theirs = transformers.pipeline(TASK, model=str(path), device="cpu", dtype=torch.float32)
+    return kiln.pipeline(TASK, out), theirs, out
+
+
+@pytest.fixture(scope="module")
+def speech():
+    """jfk.flac at 16 kHz, resampled once, so both pipelines get the same samples."""
+    from kiln.runtime.audio import load_audio
+
+    return load_audio(str(JFK))
+
+
+@pytest.mark.parametrize("options", [{}, {"return_timestamps": True}, {"generate_kwargs": {"max_new_tokens": 6}}])
+def test_pipeline_equals_transformers(asr, speech, options):
+    """transformers 5's pipeline searches 5 beams unless told otherwise (openai's default); kiln decodes greedily,
+    so transformers is asked for one beam (on this clip 5 beams write "And so, my fellow" with timestamps)."""
+    ours, theirs, _ = asr
+    greedy = {**options, "generate_kwargs": {**options.get("generate_kwargs", {}), "num_beams": 1}}
+    expected = theirs(speech.copy(), **greedy)
+    got = ours(speech, **options)
+    if "chunks" in expected:  # transformers' timestamps are tuples of floats, as kiln's
+        assert [c["timestamp"] for c in got["chunks"]] == [tuple(c["timestamp"]) for c in expected["chunks"]]
+    assert got == expected
+    assert len(got["text"].split()) > (3 if options.get("generate_kwargs") else 15)
+
+
+def test_pipeline_inputs_and_batches(asr, speech):
+    ours, _, _ = asr
+    by_path = ours(str(JFK))
+    assert ours(JFK.read_bytes()) == by_path == ours(JFK)
+    stereo, rate = sf.read(JFK, dtype="float32")
+    assert "ask not what your country can do for you" in ours({"raw": stereo.mean(axis=1), "sampling_rate": rate})["text"]
+    clips = [speech, speech[:16000 * 4]]
+    batched = ours(clips, batch_size=2)
+    assert batched == [ours(clip) for clip in clips] and batched[0]["text"] != batched[1]["text"]
+
+
+def test_pipeline_refuses_what_it_cannot_do(asr, speech):
+    from kiln.errors import InputError
+
+    ours, _, _ = asr
+    with pytest.raises(InputError, match="The audio is 33.0 s long.*up to 30 s per input"):
+        ours(np.concatenate([speech, speech, speech]))
+    with pytest.raises(InputError, match="word timestamps \\('word'\\) are not implemented yet"):
+        ours(speech, return_timestamps="word")
+    with pytest.raises(InputError, match="English-only"):
+        ours(speech, generate_kwargs={"language": "fr"})
+    with pytest.raises(InputError, match="num_beams=4: kiln decodes Whisper greedily or by sampling"):
+        ours(speech, generate_kwargs={"num_beams": 4})
+    with pytest.raises(InputError, match="Unknown generate_kwargs \\['length_penalty'\\]"):
+        ours(speech, generate_kwargs={"length_penalty": 1.0})
+    with pytest.raises(InputError, match="exceed the decoder's 448 positions"):
+        ours(speech, max_new_tokens=500)
+
+
+def test_cli_transcribes_files(asr, capsys, tmp_path):
+    from kiln.cli.__main__ import main
+
+    _, _, out = asr
+    assert main(["run", str(out), str(JFK), "--timestamps"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["input"] == str(JFK) and [c["timestamp"] for c in line["output"]["chunks"]] == [[0.0, 8.0], [8.0, 11.0]]
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "decoder    decoder.onnx" in shown and "encoder    encoder.onnx" in shown
+    (tmp_path / "notes.flac").write_text("not audio")
+    assert main(["run", str(out), str(tmp_path / "notes.flac")]) == 1
+    assert "Cannot decode" in capsys.readouterr().err
+    assert main(["run", str(out), str(JFK), "--task", "translate"]) == 1
+    assert "English-only models only transcribe" in capsys.readouterr().err

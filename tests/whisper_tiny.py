@@ -37,9 +37,35 @@ def tiny_whisper(seed: int = 3):
     return hf
 
 
-def save_tiny_whisper(path: Path, seed: int = 3):
+SPECIAL = {EOS: "<|endoftext|>", SOT: "<|startoftranscript|>", **{i: t for t, i in LANGS.items()},
+           TRANSLATE: "<|translate|>", TRANSCRIBE: "<|transcribe|>", 108: "<|startoflm|>", PREV: "<|startofprev|>",
+           110: "<|nospeech|>", NO_TIMESTAMPS: "<|notimestamps|>",
+           **{NO_TIMESTAMPS + 1 + i: f"<|{i * 0.02:.2f}|>" for i in range(VOCAB - NO_TIMESTAMPS - 1)}}
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer whose 100 text tokens are single characters (no merges), then Whisper's special tokens
+    at the tiny vocabulary's ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())[:EOS]
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(SPECIAL[i], special=True, normalized=False) for i in sorted(SPECIAL)])
+    assert tokenizer.get_vocab_size() == VOCAB and tokenizer.token_to_id("<|notimestamps|>") == NO_TIMESTAMPS
+    return tokenizer
+
+
+def save_tiny_whisper(path: Path, seed: int = 3, preprocessing: bool = False):
+    """The checkpoint; with ``preprocessing``, also its tokenizer.json and preprocessor_config.json (80 mel bins)."""
     hf = tiny_whisper(seed)
     hf.save_pretrained(path)
+    if preprocessing:
+        import transformers
+
+        tiny_tokenizer().save(str(Path(path) / "tokenizer.json"))
+        transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
     return hf
 
 

@@ -13,9 +13,13 @@ def add_parser(sub):
     p = sub.add_parser("run", help="run an artifact on texts; prints one JSON line per input")
     p.add_argument("artifact", help="artifact directory, an artifact on the hub (ORG/NAME, from kiln push), or a "
                    "checkpoint (exported once into the cache)")
-    p.add_argument("texts", nargs="*", help="input texts")
+    p.add_argument("texts", nargs="*", help="input texts (automatic-speech-recognition: audio files)")
     p.add_argument("--input", metavar="FILE.jsonl", help='one JSON string or {"text": ..., "text_pair": ...} per line; - for stdin')
-    p.add_argument("--task", help="task (default: the artifact's)")
+    p.add_argument("--task", help="task (default: the artifact's); for speech, transcribe or translate (to English)")
+    p.add_argument("--timestamps", action="store_true", help="automatic-speech-recognition: segments with their "
+                   "start and end times (return_timestamps=True)")
+    p.add_argument("--language", help="automatic-speech-recognition: the spoken language (a code such as fr, or a "
+                   "name); default: detected")
     p.add_argument("--pooling", choices=("mean", "cls"), help="feature-extraction: pool token vectors")
     p.add_argument("--normalize", action="store_true", help="feature-extraction: unit-length pooled vectors")
     p.add_argument("--top-k", type=int,
@@ -71,7 +75,8 @@ def run(args) -> int:
     # An artifact knows its task (a local one, or one on the hub: ORG/NAME); a local checkpoint without --task is read
     # as feature-extraction.
     local_checkpoint = Path(args.artifact).exists() and not is_artifact(args.artifact)
-    task = args.task or ("feature-extraction" if local_checkpoint else None)
+    speech_task = args.task if args.task in ("transcribe", "translate") else None  # Whisper's, not a pipeline's
+    task = None if speech_task else args.task or ("feature-extraction" if local_checkpoint else None)
     # Only the options given reach the pipeline, which refuses those its task does not take.
     options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
                "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,
@@ -80,6 +85,11 @@ def run(args) -> int:
     options = {name: value for name, value in options.items() if value is not None}
     if args.all_labels:
         options["top_k"] = None  # text-classification: every label
+    if args.timestamps:
+        options["return_timestamps"] = True
+    speech = {name: value for name, value in (("language", args.language), ("task", speech_task)) if value}
+    if speech:
+        options["generate_kwargs"] = speech
     pipe = kiln.pipeline(task, args.artifact, device=args.device, threads=args.threads, verify=args.verify, **options)
     items = read_inputs(args)
     if args.stream:

@@ -13,7 +13,6 @@ import torch
 import kiln
 from kiln.errors import ConfigError, InputError
 from kiln.graphs import registry
-from kiln.tasks import REFERENCE_ONLY
 
 
 def test_every_family_is_a_record_with_what_it_names():
@@ -22,7 +21,7 @@ def test_every_family_is_a_record_with_what_it_names():
     model_types = [m for arch in families.values() for m in arch.variants]
     assert len(model_types) == len(set(model_types))  # a model type belongs to one family
     for arch in families.values():
-        assert set(arch.tasks) <= set(kiln.TASKS) | set(REFERENCE_ONLY)
+        assert set(arch.tasks) <= set(kiln.TASKS)
         for framework in arch.frameworks:
             models = importlib.import_module(f"kiln.graphs.{arch.family}.model_{framework}")
             for kiln_class, _ in arch.tasks.values():

@@ -1,0 +1,92 @@
+"""The automatic-speech-recognition pipeline over a tiny random multilingual Whisper artifact: language detection,
+a forced language and task, timestamps and prompts reach the decoder as transformers' generate takes them, and the
+segments are cut at the timestamp tokens. (Real weights and real speech, against transformers' pipeline:
+tests/test_whisper_real.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.errors import InputError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("soundfile")
+
+from whisper_tiny import EOS, NO_TIMESTAMPS, PREV, save_tiny_whisper, tiny_tokenizer, until_eos  # noqa: E402
+
+TASK = "automatic-speech-recognition"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("asr")
+    hf = save_tiny_whisper(root / "ckpt", preprocessing=True)
+    kiln.export(root / "ckpt", root / "out", task=TASK)
+    return hf, kiln.pipeline(TASK, root / "out"), transformers.WhisperFeatureExtractor(feature_size=80)
+
+
+def audio(seconds: float, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+
+
+def expected(hf, extractor, clip, **options) -> list[int]:
+    feats = extractor(clip, sampling_rate=16000, return_tensors="pt").input_features
+    prompt = options.pop("prompt_ids", None)
+    if prompt is not None:
+        options["prompt_ids"] = torch.tensor(prompt)
+    row = hf.generate(feats, max_new_tokens=12, force_unique_generate_call=True, **options)[0].tolist()
+    return until_eos(row[row.index(101):])[4 if not options.get("return_timestamps") else 3:]
+
+
+@pytest.mark.parametrize("options", [{}, {"language": "de"}, {"language": "french", "task": "translate"},
+                                     {"task": "translate"}])
+def test_language_and_task_reach_the_decoder(tiny, options):
+    hf, asr, extractor = tiny
+    clip = audio(3.0, seed=1)
+    tokens = expected(hf, extractor, clip, **options)
+    assert asr(clip, generate_kwargs=dict(options), max_new_tokens=12)["text"] == tiny_tokenizer().decode(tokens)
+    assert asr(clip, max_new_tokens=12, **options) == asr(clip, generate_kwargs=dict(options), max_new_tokens=12)
+
+
+def test_timestamps_cut_segments(tiny):
+    hf, asr, extractor = tiny
+    clip = audio(2.0, seed=2)
+    tokens = expected(hf, extractor, clip, return_timestamps=True)
+    out = asr(clip, return_timestamps=True, max_new_tokens=12)
+    begin = NO_TIMESTAMPS + 1
+    stamps = [t for t in tokens if t >= begin]
+    assert stamps and tokens[0] >= begin  # the random model does write timestamps
+    assert out["text"] == tiny_tokenizer().decode([t for t in tokens if t < EOS])
+    times = [round((t - begin) * 0.02, 2) for t in stamps]
+    starts = [c["timestamp"][0] for c in out["chunks"]]
+    assert starts and set(starts) <= set(times) and starts[0] == times[0]
+    # single-character tokens: the segments' texts put together are the whole text
+    assert "".join(c["text"] for c in out["chunks"]) == out["text"]
+
+
+def test_a_prompt_conditions_the_text(tiny):
+    hf, asr, extractor = tiny
+    clip, prompt = audio(3.0, seed=3), [PREV, 11, 12, 13]
+    got = asr(clip, language="en", prompt_ids=prompt, max_new_tokens=12)["text"]
+    assert got == tiny_tokenizer().decode(expected(hf, extractor, clip, language="en", prompt_ids=prompt))
+    assert got != asr(clip, language="en", max_new_tokens=12)["text"]
+
+
+def test_option_errors(tiny):
+    _, asr, _ = tiny
+    clip = audio(1.0, seed=4)
+    with pytest.raises(InputError, match="Unsupported language 'klingon'"):
+        asr(clip, language="klingon")
+    with pytest.raises(InputError, match="task must be 'transcribe' or 'translate'"):
+        asr(clip, task="summarize")
+    with pytest.raises(InputError, match="language given twice"):
+        asr(clip, language="de", generate_kwargs={"language": "fr"})
+    with pytest.raises(InputError, match="prompt_ids must be a non-empty 1-D list"):
+        asr(clip, prompt_ids=[[1, 2]])
+    with pytest.raises(InputError, match="exceed the decoder's 40 positions"):
+        asr(clip, max_new_tokens=39)
+    with pytest.raises(InputError, match="empty list of audio inputs"):
+        asr([])
