@@ -399,13 +399,16 @@ def read_tensors(path: str | os.PathLike) -> dict:
         if tensor.name in ROPE_FACTORS:
             continue  # read into the config (read_config)
         kind = GGMLQuantizationType(tensor.tensor_type)
+        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
+        if not tensor.data.size or 0 in shape:
+            raise CheckpointError(f"Tensor {tensor.name!r} in {path.name} is empty (shape {list(shape)}): the file is "
+                                  "corrupt or truncated. Download or convert the checkpoint again.")
         try:
             data = dequantize(tensor.data, kind)
         except NotImplementedError as err:
             raise CheckpointError(f"Tensor {tensor.name!r} in {path.name} is stored as {kind.name}, which the "
                                   f"installed gguf package cannot dequantize ({err}). Upgrade it (pip install -U gguf) "
                                   "or convert the model with another quantization type.") from None
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists dimensions innermost first
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
         if not data.flags.writeable:  # F32 tensors view the read-only file mapping; torch wants memory of its own
             data = data.copy()

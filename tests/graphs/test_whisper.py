@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 
-import kiln
-from kiln.errors import ConfigError, ExportError, InputError
+from kiln.errors import ConfigError, InputError
 from kiln.graphs.checkpoint import from_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -194,10 +193,3 @@ def test_config_errors(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=message):
         from_pretrained(tmp_path, task=TASK)
-
-
-def test_export_says_it_is_not_there_yet(tmp_path):
-    tiny_whisper("80-mels-distil").save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(ExportError, match="builds the whisper reference.*cannot export it yet"):
-        kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK)
-    assert not (tmp_path / "out").exists()

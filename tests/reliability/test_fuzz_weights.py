@@ -443,6 +443,8 @@ def test_gguf(arch, tmp_path, report):
             {"tokenizer.ggml.token_type": ([9], T.ARRAY, T.INT32)}, {"tokenizer.ggml.unknown_token_id": (99, T.UINT32)},
             {"gemma3.attention.key_length": (None)}):
         case = example(case_=("metadata", edits))(case)
+    if arch == "gemma3":  # a tensor dimension of 0 made gguf's dequantize fail in a reshape
+        case = example(case_=("bytes", [("u32", 1349, 0)]))(case)
     case()
     report(f"gguf ({arch})")
 
