@@ -87,6 +87,23 @@ def mask_heads(y: torch.Tensor, probs: torch.Tensor | None, head_mask: torch.Ten
 ATTENTION_FUNCTIONS = {"eager": eager, "sdpa": sdpa}
 
 
+def cached_attention(q, k, v, mask, past=None, *, scale: float, impl: str = "sdpa", return_probs: bool = False):
+    """A decoder's self-attention over its KV cache: q (B, H, T, D), the new k/v (B, Hkv, T, D), ``past`` (key,
+    value) (B, Hkv, P, D) or None, ``mask`` bool (B, 1, T, P + T) with causality folded in. Returns ``(out,
+    present, probs)``, present = past + new keys/values. With a past it is kiln's ``attention_kv`` op (one ONNX
+    Attention node with past/present); ``return_probs`` uses the readable eager math instead."""
+    if return_probs:  # the readable eager math; not a single exported node
+        k_all = torch.cat([past[0], k], dim=2) if past is not None else k
+        v_all = torch.cat([past[1], v], dim=2) if past is not None else v
+        out, probs = attention(q, k_all, v_all, mask=mask, scale=scale, impl="eager", return_probs=True)
+        return out, (k_all, v_all), probs
+    if past is not None:  # one op -> one ONNX Attention node with past/present
+        out, *present = attention_kv(q, k, v, mask, past[0], past[1], scale)
+        return out, tuple(present), None
+    out, _ = attention(q, k, v, mask=mask, scale=scale, impl=impl)
+    return out, (k, v), None
+
+
 def attention(q, k, v, *, mask=None, scale=None, causal=False, impl: str = "sdpa", return_probs: bool = False):
     """Returns ``(out, probs)``; ``probs`` is None unless ``return_probs`` (which always uses the eager math)."""
     if impl not in ATTENTION_FUNCTIONS:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.graphs.attention import attention, attention_kv, head_mask_per_layer, mask_heads
+from kiln.graphs.attention import cached_attention, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.vocab import TokenEmbeddingsMixin
 from kiln.graphs.gpt2.config import ACTIVATIONS, GPT2Config
@@ -37,16 +37,8 @@ class Attention(nn.Module):
     def forward(self, x, mask, past=None, return_probs=False, head_mask=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.H, self.D).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))  # (B, H, T, D)
-        if return_probs:  # the readable eager math; not a single exported node
-            k_all = torch.cat([past[0], k], dim=2) if past is not None else k
-            v_all = torch.cat([past[1], v], dim=2) if past is not None else v
-            y, probs = attention(q, k_all, v_all, mask=mask, scale=self.scale, impl="eager", return_probs=True)
-            present = (k_all, v_all)
-        elif past is not None:  # one op -> one ONNX Attention node with past/present
-            y, *present = attention_kv(q, k, v, mask, past[0], past[1], self.scale)
-            probs = None
-        else:
-            (y, probs), present = attention(q, k, v, mask=mask, scale=self.scale, impl=self.attn_impl), (k, v)
+        y, present, probs = cached_attention(q, k, v, mask, past, scale=self.scale, impl=self.attn_impl,
+                                             return_probs=return_probs)
         y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H*D)
         return self.o(y), tuple(present), probs

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kiln.graphs.attention import attention, attention_kv, head_mask_per_layer, mask_heads
+from kiln.graphs.attention import cached_attention, head_mask_per_layer, mask_heads
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.heads import PruneHeadsMixin, head_rows, prune_linear
 from kiln.graphs.vocab import TokenEmbeddingsMixin
@@ -79,16 +79,8 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.Hkv, self.D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         scale = 1.0 / math.sqrt(self.D)
-        if return_probs:  # the readable eager math; not a single exported node
-            k_all = torch.cat([past[0], k], dim=2) if past is not None else k
-            v_all = torch.cat([past[1], v], dim=2) if past is not None else v
-            y, probs = attention(q, k_all, v_all, mask=mask, scale=scale, impl="eager", return_probs=True)
-            present = (k_all, v_all)
-        elif past is not None:  # one op -> one ONNX Attention node with past/present
-            y, *present = attention_kv(q, k, v, mask, past[0], past[1], scale)
-            probs = None
-        else:
-            (y, probs), present = attention(q, k, v, mask=mask, scale=scale, impl=self.attn_impl), (k, v)
+        y, present, probs = cached_attention(q, k, v, mask, past, scale=scale, impl=self.attn_impl,
+                                             return_probs=return_probs)
         y, probs = mask_heads(y, probs, head_mask)
         y = y.transpose(1, 2).reshape(B, T, self.H * self.D)  # (B, T, H*D)
         return self.o(y), tuple(present), probs

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kiln.errors import InputError
-from kiln.graphs.attention import attention, attention_kv
+from kiln.graphs.attention import attention, cached_attention
 from kiln.graphs.checkpoint import SavePretrainedMixin
 from kiln.graphs.llama.model_torch import decoder_mask  # causal + padding mask, all-masked rows fixed
 from kiln.graphs.vocab import TokenEmbeddingsMixin
@@ -73,16 +73,8 @@ class Attention(nn.Module):
         """Causal self-attention of the decoder; ``mask`` (B, 1, T, S) has causality folded in. Returns the output,
         the presents (past + new keys/values) and the probabilities when asked."""
         q, (k, v) = self.heads(self.q(x)), self.key_values(x)
-        if return_probs:  # the readable eager math; not a single exported node
-            k_all = torch.cat([past[0], k], dim=2) if past is not None else k
-            v_all = torch.cat([past[1], v], dim=2) if past is not None else v
-            y, probs = attention(q, k_all, v_all, mask=mask, scale=self.scale, impl="eager", return_probs=True)
-            present = (k_all, v_all)
-        elif past is not None:  # one op -> one ONNX Attention node with past/present
-            y, *present = attention_kv(q, k, v, mask, past[0], past[1], self.scale)
-            probs = None
-        else:
-            (y, probs), present = attention(q, k, v, mask=mask, scale=self.scale, impl=self.attn_impl), (k, v)
+        y, present, probs = cached_attention(q, k, v, mask, past, scale=self.scale, impl=self.attn_impl,
+                                             return_probs=return_probs)
         return self.merge(y), tuple(present), probs
 
     def cross(self, x, key_values, return_probs=False):
