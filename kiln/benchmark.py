@@ -150,6 +150,9 @@ def bench(artifact, batches=(1, 8), seqs=(16, 128, 512), *, threads: int | None 
     if rounds < 1:
         raise InputError("--rounds must be at least 1.")
     manifest = load_manifest(artifact)
+    if manifest.get("encoder"):
+        raise InputError(f"kiln bench times one-graph artifacts; {artifact} is an encoder-decoder "
+                         f"({manifest['task']}). Time it with benchmarks/bench_whisper.py.")
     config = read_json(artifact_file(artifact, "config.json"), "Re-export the artifact.")
     feeds = _Feeds(manifest, config)
     decoder = manifest["task"] == "text-generation"

@@ -158,6 +158,9 @@ def build(artifact, precision: str = "fp32", profile: str | dict | None = None, 
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
+    if manifest.get("encoder"):
+        raise InputError(f"{artifact} is an encoder-decoder artifact ({manifest['task']}); kiln build makes TensorRT "
+                         "engines for one-graph artifacts only so far. Run it with onnxruntime (--device cuda).")
     plan, shapes = precision_plan(precision, manifest.get("precision") or "fp32"), profiles(manifest, profile)
     trt, _ = import_tensorrt("Building a TensorRT engine")
     cc = gpu_compute_capability()

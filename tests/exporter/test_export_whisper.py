@@ -76,3 +76,11 @@ def test_speech_exports_refuse_what_they_do_not_have_yet(tmp_path):
     with pytest.raises(InputError, match="exports in fp32 without --head-mask for now"):
         kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK, precision="int8")
     assert not (tmp_path / "out").exists()
+
+
+def test_tools_for_one_graph_say_so(artifact):
+    _, out, _ = artifact
+    with pytest.raises(InputError, match="kiln bench times one-graph artifacts.*bench_whisper.py"):
+        kiln.bench(out)
+    with pytest.raises(InputError, match="kiln build makes TensorRT engines for one-graph artifacts only"):
+        kiln.build(out)
