@@ -33,7 +33,8 @@ def add_parser(sub):
     p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
     p.add_argument("--max-new-tokens", type=int, help="text-generation: tokens to generate (default: the artifact's "
                    "generation_config.json, else 20)")
-    p.add_argument("--stream", action="store_true", help="text-generation: print text as it is generated")
+    p.add_argument("--stream", action="store_true", help="text-generation: print text as it is generated; "
+                   "automatic-speech-recognition: print each segment (a JSON line with its times) as it is decoded")
     p.add_argument("--sample", action="store_true", help="text-generation: sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="text-generation: sampling temperature")
     p.add_argument("--top-p", type=float, help="text-generation: nucleus sampling threshold in (0, 1]")
@@ -103,9 +104,16 @@ def run(args) -> int:
 
 
 def stream(pipe, items: list) -> int:
-    """Print each prompt's continuation as it is generated (plain text, one prompt after another)."""
+    """Print each prompt's continuation as it is generated (plain text, one prompt after another); for speech, each
+    segment as a JSON line ``{"input", "timestamp", "text"}`` as its window is decoded."""
     if not hasattr(pipe, "stream"):
-        raise InputError(f"--stream is for text-generation; this artifact is {pipe.task}.")
+        raise InputError(f"--stream is for text-generation and automatic-speech-recognition; this artifact is "
+                         f"{pipe.task}.")
+    if pipe.task == "automatic-speech-recognition":
+        for item in items:
+            for chunk in pipe.stream(item):
+                print(json.dumps({"input": item, **chunk}, ensure_ascii=False), flush=True)
+        return 0
     for item in items:
         if isinstance(item, str):
             print(item, end="", flush=True)

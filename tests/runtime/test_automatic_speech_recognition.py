@@ -75,6 +75,34 @@ def test_a_prompt_conditions_the_text(tiny):
     assert got != asr(clip, language="en", max_new_tokens=12)["text"]
 
 
+@pytest.mark.parametrize("options", [{}, {"language": "fr", "prompt_ids": [PREV, 11, 12]}])
+def test_long_audio_goes_window_after_window_as_transformers(tiny, options):
+    """35 s: transformers' generate goes long-form (windows moved by the timestamps); kiln's pipeline does the same
+    windows with the same tokens, the language detected on the first window, a prompt before every window."""
+    hf, asr, extractor = tiny
+    clip = audio(35.0, seed=5)
+    feats = extractor(clip, sampling_rate=16000, return_tensors="pt", padding="longest", truncation=False)
+    theirs = dict(options)
+    if "prompt_ids" in theirs:
+        theirs["prompt_ids"] = torch.tensor(theirs["prompt_ids"])
+    expected = until_eos(hf.generate(feats.input_features, return_timestamps=True, max_new_tokens=12,
+                                     **theirs)[0].tolist())
+    ours = asr.feature_extractor([clip], padding="longest", truncation=False)["input_features"][0]
+    segments = list(asr.segments(ours, language=options.get("language"), prompt_ids=options.get("prompt_ids"),
+                                 generation={"max_new_tokens": 12}))
+    assert [t for segment in segments for t in segment["tokens"]] == expected
+    starts = [segment["start"] for segment in segments]
+    assert len(segments) > 10 and starts == sorted(starts) and starts[-1] > 1  # the random model moves in small steps
+    out = asr(clip, return_timestamps=True, max_new_tokens=12, **options)
+    assert out["text"] == tiny_tokenizer().decode([t for t in expected if t < EOS])
+    from transformers.models.whisper.tokenization_whisper import _decode_asr  # what transformers' pipeline runs
+
+    _, theirs = _decode_asr(transformers.WhisperTokenizer(tokenizer_object=tiny_tokenizer()),
+                            [{"tokens": torch.tensor([expected])}], return_timestamps=True, return_language=False,
+                            time_precision=0.02)
+    assert out["chunks"] == [{"timestamp": c["timestamp"], "text": c["text"]} for c in theirs["chunks"]]
+
+
 def test_option_errors(tiny):
     _, asr, _ = tiny
     clip = audio(1.0, seed=4)

@@ -11,12 +11,12 @@ import torch
 from kiln.errors import ConfigError, InputError
 from kiln.graphs.checkpoint import from_pretrained
 from kiln.runtime.generate import GenerationConfig, process_logits
-from kiln.runtime.generate.whisper import WhisperDecoding
+from kiln.runtime.generate.whisper import WhisperDecoding, chunks_from_tokens, split_segments
 
 transformers = pytest.importorskip("transformers")
 
 from whisper_tiny import (EOS, GENERATION, LANGS, NO_TIMESTAMPS, PREV, SOT, TRANSCRIBE, TRANSLATE,  # noqa: E402
-                          VOCAB, features, save_tiny_whisper, until_eos)
+                          VOCAB, features, save_tiny_whisper, tiny_tokenizer, until_eos)
 
 RULES = WhisperDecoding.from_dict(GENERATION)
 
@@ -163,3 +163,78 @@ def test_prompts_and_errors():
         WhisperDecoding.from_dict({**GENERATION, "alignment_heads": [[1]]})
     with pytest.raises(ConfigError, match="no 'no_timestamps_token_id'"):
         WhisperDecoding.from_dict({**GENERATION, "no_timestamps_token_id": None}).timestamp_begin
+
+
+# --- long-form: a window's segments and where the next window starts; the tokens of many windows decoded back ---
+
+BEGIN = NO_TIMESTAMPS + 1
+
+
+def window_tokens(rng, length: int) -> list[int]:
+    """What a window's decode can leave after its prompt: text and timestamps in the shapes the long-form loop
+    tells apart (pairs, a lone timestamp at the end, none at all, a pair at 0.00), mostly rising, not always."""
+    tokens, stamp = [], BEGIN + int(rng.integers(0, 3))
+    for _ in range(length):
+        kind = rng.integers(4)
+        if kind == 0:
+            tokens.append(int(rng.integers(0, EOS)))
+        elif kind == 1 and rng.random() < 0.1:
+            tokens.append(int(rng.integers(BEGIN, VOCAB)))  # out of order
+        else:
+            stamp = min(VOCAB - 1, stamp + int(rng.integers(0, 4)))
+            tokens += [stamp] * int(rng.integers(1, 3))
+    return tokens
+
+
+def test_segments_and_the_next_window_as_transformers_long_form():
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
+
+    rng = np.random.default_rng(1)
+    checked_moves = 0
+    for case in range(400):
+        tokens = window_tokens(rng, int(rng.integers(0, 14)))
+        frames, seek = int(rng.choice([3000, 1234, 17])), int(rng.integers(0, 9000))
+        offset = seek * 0.02 / 2
+        theirs, move = WhisperGenerationMixin._retrieve_segment(
+            seek_sequence=torch.tensor(tokens, dtype=torch.long), seek_outputs=[None],
+            time_offset=torch.tensor([offset], dtype=torch.float64), timestamp_begin=BEGIN,
+            seek_num_frames=torch.tensor([frames]), time_precision=0.02, time_precision_features=0.01, input_stride=2,
+            prev_idx=0, idx=0, return_token_timestamps=False, decoder_input_ids=torch.zeros((1, 3)))
+        ours, advance = split_segments(tokens, BEGIN, frames, time_offset=offset)
+        assert [s["tokens"] for s in ours] == [s["tokens"].tolist() for s in theirs], tokens
+        for a, b in zip(ours, theirs):
+            assert a["start"] == pytest.approx(float(b["start"]), abs=1e-9), tokens
+            assert a["end"] == pytest.approx(float(b["end"]), abs=1e-9), tokens
+        move = int(move)
+        if move > 0:  # transformers would decode a window that does not move forever; kiln moves a whole window
+            assert advance == move, tokens
+            checked_moves += 1
+        else:
+            assert advance == frames, tokens
+    assert checked_moves > 300
+
+
+def test_tokens_of_many_windows_decode_as_transformers_pipeline():
+    """chunks_from_tokens against the decoding transformers' pipeline runs (its tokenizer's _decode_asr) on what a
+    long-form transcription returns: each window's kept segments, one window after another."""
+    from transformers.models.whisper.tokenization_whisper import _decode_asr
+
+    hf_tokenizer = transformers.WhisperTokenizer(tokenizer_object=tiny_tokenizer())
+    decode = tiny_tokenizer().decode
+    rng = np.random.default_rng(2)
+    windows_with_stamps = 0
+    for case in range(300):
+        tokens = []
+        for _ in range(int(rng.integers(1, 5))):
+            segments, _ = split_segments(window_tokens(rng, int(rng.integers(0, 12))), BEGIN, 3000)
+            tokens += [t for segment in segments for t in segment["tokens"]]
+        windows_with_stamps += any(t >= BEGIN for t in tokens)
+        for timestamps in (True, False):
+            text, extra = _decode_asr(hf_tokenizer, [{"tokens": torch.tensor([tokens])}], return_timestamps=timestamps,
+                                      return_language=False, time_precision=0.02)
+            chunks = chunks_from_tokens(tokens, decode, BEGIN, EOS)
+            assert "".join(c["text"] for c in chunks) == text, tokens
+            if timestamps:
+                assert chunks == [{"timestamp": c["timestamp"], "text": c["text"]} for c in extra.get("chunks", [])], \
+                    tokens
+    assert windows_with_stamps > 200

@@ -13,6 +13,12 @@
 
 They run after the generic processors (repetition penalty, n-grams, minimum length) and before sampling's warpers,
 the order transformers' generate builds. Read from the artifact's ``generation_config.json``.
+
+Audio longer than one window is transcribed sequentially, as openai's ``transcribe`` and transformers' long-form
+``generate`` do: decode a 30 s window with timestamps, keep the segments the decoder closed, move the window to the
+last closed timestamp (or by the whole window when the decoder ended on a lone timestamp: no speech after it), and
+go on from there (``split_segments``). ``chunks_from_tokens`` turns the concatenated tokens back into text and
+timed segments, as transformers' tokenizer does for its pipeline.
 """
 
 from __future__ import annotations
@@ -276,3 +282,74 @@ class WhisperSession:
                 mask = np.ones((B, generated.shape[1]), dtype=np.int64)
         finally:
             self.decoder.release()
+
+
+def split_segments(tokens: list[int], timestamp_begin: int, window_frames: int, time_offset: float = 0.0,
+                   time_precision: float = 0.02, input_stride: int = 2) -> tuple[list[dict], int]:
+    """One window's generated tokens (prompt and end-of-text removed) -> (segments, mel frames to move the window),
+    as transformers' ``_retrieve_segment`` (openai's ``transcribe``): a pair of timestamps ends a segment; what follows
+    the last pair is cut off mid-speech, dropped, and decoded again from the next window, which starts at that pair.
+    A lone timestamp at the end means no speech after it: the next window starts after this one. Without a pair the
+    whole window is one segment. Each segment: ``{"start", "end"}`` in seconds (``time_offset`` = the window's start)
+    and its ``tokens``. ``window_frames``: the window's mel frames that hold audio (3000, less for the last)."""
+    begin, stamp = timestamp_begin, [t >= timestamp_begin for t in tokens]
+    single_ending = stamp[-2:] == [False, True]
+    cuts = [i + 1 for i in range(len(stamp) - 1) if stamp[i] and stamp[i + 1]]
+    if not cuts:
+        stamps = [t for t in tokens if t >= begin]
+        end = window_frames // input_stride  # the window's end in timestamp positions (a position = 2 mel frames)
+        if stamps and stamps[-1] != begin:  # no pair, but a timestamp: the segment ends there
+            end = stamps[-1] - begin
+        return [{"start": time_offset, "end": time_offset + end * time_precision, "tokens": list(tokens)}], window_frames
+    if single_ending:
+        cuts.append(len(tokens))
+    else:
+        cuts[-1] += 1  # the last segment keeps both timestamps of its pair: it was not a lone ending
+    segments, last = [], 0
+    for n, cut in enumerate(cuts):
+        piece = list(tokens[last:cut])
+        closing = piece[-1] if n < len(cuts) - 1 or single_ending else piece[-2]
+        segments.append({"start": time_offset + (piece[0] - begin) * time_precision,
+                         "end": time_offset + (closing - begin) * time_precision, "tokens": piece})
+        last = cut
+    if single_ending:
+        return segments, window_frames
+    advance = (tokens[last - 2] - begin) * input_stride
+    # A window whose last pair is at 0.00 would not move; openai's and transformers' loops would decode it forever.
+    return segments, advance if advance > 0 else window_frames
+
+
+def chunks_from_tokens(tokens: list[int], decode, timestamp_begin: int, eos_token_id: int,
+                       time_precision: float = 0.02, window_positions: int = 1500) -> list[dict]:
+    """Generated tokens (one window's, or long-form's windows one after another) -> ``[{"timestamp": (start, end),
+    "text"}]``, as transformers' tokenizer (``_decode_asr``) cuts them for its pipeline: a segment opens at a
+    timestamp and closes at the next one that differs; text after the last one is a segment that ends at None; ids
+    from end-of-text up to the timestamps (the special tokens) are left out. Across windows the times go on: a
+    timestamp lower than the one before starts the next window, which began at the last closed pair, or 30 s
+    (``window_positions`` timestamps) after the last window's start when that ended on a lone timestamp.
+    Without timestamps: one segment of all the text, its times None."""
+    chunks, text = [], []
+    start = None
+    latest = offset = penultimate = 0.0
+    for i, token in enumerate(tokens):
+        if token >= timestamp_begin:
+            stamp = float((token - timestamp_begin) * time_precision)
+            if stamp < latest:  # the next window started
+                lone = i >= 2 and not (tokens[i - 1] >= timestamp_begin and tokens[i - 2] >= timestamp_begin)
+                if lone:
+                    offset += time_precision * window_positions
+                else:
+                    latest = penultimate
+                    offset += penultimate
+            penultimate, latest = latest, stamp
+            time = round((token - timestamp_begin) * time_precision + offset, 2)
+            if start is None:
+                start = time
+            elif time != start:  # an equal one is the model repeating the opening timestamp: it opens, not closes
+                chunks.append({"timestamp": (start, time), "text": decode(text)})
+                start, text = None, []
+        elif token < eos_token_id:
+            text.append(token)
+    if text:
+        chunks.append({"timestamp": (start, None), "text": decode(text)})
+    return chunks

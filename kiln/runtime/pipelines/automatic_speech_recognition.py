@@ -5,9 +5,14 @@ for Whisper: ``{"text": ...}``, and with ``return_timestamps=True`` the segments
 Inputs as transformers takes them: a path or URL-less file name, the file's bytes, a 1-D float array at the model's
 rate (16 kHz), or ``{"raw" | "array": array, "sampling_rate": N}`` (resampled); a list of them gives a list of results.
 Files are decoded with soundfile and resampled with soxr (``pip install 'kiln[audio]'``). The artifact's encoder runs
-once per input (30 s window), its cross-attention keys/values stay on the engine's side for the decoder's steps.
+once per 30 s window, its cross-attention keys/values stay on the engine's side for the decoder's steps.
 Options: ``return_timestamps``, ``generate_kwargs`` ({"language", "task", "prompt_ids", "max_new_tokens", sampling
 options}) and ``max_new_tokens`` as transformers takes them.
+
+Audio longer than 30 s is transcribed sequentially, window after window, each starting where the decoder's last
+closed segment ended (openai's algorithm, which transformers' pipeline runs for such audio when no
+``chunk_length_s`` is given): the features of the whole clip are computed at once, the language is detected on the
+first window, and the windows are decoded with timestamps whether or not they are returned.
 
 kiln decodes greedily (or samples): transformers 5's pipeline searches 5 beams unless the checkpoint's generation
 config says otherwise, so the two agree token for token with ``generate_kwargs={"num_beams": 1}`` and may differ
@@ -16,7 +21,9 @@ by a word where two are close without it (beam search is not implemented yet).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +32,7 @@ from kiln.errors import ArtifactError, InputError
 from kiln.runtime.audio import WhisperFeatureExtractor, load_audio
 from kiln.runtime.engines import open_engine
 from kiln.runtime.generate import GenerationConfig
-from kiln.runtime.generate.whisper import TASKS, WhisperDecoding, WhisperSession
+from kiln.runtime.generate.whisper import TASKS, WhisperDecoding, WhisperSession, chunks_from_tokens, split_segments
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -37,10 +44,13 @@ SAMPLING_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_
 
 @dataclass
 class Audio:
-    """What preprocess hands on: the log-mel features of each item, and each clip's length in seconds."""
+    """What preprocess hands on: the log-mel features of the clips that fit one window, batched, and of each longer
+    clip whole (transcribed window after window)."""
 
-    input_features: np.ndarray  # (B, mel bins, frames)
-    seconds: list[float]
+    count: int
+    short: list[int]  # which inputs fit one window
+    input_features: np.ndarray | None  # (len(short), mel bins, window frames)
+    long: list[tuple[int, np.ndarray]]  # (input, (mel bins, frames)) for the longer ones
 
 
 class AutomaticSpeechRecognitionPipeline(Pipeline):
@@ -69,7 +79,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         self.positions = int(self.config.get("max_target_positions") or 448)
         self.defaults = GenerationConfig.from_artifact(self.path).merge(eos_token_id=self.rules.eos_token_id)
         # Seconds per timestamp token: the window over the encoder's positions (30 s / 1500 = 0.02 s).
-        self.time_precision = self.feature_extractor.chunk_length / int(self.config.get("max_source_positions", 1500))
+        self.positions_source = int(self.config.get("max_source_positions", 1500))
+        self.time_precision = self.feature_extractor.chunk_length / self.positions_source
 
     def _sanitize_parameters(self, return_timestamps=None, generate_kwargs=None, language=None, task=None,
                              prompt_ids=None, max_new_tokens=None, do_sample=None, temperature=None, top_k=None,
@@ -122,28 +133,102 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return True, [inputs]
 
     def preprocess(self, items: list) -> Audio:
-        rate = self.feature_extractor.sampling_rate
-        clips = [load_audio(item, sampling_rate=rate) for item in items]
-        seconds = [len(clip) / rate for clip in clips]
-        longest = max(seconds)
-        if longest > self.feature_extractor.chunk_length:
-            raise InputError(f"The audio is {longest:.1f} s long; kiln's Whisper pipeline transcribes up to "
-                             f"{self.feature_extractor.chunk_length} s per input (one window) for now. Split longer "
-                             "audio into pieces of at most that length.")
-        return Audio(self.feature_extractor(clips)["input_features"], seconds)
+        extractor = self.feature_extractor
+        clips = [load_audio(item, sampling_rate=extractor.sampling_rate) for item in items]
+        short = [i for i, clip in enumerate(clips) if extractor._frames(len(clip)) <= extractor.nb_max_frames]
+        features = extractor([clips[i] for i in short])["input_features"] if short else None
+        long = [(i, extractor([clip], padding="longest", truncation=False)["input_features"][0])
+                for i, clip in enumerate(clips) if i not in short]
+        return Audio(len(clips), short, features, long)
 
     def forward(self, model_inputs: Audio, batch_size: int, return_timestamps: bool = False, language=None,
                 task=None, prompt_ids=None, **generation) -> dict:
-        B = model_inputs.input_features.shape[0]
-        cross = self.session.encode(model_inputs.input_features)
+        rows = [None] * model_inputs.count
+        if model_inputs.short:
+            features = model_inputs.input_features
+            cross = self.session.encode(features)
+            prompts = self._prompts(cross, features.shape[0], language, task, bool(return_timestamps), prompt_ids)
+            for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, bool(return_timestamps))):
+                rows[i] = row
+        for i, features in model_inputs.long:
+            rows[i] = [t for segment in self.segments(features, language, task, prompt_ids, generation)
+                       for t in segment["tokens"]]
+        return {"rows": rows, "timestamps": bool(return_timestamps)}
+
+    def segments(self, features: np.ndarray, language=None, task=None, prompt_ids=None, generation=None):
+        """Yield one clip's segments ``{"start", "end", "tokens"}`` (seconds, generated ids) as the windows are
+        decoded: (mel bins, frames) features of the whole clip, any length."""
+        for found in self._windows(features, language, task, prompt_ids, generation or {}):
+            yield from found
+
+    def _windows(self, features: np.ndarray, language, task, prompt_ids, generation: dict):
+        """Each 30 s window's kept segments, window after window (see kiln.runtime.generate.whisper)."""
+        window = self.feature_extractor.nb_max_frames
+        stride = max(window // self.positions_source, 1)  # mel frames per encoder position (2)
+        frames, seek, prompts = features.shape[-1], 0, None
+        while seek < frames:
+            size = min(frames - seek, window)
+            chunk = np.zeros((1, features.shape[0], window), dtype=np.float32)  # zeros after the end, as transformers
+            chunk[0, :, :size] = features[:, seek:seek + size]
+            cross = self.session.encode(chunk)
+            if prompts is None:  # the language is detected on the first window and kept, as transformers does
+                prompts = self._prompts(cross, 1, language, task, True, prompt_ids)
+            tokens = self._decode(cross, prompts, generation, True)[0]
+            found, advance = split_segments(tokens, self.rules.timestamp_begin, size,
+                                            time_offset=seek * self.time_precision / stride,
+                                            time_precision=self.time_precision, input_stride=stride)
+            yield found
+            seek += advance
+
+    def stream(self, inputs, **kwargs) -> Iterator[dict]:
+        """Yield one audio input's segments ``{"timestamp": (start, end), "text"}`` while it is transcribed: the
+        segments of each 30 s window as soon as the window is decoded (one window for audio up to 30 s). They are the
+        ``chunks`` that ``self(inputs, return_timestamps=True, **kwargs)`` returns. Takes a call's options but
+        batch_size and return_timestamps (a stream is one input's timed segments)."""
+        for name in ("batch_size", "return_timestamps"):
+            if name in kwargs:
+                raise InputError(f"stream() takes no {name}: it yields one input's segments with their times.")
+        single, items = self._items(inputs)
+        if not single:
+            raise InputError("stream() transcribes one audio input; call the pipeline for a list.")
+        _, forward, _, _ = self._params(kwargs)
+        forward.pop("return_timestamps", None)  # given at construction: a stream has its times anyway
+        options = {name: forward.pop(name, None) for name in ("language", "task", "prompt_ids")}
+        return self._stream(self.preprocess(items), options, forward)
+
+    def _stream(self, audio: Audio, options: dict, generation: dict) -> Iterator[dict]:
+        def one_window():  # up to 30 s: decoded once, as the pipeline's call does (no move to the last timestamp)
+            cross = self.session.encode(audio.input_features)
+            prompts = self._prompts(cross, 1, options["language"], options["task"], True, options["prompt_ids"])
+            yield [{"tokens": self._decode(cross, prompts, generation, True)[0]}]
+
+        windows = one_window() if audio.short else self._windows(
+            audio.long[0][1], options["language"], options["task"], options["prompt_ids"], generation)
+        tokens, sent = [], 0
+        with contextlib.closing(windows):
+            for found in windows:
+                tokens += [t for segment in found for t in segment["tokens"]]
+                chunks = self._chunks(tokens)
+                closed = len(chunks) - (1 if chunks and chunks[-1]["timestamp"][1] is None else 0)
+                yield from chunks[sent:closed]  # a closed segment does not change as later windows come
+                sent = closed
+        yield from self._chunks(tokens)[sent:]
+
+    def _chunks(self, tokens: list[int]) -> list[dict]:
+        return chunks_from_tokens(tokens, self.tokenizer.decode, self.rules.timestamp_begin, self.rules.eos_token_id,
+                                  self.time_precision, self.positions_source)
+
+    def _prompts(self, cross: dict, batch: int, language, task, timestamps: bool, prompt_ids) -> np.ndarray:
         if language is not None:
-            languages = [self.rules.language_id(language)] * B
+            languages = [self.rules.language_id(language)] * batch
         elif self.rules.multilingual:
-            languages = self.session.detect_language(cross, B).tolist()
+            languages = self.session.detect_language(cross, batch).tolist()
         else:
-            languages = [None] * B
-        prompts = np.array([self.rules.prompt(lang, task, bool(return_timestamps), prompt_ids)
-                            for lang in languages], dtype=np.int64)
+            languages = [None] * batch
+        return np.array([self.rules.prompt(lang, task, timestamps, prompt_ids) for lang in languages], dtype=np.int64)
+
+    def _decode(self, cross: dict, prompts: np.ndarray, generation: dict, timestamps: bool) -> list[list[int]]:
+        """Each row's generated ids after its prompt, up to (without) end-of-text."""
         room = self.positions - prompts.shape[1]
         if room < 1:
             raise InputError(f"The prompt takes {prompts.shape[1]} of the decoder's {self.positions} positions; "
@@ -154,39 +239,17 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         elif config.max_new_tokens > room:
             raise InputError(f"max_new_tokens={config.max_new_tokens} plus the {prompts.shape[1]} prompt tokens "
                              f"exceed the decoder's {self.positions} positions; use at most {room}.")
-        steps = list(self.session.steps(cross, prompts, config, bool(return_timestamps)))
-        tokens = np.stack(steps, axis=1) if steps else np.zeros((B, 0), dtype=np.int64)
-        return {"tokens": tokens, "timestamps": bool(return_timestamps)}
+        steps = list(self.session.steps(cross, prompts, config, timestamps))
+        tokens = np.stack(steps, axis=1) if steps else np.zeros((prompts.shape[0], 0), dtype=np.int64)
+        eos = self.rules.eos_token_id
+        return [row[:row.index(eos)] if eos in row else row for row in tokens.tolist()]
 
     def postprocess(self, model_inputs: Audio, outputs: dict) -> list:
+        """As transformers' tokenizer decodes Whisper for its pipeline: the text of the segments between timestamps,
+        put together; the segments themselves as ``chunks`` when timestamps were asked for."""
         results = []
-        for row in outputs["tokens"].tolist():
-            if self.rules.eos_token_id in row:
-                row = row[:row.index(self.rules.eos_token_id)]
-            if outputs["timestamps"]:
-                text = self.tokenizer.decode([t for t in row if t < self.rules.eos_token_id])
-                results.append({"text": text, "chunks": self._segments(row)})
-            else:
-                results.append({"text": self.tokenizer.decode(row, skip_special_tokens=True)})
+        for row in outputs["rows"]:
+            chunks = self._chunks(row)
+            text = "".join(chunk["text"] for chunk in chunks)
+            results.append({"text": text, "chunks": chunks} if outputs["timestamps"] else {"text": text})
         return results
-
-    def _segments(self, tokens: list[int]) -> list[dict]:
-        """Text between timestamp tokens -> chunks ``{"timestamp": (start, end), "text"}``, as transformers'
-        tokenizer decodes Whisper's output with offsets: a segment opens at a timestamp and closes at the next one;
-        a segment the decoder did not close ends at None."""
-        begin = self.rules.timestamp_begin
-        chunks, start, text = [], None, []
-        for token in tokens:
-            if token >= begin:
-                time = round((token - begin) * self.time_precision, 2)
-                if start is None:
-                    start = time
-                else:
-                    if text:
-                        chunks.append({"timestamp": (start, time), "text": self.tokenizer.decode(text)})
-                    start, text = None, []
-            elif token < self.rules.eos_token_id:  # text (special tokens are left out, as skip_special_tokens)
-                text.append(token)
-        if text:
-            chunks.append({"timestamp": (start, None), "text": self.tokenizer.decode(text)})
-        return chunks
