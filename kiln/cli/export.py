@@ -25,8 +25,9 @@ def add_parser(sub):
     p.add_argument("--keep-failed", action="store_true", help="on validation failure keep the artifact at OUT.failed")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"),
                    help="fp16/bf16: typed half-precision graph with fp32 norms/softmax/reductions (GPUs, TensorRT; "
-                   "bf16 does not run on onnxruntime CPU); int8: dynamic per-channel int8 MatMuls; int4: weight-only "
-                   "int4 (MatMulNBits, for decoders); refused below its accuracy gate against fp32")
+                   "bf16 does not run on onnxruntime CPU); int8: dynamic per-channel int8 MatMuls (encoders), weight-only "
+                   "blockwise (decoders; Whisper: both); int4: weight-only int4 (MatMulNBits, for decoders); refused "
+                   "below its accuracy gate against fp32")
     p.add_argument("--force-precision", action="store_true", help="write a reduced precision even below its gate")
     p.add_argument("--output-hidden-states", action="store_true", help="add hidden_states.{i} graph outputs")
     p.add_argument("--output-attentions", action="store_true", help="add attentions.{i} graph outputs (probabilities)")

@@ -92,9 +92,18 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
         main, *companions = graphs
         preprocessing = copy_preprocessing(source.checkpoint, tmp)
         accuracy = None
-        if opts.precision != "fp32" and main.report["passed"]:
+        if opts.precision != "fp32" and all(graph.report["passed"] for graph in graphs):
             steps(f"Converting to {opts.precision} and measuring its accuracy against the fp32 reference")
-            accuracy, main.traced.ops = reduce_precision(main.runner, main.spec, tmp, opts.precision)
+            if companions:
+                from kiln.exporter.precision import reduce_encoder_decoder_precision
+
+                accuracy, ops = reduce_encoder_decoder_precision(
+                    {graph.name: graph.runner for graph in graphs}, main.spec, tmp,
+                    {graph.name: graph.file for graph in graphs}, opts.precision)
+                for graph in graphs:
+                    graph.traced.ops = ops[graph.name]
+            else:
+                accuracy, main.traced.ops = reduce_precision(main.runner, main.spec, tmp, opts.precision)
         steps("Writing the artifact")
         manifest = build_manifest(source, opts, main.plan, main.spec, main.traced, main.results, main.report,
                                   accuracy, preprocessing, model_file=main.file)
@@ -206,10 +215,10 @@ def resolve(model, opts: ExportOptions) -> Source:
     raw = hub.read_config(checkpoint)
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], opts.task)
-    if arch.spec == "speech-seq2seq" and (opts.precision != "fp32" or opts.head_mask):
-        raise InputError(f"{raw['model_type']} exports in fp32 without --head-mask for now: precisions and head "
-                         "masks for encoder-decoder artifacts are not implemented yet. Leave --precision and "
-                         "--head-mask out.")
+    if arch.spec == "speech-seq2seq" and (opts.precision not in ("fp32", "int8", "fp16") or opts.head_mask):
+        raise InputError(f"{raw['model_type']} exports at fp32, int8 or fp16 without --head-mask for now: "
+                         f"{'--head-mask' if opts.head_mask else opts.precision} for encoder-decoder artifacts is not "
+                         "implemented yet.")
     arch.check_framework(raw["model_type"], opts.framework)
     check_vocabulary(checkpoint, raw)
     return Source(checkpoint, raw, arch, hub.sha256_files(checkpoint.source_files))
@@ -396,7 +405,8 @@ def refuse_failures(report: dict, accuracy: dict | None, opts: ExportOptions, ou
         raise ValidationError(f"Validation {'of ' + title if title else ''}failed: {describe_failure(report)}."
                               f"{where}", report)
     if accuracy is not None and not accuracy["passed"] and not opts.force_precision:
-        metric = next(iter(accuracy))
-        raise ValidationError(f"{opts.precision} is below its accuracy gate: {metric} {accuracy[metric]:.4f} < "
-                              f"{accuracy['gate']} against the fp32 reference. Keep fp32, or pass "
-                              f"--force-precision to write it anyway.{where}", accuracy)
+        gates = accuracy.get("gates") or {next(iter(accuracy)): accuracy["gate"]}  # several for encoder-decoders
+        below = "; ".join(f"{metric} {accuracy[metric]:.4f} < {gate}" for metric, gate in gates.items()
+                          if accuracy[metric] < gate)
+        raise ValidationError(f"{opts.precision} is below its accuracy gate: {below} against the fp32 reference. "
+                              f"Keep fp32, or pass --force-precision to write it anyway.{where}", accuracy)

@@ -73,9 +73,33 @@ def test_the_artifact_decodes_transformers_tokens(artifact, options):
 
 def test_speech_exports_refuse_what_they_do_not_have_yet(tmp_path):
     save_tiny_whisper(tmp_path / "ckpt")
-    with pytest.raises(InputError, match="exports in fp32 without --head-mask for now"):
-        kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK, precision="int8")
+    with pytest.raises(InputError, match="exports at fp32, int8 or fp16 without --head-mask for now: int4"):
+        kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK, precision="int4")
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_quantizes_each_graph_as_its_kind_and_is_gated(tmp_path, monkeypatch):
+    """The encoder's MatMuls dynamic int8 (MatMulInteger), the decoder's weight-only blockwise (MatMulNBits, the tied
+    head too); the gate measures the pair end to end and refuses it below either threshold."""
+    from kiln.errors import ValidationError
+    from kiln.exporter import precision
+
+    save_tiny_whisper(tmp_path / "ckpt", preprocessing=True)
+    manifest = kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK, precision="int8")
+    decoder_ops, encoder_ops = manifest["op_counts"], manifest["encoder"]["op_counts"]
+    # per decoder layer: self-attention q, k, v, o, cross-attention q, o, two MLP layers; and the LM head
+    assert decoder_ops["MatMulNBits"] == 2 * 8 + 1 and "MatMul" not in decoder_ops
+    # per encoder layer q, k, v, o and the MLP's two; the cross-attention keys and values of both decoder layers
+    assert encoder_ops["MatMulInteger"] == 2 * 6 + 2 * 2 and "MatMulNBits" not in encoder_ops
+    accuracy = manifest["accuracy"]
+    assert accuracy["passed"] and set(accuracy["gates"]) == {"next_token_agreement", "encoder_mean_cosine"}
+    assert accuracy["encoder_mean_cosine"] > 0.99 and accuracy["inputs"] == len(precision.SENTENCES)
+    result = kiln.pipeline(TASK, tmp_path / "out")(features(1, seed=1).numpy()[0, 0] * 0.01, max_new_tokens=5)
+    assert isinstance(result["text"], str)
+    monkeypatch.setitem(precision.GATES, "mean_cosine", 1.5)
+    with pytest.raises(ValidationError, match="int8 is below its accuracy gate: encoder_mean_cosine 0.9.* < 1.5"):
+        kiln.export(tmp_path / "ckpt", tmp_path / "refused", task=TASK, precision="int8")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_tools_for_one_graph_say_so(artifact):
