@@ -102,6 +102,20 @@ def test_int8_quantizes_each_graph_as_its_kind_and_is_gated(tmp_path, monkeypatc
     assert not (tmp_path / "refused").exists()
 
 
+def test_fp16_halves_both_graphs(tmp_path):
+    import onnx
+
+    save_tiny_whisper(tmp_path / "ckpt", preprocessing=True)
+    manifest = kiln.export(tmp_path / "ckpt", tmp_path / "out", task=TASK, precision="fp16")
+    assert manifest["precision"] == "fp16" and manifest["accuracy"]["passed"]
+    for name in ("decoder.onnx", "encoder.onnx"):
+        graph = onnx.load(str(tmp_path / "out" / name)).graph
+        assert {i.data_type for i in graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.FLOAT16}, name
+        assert {i.type.tensor_type.elem_type for i in graph.input} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    result = kiln.pipeline(TASK, tmp_path / "out")(features(1, seed=1).numpy()[0, 0] * 0.01, max_new_tokens=5)
+    assert isinstance(result["text"], str)
+
+
 def test_tools_for_one_graph_say_so(artifact):
     _, out, _ = artifact
     with pytest.raises(InputError, match="kiln bench times one-graph artifacts.*bench_whisper.py"):
