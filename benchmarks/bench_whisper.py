@@ -81,7 +81,7 @@ class KilnRunner:
         decoder = open_engine(artifact / manifest["model"], threads=threads, spinning=False)
         encoder = open_engine(artifact / manifest["encoder"]["model"], threads=threads, spinning=False,
                               manifest={**manifest, **manifest["encoder"]})
-        self.pipe = kiln.pipeline(TASK, artifact, engine=decoder)
+        self.pipe = kiln.pipeline(TASK, artifact, engine=decoder, num_beams=1)  # greedy, as every runner here
         self.pipe.session = self.session = WhisperSession(encoder, decoder, self.pipe.rules)
         self.config = GenerationConfig(eos_token_id=EOS)
 

@@ -82,14 +82,14 @@ def test_reference_transcribes_jfk_as_transformers(tiny_en, timestamps):
 
 @pytest.fixture(scope="module")
 def asr(tmp_path_factory, tiny_en):
-    """(kiln's pipeline over the exported tiny.en, transformers' pipeline over the same checkpoint)."""
+    """(kiln's pipeline over the exported tiny.en, greedy, transformers' pipeline over the same checkpoint)."""
     import kiln
 
     path = tiny_en[0]
     out = tmp_path_factory.mktemp("tiny-en") / "artifact"
     kiln.export(path, out, task=TASK)
     theirs = transformers.pipeline(TASK, model=str(path), device="cpu", dtype=torch.float32)
-    return kiln.pipeline(TASK, out), theirs, out
+    return kiln.pipeline(TASK, out, num_beams=1), theirs, out
 
 
 @pytest.fixture(scope="module")
@@ -100,18 +100,21 @@ def speech():
     return load_audio(str(JFK))
 
 
-@pytest.mark.parametrize("options", [{}, {"return_timestamps": True}, {"generate_kwargs": {"max_new_tokens": 6}}])
+@pytest.mark.parametrize("options", [{}, {"return_timestamps": True}, {"generate_kwargs": {"max_new_tokens": 6}},
+                                     {"generate_kwargs": {"num_beams": 1}},
+                                     {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}}])
 def test_pipeline_equals_transformers(asr, speech, options):
-    """transformers 5's pipeline searches 5 beams unless told otherwise (openai's default); kiln decodes greedily,
-    so transformers is asked for one beam (on this clip 5 beams write "And so, my fellow" with timestamps)."""
-    ours, theirs, _ = asr
-    greedy = {**options, "generate_kwargs": {**options.get("generate_kwargs", {}), "num_beams": 1}}
-    expected = theirs(speech.copy(), **greedy)
-    got = ours(speech, **options)
+    """Both pipelines at their defaults search 5 beams (openai's default; on this clip with timestamps they write
+    "And so, my fellow"), or decode greedily with num_beams=1."""
+    import kiln
+
+    _, theirs, out = asr
+    expected = theirs(speech.copy(), **options)
+    got = kiln.pipeline(TASK, out)(speech, **options)
     if "chunks" in expected:  # transformers' timestamps are tuples of floats, as kiln's
         assert [c["timestamp"] for c in got["chunks"]] == [tuple(c["timestamp"]) for c in expected["chunks"]]
     assert got == expected
-    assert len(got["text"].split()) > (3 if options.get("generate_kwargs") else 15)
+    assert len(got["text"].split()) > (3 if "max_new_tokens" in options.get("generate_kwargs", {}) else 15)
 
 
 def long_speech(speech: np.ndarray) -> np.ndarray:
@@ -145,7 +148,7 @@ def test_int8_artifact_transcribes_as_fp32(asr, speech, tiny_en, tmp_path):
     manifest = kiln.export(tiny_en[0], tmp_path / "int8", task=TASK, precision="int8")
     assert manifest["accuracy"]["passed"] and manifest["accuracy"]["next_token_agreement"] > 0.9
     expected = theirs(speech.copy(), return_timestamps=True, generate_kwargs={"num_beams": 1})
-    assert kiln.pipeline(TASK, tmp_path / "int8")(speech, return_timestamps=True) == expected
+    assert kiln.pipeline(TASK, tmp_path / "int8", num_beams=1)(speech, return_timestamps=True) == expected
 
 
 def test_pipeline_inputs_and_batches(asr, speech):
@@ -167,10 +170,10 @@ def test_pipeline_refuses_what_it_cannot_do(asr, speech):
         ours(speech, return_timestamps="word")
     with pytest.raises(InputError, match="English-only"):
         ours(speech, generate_kwargs={"language": "fr"})
-    with pytest.raises(InputError, match="num_beams=4: kiln decodes Whisper greedily or by sampling"):
-        ours(speech, generate_kwargs={"num_beams": 4})
-    with pytest.raises(InputError, match="Unknown generate_kwargs \\['length_penalty'\\]"):
-        ours(speech, generate_kwargs={"length_penalty": 1.0})
+    with pytest.raises(InputError, match="do_sample=True with num_beams=4: kiln samples with one beam"):
+        ours(speech, generate_kwargs={"num_beams": 4, "do_sample": True})
+    with pytest.raises(InputError, match="Unknown generate_kwargs \\['early_stopping'\\]"):
+        ours(speech, generate_kwargs={"early_stopping": True})
     with pytest.raises(InputError, match="exceed the decoder's 448 positions"):
         ours(speech, max_new_tokens=500)
 

@@ -20,6 +20,8 @@ def add_parser(sub):
                    "start and end times (return_timestamps=True)")
     p.add_argument("--language", help="automatic-speech-recognition: the spoken language (a code such as fr, or a "
                    "name); default: detected")
+    p.add_argument("--num-beams", type=int, help="automatic-speech-recognition: beams to search (default 5, as "
+                   "transformers' pipeline; 1 decodes greedily)")
     p.add_argument("--pooling", choices=("mean", "cls"), help="feature-extraction: pool token vectors")
     p.add_argument("--normalize", action="store_true", help="feature-extraction: unit-length pooled vectors")
     p.add_argument("--top-k", type=int,
@@ -82,7 +84,7 @@ def run(args) -> int:
     options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
                "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,
                "max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
-               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams}
     options = {name: value for name, value in options.items() if value is not None}
     if args.all_labels:
         options["top_k"] = None  # text-classification: every label

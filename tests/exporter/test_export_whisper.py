@@ -71,6 +71,24 @@ def test_the_artifact_decodes_transformers_tokens(artifact, options):
     assert got == expected
 
 
+@pytest.mark.parametrize("beams", [2, 4])
+@pytest.mark.parametrize("options", [{"language": "fr"}, {"language": "de", "return_timestamps": True}])
+def test_beam_search_finds_transformers_sequences(artifact, beams, options):
+    """WhisperSession.beam_search over the artifact against transformers' generate(num_beams=...): rows that end
+    on end-of-text and rows cut at max_new_tokens, with and without the timestamp rules."""
+    hf, out, _ = artifact
+    whisper, timestamps = session(out), options.get("return_timestamps", False)
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS)
+    for seed in range(4):
+        feats = features(2, seed=seed)
+        expected = hf.generate(feats, num_beams=beams, max_new_tokens=12, force_unique_generate_call=True,
+                               **options).tolist()
+        prompts = np.array([whisper.rules.prompt(whisper.rules.language_id(options["language"]), None,
+                                                 timestamps)] * 2)
+        got = whisper.beam_search(whisper.encode(feats.numpy(), handles=False), prompts, config, timestamps, beams)
+        assert got == [until_eos(row[prompts.shape[1]:]) for row in expected], seed
+
+
 def test_speech_exports_refuse_what_they_do_not_have_yet(tmp_path):
     save_tiny_whisper(tmp_path / "ckpt")
     with pytest.raises(InputError, match="exports at fp32, int8 or fp16 without --head-mask for now: int4"):

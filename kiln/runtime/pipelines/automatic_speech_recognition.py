@@ -14,9 +14,9 @@ closed segment ended (openai's algorithm, which transformers' pipeline runs for 
 ``chunk_length_s`` is given): the features of the whole clip are computed at once, the language is detected on the
 first window, and the windows are decoded with timestamps whether or not they are returned.
 
-kiln decodes greedily (or samples): transformers 5's pipeline searches 5 beams unless the checkpoint's generation
-config says otherwise, so the two agree token for token with ``generate_kwargs={"num_beams": 1}`` and may differ
-by a word where two are close without it (beam search is not implemented yet).
+Decoding searches 5 beams by default, as transformers' pipeline does (openai's default) unless the artifact's
+``generation_config.json`` sets ``num_beams``; ``num_beams=1`` decodes greedily, ``do_sample=True`` samples (with
+one beam).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from kiln.runtime.tokenizer import Tokenizer
 WHISPER_OPTIONS = ("language", "task", "prompt_ids")
 SAMPLING_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty",
                     "no_repeat_ngram_size")
+SEARCH_OPTIONS = ("num_beams", "length_penalty")
 
 
 @dataclass
@@ -78,6 +79,9 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         self.session = WhisperSession(encoder, self.engine, self.rules)
         self.positions = int(self.config.get("max_target_positions") or 448)
         self.defaults = GenerationConfig.from_artifact(self.path).merge(eos_token_id=self.rules.eos_token_id)
+        # transformers' pipeline searches 5 beams (openai's default) unless the generation config sets another count
+        configured = json.loads(path.read_text()).get("num_beams")
+        self.num_beams = configured if isinstance(configured, int) and configured > 1 else 5
         # Seconds per timestamp token: the window over the encoder's positions (30 s / 1500 = 0.02 s).
         self.positions_source = int(self.config.get("max_source_positions", 1500))
         self.time_precision = self.feature_extractor.chunk_length / self.positions_source
@@ -85,7 +89,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     def _sanitize_parameters(self, return_timestamps=None, generate_kwargs=None, language=None, task=None,
                              prompt_ids=None, max_new_tokens=None, do_sample=None, temperature=None, top_k=None,
                              top_p=None, seed=None, repetition_penalty=None, no_repeat_ngram_size=None,
-                             num_beams=None):
+                             num_beams=None, length_penalty=None):
         """As transformers: generation options either in ``generate_kwargs`` or as keywords of their own."""
         if return_timestamps not in (None, True, False):
             raise InputError(f"return_timestamps={return_timestamps!r}: kiln gives segment timestamps (True) or none "
@@ -93,23 +97,28 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         if not isinstance(generate_kwargs or {}, dict):
             raise InputError(f"generate_kwargs must be a dict, got {type(generate_kwargs).__name__}.")
         generation = dict(generate_kwargs or {})
-        unknown = sorted(set(generation) - set(WHISPER_OPTIONS) - set(SAMPLING_OPTIONS) - {"num_beams"})
+        unknown = sorted(set(generation) - set(WHISPER_OPTIONS) - set(SAMPLING_OPTIONS) - set(SEARCH_OPTIONS))
         if unknown:
             raise InputError(f"Unknown generate_kwargs {unknown}; kiln's Whisper takes "
-                             f"{', '.join(WHISPER_OPTIONS + SAMPLING_OPTIONS)}.")
+                             f"{', '.join(WHISPER_OPTIONS + SAMPLING_OPTIONS + SEARCH_OPTIONS)}.")
         keywords = given(language=language, task=task, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                         num_beams=num_beams)
+                         num_beams=num_beams, length_penalty=length_penalty)
         twice = sorted(set(keywords) & set(generation))
         if twice:
             raise InputError(f"{', '.join(twice)} given twice, as an option and in generate_kwargs; give it once.")
         generation.update(keywords)
-        beams = generation.pop("num_beams", 1)
-        if beams != 1:
-            raise InputError(f"num_beams={beams!r}: kiln decodes Whisper greedily or by sampling (num_beams=1); "
-                             "beam search is not implemented yet. transformers' pipeline searches 5 beams by "
-                             "default, so its text can differ where two words are close.")
+        search = {k: generation.pop(k) for k in SEARCH_OPTIONS if k in generation}
+        beams = search.get("num_beams", 1 if generation.get("do_sample") else self.num_beams)
+        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+            raise InputError(f"num_beams must be a positive integer, got {beams!r}.")
+        if beams > 1 and generation.get("do_sample"):
+            raise InputError(f"do_sample=True with num_beams={beams}: kiln samples with one beam; pass num_beams=1 "
+                             "to sample, or leave do_sample out to search beams.")
+        penalty = search.get("length_penalty", 1.0)
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not np.isfinite(penalty):
+            raise InputError(f"length_penalty must be a number, got {penalty!r}.")
         whisper = {k: generation.pop(k) for k in WHISPER_OPTIONS if k in generation}
         if whisper.get("task") is not None and whisper["task"] not in TASKS:
             raise InputError(f"task must be 'transcribe' or 'translate', got {whisper['task']!r}.")
@@ -122,7 +131,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                                  "prompt text, after <|startofprev|>).")
             whisper["prompt_ids"] = ids.tolist()
         self.defaults.merge(**generation)  # checks the values now
-        forward = {**given(return_timestamps=return_timestamps), **given(**whisper), **given(**generation)}
+        forward = {**given(return_timestamps=return_timestamps), **given(**whisper), **given(**generation),
+                   **given(**search)}
         return {}, forward, {}
 
     def _items(self, inputs) -> tuple[bool, list]:
@@ -146,7 +156,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         rows = [None] * model_inputs.count
         if model_inputs.short:
             features = model_inputs.input_features
-            cross = self.session.encode(features)
+            cross = self.session.encode(features, handles=self._beams(generation) == 1)
             prompts = self._prompts(cross, features.shape[0], language, task, bool(return_timestamps), prompt_ids)
             for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, bool(return_timestamps))):
                 rows[i] = row
@@ -170,7 +180,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             size = min(frames - seek, window)
             chunk = np.zeros((1, features.shape[0], window), dtype=np.float32)  # zeros after the end, as transformers
             chunk[0, :, :size] = features[:, seek:seek + size]
-            cross = self.session.encode(chunk)
+            cross = self.session.encode(chunk, handles=self._beams(generation) == 1)
             if prompts is None:  # the language is detected on the first window and kept, as transformers does
                 prompts = self._prompts(cross, 1, language, task, True, prompt_ids)
             tokens = self._decode(cross, prompts, generation, True)[0]
@@ -198,7 +208,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     def _stream(self, audio: Audio, options: dict, generation: dict) -> Iterator[dict]:
         def one_window():  # up to 30 s: decoded once, as the pipeline's call does (no move to the last timestamp)
-            cross = self.session.encode(audio.input_features)
+            cross = self.session.encode(audio.input_features, handles=self._beams(generation) == 1)
             prompts = self._prompts(cross, 1, options["language"], options["task"], True, options["prompt_ids"])
             yield [{"tokens": self._decode(cross, prompts, generation, True)[0]}]
 
@@ -218,6 +228,9 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return chunks_from_tokens(tokens, self.tokenizer.decode, self.rules.timestamp_begin, self.rules.eos_token_id,
                                   self.time_precision, self.positions_source)
 
+    def _beams(self, generation: dict) -> int:
+        return generation.get("num_beams", 1 if generation.get("do_sample") else self.num_beams)
+
     def _prompts(self, cross: dict, batch: int, language, task, timestamps: bool, prompt_ids) -> np.ndarray:
         if language is not None:
             languages = [self.rules.language_id(language)] * batch
@@ -233,12 +246,17 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         if room < 1:
             raise InputError(f"The prompt takes {prompts.shape[1]} of the decoder's {self.positions} positions; "
                              "shorten prompt_ids.")
+        search = {k: generation[k] for k in SEARCH_OPTIONS if k in generation}
+        generation = {k: v for k, v in generation.items() if k not in SEARCH_OPTIONS}
         config = self.defaults.merge(**generation)
         if "max_new_tokens" not in generation:
             config = config.merge(max_new_tokens=room)  # transformers: up to the decoder's last position
         elif config.max_new_tokens > room:
             raise InputError(f"max_new_tokens={config.max_new_tokens} plus the {prompts.shape[1]} prompt tokens "
                              f"exceed the decoder's {self.positions} positions; use at most {room}.")
+        beams = self._beams({**generation, **search})
+        if beams > 1:
+            return self.session.beam_search(cross, prompts, config, timestamps, beams, search.get("length_penalty", 1.0))
         steps = list(self.session.steps(cross, prompts, config, timestamps))
         tokens = np.stack(steps, axis=1) if steps else np.zeros((prompts.shape[0], 0), dtype=np.int64)
         eos = self.rules.eos_token_id
