@@ -139,6 +139,19 @@ def test_long_audio_is_transcribed_window_after_window_as_transformers(asr, spee
     assert list(ours.stream(clip)) == got["chunks"]  # the same segments, window by window
 
 
+@pytest.mark.parametrize("options", [{"chunk_length_s": 30, "return_timestamps": True},
+                                     {"chunk_length_s": 12, "stride_length_s": [2, 3], "batch_size": 4}])
+def test_chunked_long_audio_as_transformers(asr, speech, options):
+    """chunk_length_s: overlapping chunks (decoded batch_size at a time), their texts merged where they overlap and
+    their segments' times shifted, as transformers' pipeline does (each chunk with timestamps moves on within its 30 s
+    as its generate does)."""
+    ours, theirs, _ = asr
+    clip = long_speech(speech)
+    expected = theirs(clip.copy(), generate_kwargs={"num_beams": 1}, **options)
+    assert ours(clip, **options) == expected
+    assert expected["text"].count("ask not what your country can do for you") >= 3
+
+
 def test_int8_artifact_transcribes_as_fp32(asr, speech, tiny_en, tmp_path):
     """The int8 artifact (encoder dynamic int8, decoder weight-only int8) writes transformers' fp32 text and
     segments on real speech, and its gate's figures are in kiln.json."""

@@ -11,7 +11,8 @@ import torch
 from kiln.errors import ConfigError, InputError
 from kiln.graphs.checkpoint import from_pretrained
 from kiln.runtime.generate import GenerationConfig, process_logits
-from kiln.runtime.generate.whisper import WhisperDecoding, chunks_from_tokens, split_segments
+from kiln.runtime.generate.whisper import (WhisperDecoding, chunks_from_tokens, decode_asr,
+                                          longest_common_sequence, split_segments)
 
 transformers = pytest.importorskip("transformers")
 
@@ -238,3 +239,40 @@ def test_tokens_of_many_windows_decode_as_transformers_pipeline():
                 assert chunks == [{"timestamp": c["timestamp"], "text": c["text"]} for c in extra.get("chunks", [])], \
                     tokens
     assert windows_with_stamps > 200
+
+
+def test_overlapping_chunks_merge_as_transformers_pipeline():
+    """decode_asr over chunk_length_s's overlapping chunks (each its own window's tokens, with its stride) against
+    transformers' _decode_asr: the times shifted per chunk, the timestamps in the overlaps skipped, the texts merged
+    where they overlap."""
+    from transformers.models.whisper.tokenization_whisper import _decode_asr, _find_longest_common_sequence
+
+    hf_tokenizer = transformers.WhisperTokenizer(tokenizer_object=tiny_tokenizer())
+    decode = tiny_tokenizer().decode
+    rng = np.random.default_rng(3)
+    for case in range(300):
+        shared = [int(t) for t in rng.integers(0, EOS, 6)]
+        outputs = []
+        n = int(rng.integers(1, 5))
+        for k in range(n):
+            tokens = window_tokens(rng, int(rng.integers(0, 10)))
+            if rng.random() < 0.7 and tokens:  # chunks that overlap say some of the same words
+                cut = int(rng.integers(0, len(tokens) + 1))
+                tokens = tokens[:cut] + shared[:int(rng.integers(2, 7))] + tokens[cut:]
+            if rng.random() < 0.5:
+                tokens = [t for t in tokens if t < BEGIN]  # decoded without timestamps
+            left = 0.0 if k == 0 else float(rng.choice([0.2, 0.5, 5.0]))
+            right = 0.0 if k == n - 1 else float(rng.choice([0.2, 0.5, 5.0]))
+            outputs.append((tokens, (float(rng.choice([0.5, 30.0])), left, right)))
+        theirs = [{"tokens": torch.tensor([t]), "stride": stride} for t, stride in outputs]
+        for timestamps in (True, False):
+            text, extra = _decode_asr(hf_tokenizer, theirs, return_timestamps=timestamps, return_language=False,
+                                      time_precision=0.02)
+            chunks = decode_asr(outputs, decode, BEGIN, EOS)
+            assert "".join(c["text"] for c in chunks) == text, outputs
+            if timestamps:
+                assert chunks == [{"timestamp": c["timestamp"], "text": c["text"]} for c in extra.get("chunks", [])], \
+                    outputs
+        sequences = [t for t, _ in outputs if t]
+        if sequences:
+            assert longest_common_sequence(sequences) == _find_longest_common_sequence(sequences)

@@ -413,11 +413,43 @@ def chunks_from_tokens(tokens: list[int], decode, timestamp_begin: int, eos_toke
     timestamp lower than the one before starts the next window, which began at the last closed pair, or 30 s
     (``window_positions`` timestamps) after the last window's start when that ended on a lone timestamp.
     Without timestamps: one segment of all the text, its times None."""
-    chunks, text = [], []
-    start = None
-    latest = offset = penultimate = 0.0
-    for i, token in enumerate(tokens):
-        if token >= timestamp_begin:
+    return decode_asr([(tokens, None)], decode, timestamp_begin, eos_token_id, time_precision, window_positions)
+
+
+def decode_asr(outputs: list[tuple[list[int], tuple | None]], decode, timestamp_begin: int, eos_token_id: int,
+               time_precision: float = 0.02, window_positions: int = 1500) -> list[dict]:
+    """``chunks_from_tokens`` over the outputs of overlapping chunks (transformers' pipeline's ``chunk_length_s``):
+    ``(tokens, stride)`` per chunk, ``stride`` = (chunk seconds, left overlap, right overlap) or None. As
+    transformers' ``_decode_asr``: the times of each chunk are shifted by where it starts; a timestamp in the right
+    overlap is not a boundary (the next chunk, which hears that audio in its middle, decides), one in the left overlap
+    neither; the texts of the chunks a segment spans are merged where they overlap (``longest_common_sequence``)."""
+    def segment():
+        return {"timestamp": [None, None], "text": ""}
+
+    chunks, chunk, previous, skip, time_offset = [], segment(), [], False, 0.0
+    for tokens, stride in outputs:
+        tokens = list(tokens)
+        last_timestamp, first_timestamp = None, timestamp_begin
+        latest = offset = penultimate = 0.0
+        if stride is not None:
+            length, left, right = stride
+            time_offset -= left
+            right_start = length - right
+            if left:
+                first_timestamp = left / time_precision + timestamp_begin
+            if right:
+                for token in reversed(tokens):  # the timestamps in the right overlap; the last one always goes
+                    if token >= timestamp_begin:
+                        if last_timestamp is not None and (token - timestamp_begin) * time_precision < right_start:
+                            break
+                        last_timestamp = token
+        current = []
+        for i, token in enumerate(tokens):
+            if eos_token_id <= token < timestamp_begin:
+                continue  # special tokens
+            if token < timestamp_begin:
+                current.append(token)
+                continue
             stamp = float((token - timestamp_begin) * time_precision)
             if stamp < latest:  # the next window started
                 lone = i >= 2 and not (tokens[i - 1] >= timestamp_begin and tokens[i - 2] >= timestamp_begin)
@@ -427,14 +459,48 @@ def chunks_from_tokens(tokens: list[int], decode, timestamp_begin: int, eos_toke
                     latest = penultimate
                     offset += penultimate
             penultimate, latest = latest, stamp
-            time = round((token - timestamp_begin) * time_precision + offset, 2)
-            if start is None:
-                start = time
-            elif time != start:  # an equal one is the model repeating the opening timestamp: it opens, not closes
-                chunks.append({"timestamp": (start, time), "text": decode(text)})
-                start, text = None, []
-        elif token < eos_token_id:
-            text.append(token)
-    if text:
-        chunks.append({"timestamp": (start, None), "text": decode(text)})
-    return chunks
+            time = round((token - timestamp_begin) * time_precision + time_offset + offset, 2)
+            if last_timestamp and token >= last_timestamp:
+                skip = True  # in the right overlap: not a boundary, nor the one paired with it
+            elif skip or (previous and token < first_timestamp):
+                skip = False
+            elif chunk["timestamp"][0] is None:
+                chunk["timestamp"][0] = time
+            elif time != chunk["timestamp"][0]:  # an equal one is the model repeating the opening: it opens
+                chunk["timestamp"][1] = time
+                previous.append(current)
+                chunk["text"] = decode(longest_common_sequence(previous))
+                chunks.append(chunk)
+                previous, current, chunk = [], [], segment()
+        if stride is not None:
+            time_offset += length - right
+        if current:
+            previous.append(current)
+        elif not any(previous):
+            previous, chunk = [], segment()
+    if previous:
+        chunk["text"] = decode(longest_common_sequence(previous))
+        chunks.append(chunk)
+    return [{"timestamp": tuple(c["timestamp"]), "text": c["text"]} for c in chunks]
+
+
+def longest_common_sequence(sequences: list[list[int]]) -> list[int]:
+    """Token lists of overlapping chunks, in order -> one list, as transformers' Whisper tokenizer merges them
+    (``_find_longest_common_sequence``): each next list is slid along the end of what came before, the alignment
+    with the most matching tokens (more than one, ties to the longer overlap) is taken, and the overlap is split in
+    its middle, the left half from the earlier chunk, the right half from the later one."""
+    left = list(sequences[0])
+    total = []
+    for right in sequences[1:]:
+        best, where = 0.0, (len(left), len(left), 0, 0)
+        for i in range(1, len(left) + len(right)):
+            left_start, left_stop = max(0, len(left) - i), min(len(left), len(left) + len(right) - i)
+            right_start, right_stop = max(0, i - len(left)), min(len(right), i)
+            matches = int(np.sum(np.array(left[left_start:left_stop]) == np.array(right[right_start:right_stop])))
+            score = matches / i + i / 10000.0  # the epsilon favours long perfect matches
+            if matches > 1 and score > best:
+                best, where = score, (left_start, left_stop, right_start, right_stop)
+        left_start, left_stop, right_start, right_stop = where
+        total.extend(left[:(left_stop + left_start) // 2])
+        left = list(right[(right_stop + right_start) // 2:])
+    return total + left

@@ -12,7 +12,9 @@ options}) and ``max_new_tokens`` as transformers takes them.
 Audio longer than 30 s is transcribed sequentially, window after window, each starting where the decoder's last
 closed segment ended (openai's algorithm, which transformers' pipeline runs for such audio when no
 ``chunk_length_s`` is given): the features of the whole clip are computed at once, the language is detected on the
-first window, and the windows are decoded with timestamps whether or not they are returned.
+first window, and the windows are decoded with timestamps whether or not they are returned. With ``chunk_length_s``
+(and ``stride_length_s``, default a sixth of it on each side) the audio is cut into overlapping chunks instead, decoded
+``batch_size`` at a time and merged where they overlap, as transformers' pipeline does.
 
 Decoding searches 5 beams by default, as transformers' pipeline does (openai's default) unless the artifact's
 ``generation_config.json`` sets ``num_beams``; ``num_beams=1`` decodes greedily, ``do_sample=True`` samples (with
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from kiln.errors import ArtifactError, InputError
 from kiln.runtime.audio import WhisperFeatureExtractor, load_audio
 from kiln.runtime.engines import open_engine
 from kiln.runtime.generate import GenerationConfig
-from kiln.runtime.generate.whisper import TASKS, WhisperDecoding, WhisperSession, chunks_from_tokens, split_segments
+from kiln.runtime.generate.whisper import TASKS, WhisperDecoding, WhisperSession, decode_asr, split_segments
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -52,6 +54,8 @@ class Audio:
     short: list[int]  # which inputs fit one window
     input_features: np.ndarray | None  # (len(short), mel bins, window frames)
     long: list[tuple[int, np.ndarray]]  # (input, (mel bins, frames)) for the longer ones
+    # with chunk_length_s, every input: (input, (chunks, mel bins, window frames), each chunk's stride in seconds)
+    chunked: list[tuple[int, np.ndarray, list]] = field(default_factory=list)
 
 
 class AutomaticSpeechRecognitionPipeline(Pipeline):
@@ -89,7 +93,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     def _sanitize_parameters(self, return_timestamps=None, generate_kwargs=None, language=None, task=None,
                              prompt_ids=None, max_new_tokens=None, do_sample=None, temperature=None, top_k=None,
                              top_p=None, seed=None, repetition_penalty=None, no_repeat_ngram_size=None,
-                             num_beams=None, length_penalty=None):
+                             num_beams=None, length_penalty=None, chunk_length_s=None, stride_length_s=None):
         """As transformers: generation options either in ``generate_kwargs`` or as keywords of their own."""
         if return_timestamps not in (None, True, False):
             raise InputError(f"return_timestamps={return_timestamps!r}: kiln gives segment timestamps (True) or none "
@@ -133,7 +137,30 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         self.defaults.merge(**generation)  # checks the values now
         forward = {**given(return_timestamps=return_timestamps), **given(**whisper), **given(**generation),
                    **given(**search)}
-        return {}, forward, {}
+        return self._chunking(chunk_length_s, stride_length_s), forward, {}
+
+    def _chunking(self, chunk_length_s, stride_length_s) -> dict:
+        """chunk_length_s / stride_length_s, checked, in samples (as transformers' pipeline rounds them)."""
+        if chunk_length_s is None:
+            if stride_length_s is not None:
+                raise InputError("stride_length_s goes with chunk_length_s: give both, or neither.")
+            return {}
+        limit = self.feature_extractor.chunk_length
+        if isinstance(chunk_length_s, bool) or not isinstance(chunk_length_s, (int, float)) \
+                or not 0 < chunk_length_s <= limit:
+            raise InputError(f"chunk_length_s must be a number of seconds in (0, {limit}] (Whisper hears {limit} s "
+                             f"at a time), got {chunk_length_s!r}.")
+        stride = chunk_length_s / 6 if stride_length_s is None else stride_length_s
+        stride = [stride, stride] if isinstance(stride, (int, float)) and not isinstance(stride, bool) else stride
+        if not isinstance(stride, (list, tuple)) or len(stride) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in stride):
+            raise InputError(f"stride_length_s must be seconds >= 0, or [left, right], got {stride_length_s!r}.")
+        rate = self.feature_extractor.sampling_rate
+        length, left, right = (int(round(v * rate)) for v in (chunk_length_s, *stride))
+        if length <= left + right:
+            raise InputError(f"chunk_length_s={chunk_length_s} must be longer than the strides on both sides "
+                             f"({stride[0]} + {stride[1]} s).")
+        return {"chunk": (length, left, right)}
 
     def _items(self, inputs) -> tuple[bool, list]:
         if isinstance(inputs, (list, tuple)):
@@ -142,27 +169,61 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             return False, list(inputs)
         return True, [inputs]
 
-    def preprocess(self, items: list) -> Audio:
+    def preprocess(self, items: list, chunk: tuple | None = None) -> Audio:
         extractor = self.feature_extractor
         clips = [load_audio(item, sampling_rate=extractor.sampling_rate) for item in items]
+        if chunk is not None:
+            return Audio(len(clips), [], None, [], [(i, *self._chunks(clip, *chunk)) for i, clip in enumerate(clips)])
         short = [i for i, clip in enumerate(clips) if extractor._frames(len(clip)) <= extractor.nb_max_frames]
         features = extractor([clips[i] for i in short])["input_features"] if short else None
         long = [(i, extractor([clip], padding="longest", truncation=False)["input_features"][0])
                 for i, clip in enumerate(clips) if i not in short]
         return Audio(len(clips), short, features, long)
 
+    def _chunks(self, clip: np.ndarray, length: int, left: int, right: int) -> tuple[np.ndarray, list]:
+        """One clip cut as transformers' pipeline cuts it (``chunk_iter``): chunks of ``length`` samples overlapping
+        by ``left`` + ``right``, no overlap before the first or after the last; each chunk's features and its stride
+        (seconds of the chunk, of its left and right overlap)."""
+        rate, pieces, strides = self.feature_extractor.sampling_rate, [], []
+        for start in range(0, len(clip), length - left - right):
+            piece = clip[start:start + length]
+            last = start + length >= len(clip)
+            overlap_left, overlap_right = (0 if start == 0 else left), (0 if last else right)
+            if len(piece) > overlap_left:
+                pieces.append(piece)
+                strides.append((len(piece) / rate, overlap_left / rate, overlap_right / rate))
+            if last:
+                break
+        return self.feature_extractor(pieces)["input_features"], strides
+
     def forward(self, model_inputs: Audio, batch_size: int, return_timestamps: bool = False, language=None,
                 task=None, prompt_ids=None, **generation) -> dict:
         rows = [None] * model_inputs.count
+        if return_timestamps:  # transformers' generate moves on from the last closed segment within 30 s too
+            model_inputs = Audio(model_inputs.count, [], None, [
+                *model_inputs.long, *zip(model_inputs.short, list(model_inputs.input_features)
+                                         if model_inputs.short else [])],
+                model_inputs.chunked)
         if model_inputs.short:
             features = model_inputs.input_features
             cross = self.session.encode(features, handles=self._beams(generation) == 1)
             prompts = self._prompts(cross, features.shape[0], language, task, bool(return_timestamps), prompt_ids)
             for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, bool(return_timestamps))):
-                rows[i] = row
+                rows[i] = [(row, None)]
         for i, features in model_inputs.long:
-            rows[i] = [t for segment in self.segments(features, language, task, prompt_ids, generation)
-                       for t in segment["tokens"]]
+            rows[i] = [([t for segment in self.segments(features, language, task, prompt_ids, generation)
+                         for t in segment["tokens"]], None)]
+        for i, features, strides in model_inputs.chunked:  # chunks decoded batch_size at a time, merged after
+            tokens = []
+            for piece in features if return_timestamps else ():
+                tokens.append([t for segment in self.segments(piece, language, task, prompt_ids, generation)
+                               for t in segment["tokens"]])
+            for start in range(0, len(features) if not return_timestamps else 0, batch_size):
+                part = features[start:start + batch_size]
+                cross = self.session.encode(part, handles=self._beams(generation) == 1)
+                prompts = self._prompts(cross, len(part), language, task, bool(return_timestamps), prompt_ids)
+                tokens += self._decode(cross, prompts, generation, bool(return_timestamps))
+            rows[i] = list(zip(tokens, strides))
         return {"rows": rows, "timestamps": bool(return_timestamps)}
 
     def segments(self, features: np.ndarray, language=None, task=None, prompt_ids=None, generation=None):
@@ -195,9 +256,10 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         segments of each 30 s window as soon as the window is decoded (one window for audio up to 30 s). They are the
         ``chunks`` that ``self(inputs, return_timestamps=True, **kwargs)`` returns. Takes a call's options but
         batch_size and return_timestamps (a stream is one input's timed segments)."""
-        for name in ("batch_size", "return_timestamps"):
+        for name in ("batch_size", "return_timestamps", "chunk_length_s", "stride_length_s"):
             if name in kwargs:
-                raise InputError(f"stream() takes no {name}: it yields one input's segments with their times.")
+                raise InputError(f"stream() takes no {name}: it yields one input's segments with their times, "
+                                 "window after window.")
         single, items = self._items(inputs)
         if not single:
             raise InputError("stream() transcribes one audio input; call the pipeline for a list.")
@@ -207,26 +269,21 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return self._stream(self.preprocess(items), options, forward)
 
     def _stream(self, audio: Audio, options: dict, generation: dict) -> Iterator[dict]:
-        def one_window():  # up to 30 s: decoded once, as the pipeline's call does (no move to the last timestamp)
-            cross = self.session.encode(audio.input_features, handles=self._beams(generation) == 1)
-            prompts = self._prompts(cross, 1, options["language"], options["task"], True, options["prompt_ids"])
-            yield [{"tokens": self._decode(cross, prompts, generation, True)[0]}]
-
-        windows = one_window() if audio.short else self._windows(
-            audio.long[0][1], options["language"], options["task"], options["prompt_ids"], generation)
+        features = audio.input_features[0] if audio.short else audio.long[0][1]  # up to 30 s: padded to 30 s
+        windows = self._windows(features, options["language"], options["task"], options["prompt_ids"], generation)
         tokens, sent = [], 0
         with contextlib.closing(windows):
             for found in windows:
                 tokens += [t for segment in found for t in segment["tokens"]]
-                chunks = self._chunks(tokens)
+                chunks = self._timed(tokens)
                 closed = len(chunks) - (1 if chunks and chunks[-1]["timestamp"][1] is None else 0)
                 yield from chunks[sent:closed]  # a closed segment does not change as later windows come
                 sent = closed
-        yield from self._chunks(tokens)[sent:]
+        yield from self._timed(tokens)[sent:]
 
-    def _chunks(self, tokens: list[int]) -> list[dict]:
-        return chunks_from_tokens(tokens, self.tokenizer.decode, self.rules.timestamp_begin, self.rules.eos_token_id,
-                                  self.time_precision, self.positions_source)
+    def _timed(self, tokens: list[int]) -> list[dict]:
+        return decode_asr([(tokens, None)], self.tokenizer.decode, self.rules.timestamp_begin,
+                          self.rules.eos_token_id, self.time_precision, self.positions_source)
 
     def _beams(self, generation: dict) -> int:
         return generation.get("num_beams", 1 if generation.get("do_sample") else self.num_beams)
@@ -267,7 +324,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         put together; the segments themselves as ``chunks`` when timestamps were asked for."""
         results = []
         for row in outputs["rows"]:
-            chunks = self._chunks(row)
+            chunks = decode_asr(row, self.tokenizer.decode, self.rules.timestamp_begin, self.rules.eos_token_id,
+                                self.time_precision, self.positions_source)
             text = "".join(chunk["text"] for chunk in chunks)
             results.append({"text": text, "chunks": chunks} if outputs["timestamps"] else {"text": text})
         return results
