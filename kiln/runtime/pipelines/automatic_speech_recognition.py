@@ -204,27 +204,30 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                 *model_inputs.long, *zip(model_inputs.short, list(model_inputs.input_features)
                                          if model_inputs.short else [])],
                 model_inputs.chunked)
-        if model_inputs.short:
+        if model_inputs.short:  # without timestamps: one decode per clip, the clips together
             features = model_inputs.input_features
             cross = self.session.encode(features, handles=self._beams(generation) == 1)
-            prompts = self._prompts(cross, features.shape[0], language, task, bool(return_timestamps), prompt_ids)
-            for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, bool(return_timestamps))):
+            prompts = self._prompts(cross, features.shape[0], language, task, False, prompt_ids)
+            for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, False)):
                 rows[i] = [(row, None)]
         for i, features in model_inputs.long:
-            rows[i] = [([t for segment in self.segments(features, language, task, prompt_ids, generation)
-                         for t in segment["tokens"]], None)]
-        for i, features, strides in model_inputs.chunked:  # chunks decoded batch_size at a time, merged after
-            tokens = []
-            for piece in features if return_timestamps else ():
-                tokens.append([t for segment in self.segments(piece, language, task, prompt_ids, generation)
-                               for t in segment["tokens"]])
-            for start in range(0, len(features) if not return_timestamps else 0, batch_size):
-                part = features[start:start + batch_size]
-                cross = self.session.encode(part, handles=self._beams(generation) == 1)
-                prompts = self._prompts(cross, len(part), language, task, bool(return_timestamps), prompt_ids)
-                tokens += self._decode(cross, prompts, generation, bool(return_timestamps))
+            rows[i] = [(self._tokens(features, language, task, prompt_ids, generation), None)]
+        for i, features, strides in model_inputs.chunked:  # merged where they overlap by postprocess
+            if return_timestamps:  # each chunk window after window, as transformers' generate with timestamps
+                tokens = [self._tokens(piece, language, task, prompt_ids, generation) for piece in features]
+            else:  # batch_size chunks at a time
+                tokens = []
+                for start in range(0, len(features), batch_size):
+                    part = features[start:start + batch_size]
+                    cross = self.session.encode(part, handles=self._beams(generation) == 1)
+                    prompts = self._prompts(cross, len(part), language, task, False, prompt_ids)
+                    tokens += self._decode(cross, prompts, generation, False)
             rows[i] = list(zip(tokens, strides))
         return {"rows": rows, "timestamps": bool(return_timestamps)}
+
+    def _tokens(self, features: np.ndarray, language, task, prompt_ids, generation: dict) -> list[int]:
+        return [t for segment in self.segments(features, language, task, prompt_ids, generation)
+                for t in segment["tokens"]]
 
     def segments(self, features: np.ndarray, language=None, task=None, prompt_ids=None, generation=None):
         """Yield one clip's segments ``{"start", "end", "tokens"}`` (seconds, generated ids) as the windows are
