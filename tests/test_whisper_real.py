@@ -102,7 +102,9 @@ def speech():
 
 @pytest.mark.parametrize("options", [{}, {"return_timestamps": True}, {"generate_kwargs": {"max_new_tokens": 6}},
                                      {"generate_kwargs": {"num_beams": 1}},
-                                     {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}}])
+                                     {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}},
+                                     {"return_timestamps": "word"},
+                                     {"return_timestamps": "word", "generate_kwargs": {"num_beams": 1}}])
 def test_pipeline_equals_transformers(asr, speech, options):
     """Both pipelines at their defaults search 5 beams (openai's default; on this clip with timestamps they write
     "And so, my fellow"), or decode greedily with num_beams=1."""
@@ -137,9 +139,13 @@ def test_long_audio_is_transcribed_window_after_window_as_transformers(asr, spee
     assert ends[-1] > 45 and ends == sorted(ends)
     assert ours(clip) == {"text": expected["text"]}
     assert list(ours.stream(clip)) == got["chunks"]  # the same segments, window by window
+    words = ours(clip, return_timestamps="word")  # each window's words, timed from the start of the audio
+    assert words == theirs(clip.copy(), return_timestamps="word", generate_kwargs={"num_beams": 1})
+    assert words["chunks"][-1]["timestamp"][1] > 45
 
 
 @pytest.mark.parametrize("options", [{"chunk_length_s": 30, "return_timestamps": True},
+                                     {"chunk_length_s": 20, "return_timestamps": "word"},
                                      {"chunk_length_s": 12, "stride_length_s": [2, 3], "batch_size": 4}])
 def test_chunked_long_audio_as_transformers(asr, speech, options):
     """chunk_length_s: overlapping chunks (decoded batch_size at a time), their texts merged where they overlap and
@@ -179,8 +185,8 @@ def test_pipeline_refuses_what_it_cannot_do(asr, speech):
     from kiln.errors import InputError
 
     ours, _, _ = asr
-    with pytest.raises(InputError, match="word timestamps \\('word'\\) are not implemented yet"):
-        ours(speech, return_timestamps="word")
+    with pytest.raises(InputError, match="Whisper gives segment timestamps \\(True\\), word timestamps"):
+        ours(speech, return_timestamps="char")
     with pytest.raises(InputError, match="English-only"):
         ours(speech, generate_kwargs={"language": "fr"})
     with pytest.raises(InputError, match="do_sample=True with num_beams=4: kiln samples with one beam"):
@@ -199,6 +205,12 @@ def test_cli_transcribes_files(asr, capsys, tmp_path):
     line = json.loads(capsys.readouterr().out)
     line_chunks = line["output"]["chunks"]
     assert line["input"] == str(JFK) and [c["timestamp"] for c in line_chunks] == [[0.0, 8.0], [8.0, 11.0]]
+    assert main(["run", str(out), str(JFK), "--word-timestamps"]) == 0
+    words = json.loads(capsys.readouterr().out)["output"]["chunks"]
+    assert [w["text"] for w in words[:3]] == [" And", " so,", " my"] and words[-1]["text"] == " country."  # 5 beams
+    assert words[0]["timestamp"][0] == 0.0 and 10 < words[-1]["timestamp"][1] <= 11
+    assert main(["run", str(out), str(JFK), "--word-timestamps", "--timestamps"]) == 1
+    assert "give one" in capsys.readouterr().err
     assert main(["run", str(out), str(JFK), "--stream"]) == 0
     lines = [json.loads(text) for text in capsys.readouterr().out.splitlines()]
     assert [(line["input"], line["timestamp"], line["text"]) for line in lines] == [

@@ -18,6 +18,8 @@ def add_parser(sub):
     p.add_argument("--task", help="task (default: the artifact's); for speech, transcribe or translate (to English)")
     p.add_argument("--timestamps", action="store_true", help="automatic-speech-recognition: segments with their "
                    "start and end times (return_timestamps=True)")
+    p.add_argument("--word-timestamps", action="store_true", help="automatic-speech-recognition: every word with "
+                   "its start and end times (return_timestamps='word')")
     p.add_argument("--language", help="automatic-speech-recognition: the spoken language (a code such as fr, or a "
                    "name); default: detected")
     p.add_argument("--num-beams", type=int, help="automatic-speech-recognition: beams to search (default 5, as "
@@ -88,8 +90,13 @@ def run(args) -> int:
     options = {name: value for name, value in options.items() if value is not None}
     if args.all_labels:
         options["top_k"] = None  # text-classification: every label
-    if args.timestamps:
-        options["return_timestamps"] = True
+    if args.timestamps and args.word_timestamps:
+        raise InputError("--timestamps and --word-timestamps: give one (segments, or words).")
+    if args.stream and args.word_timestamps:
+        raise InputError("--stream prints segments as they are decoded; --word-timestamps prints every word once the "
+                         "audio is done. Give one.")
+    if args.timestamps or args.word_timestamps:
+        options["return_timestamps"] = "word" if args.word_timestamps else True
     speech = {name: value for name, value in (("language", args.language), ("task", speech_task)) if value}
     if speech:
         options["generate_kwargs"] = speech

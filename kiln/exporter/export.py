@@ -16,7 +16,7 @@ from pathlib import Path
 from kiln import hub
 from kiln.version import __version__
 from kiln.artifact import MODEL_FILE, atomic_directory, file_hashes, weights_file, write_manifest
-from kiln.errors import ExportError, InputError, ValidationError
+from kiln.errors import ConfigError, ExportError, InputError, ValidationError
 from kiln.exporter.plan import TRACED, ExportPlan
 from kiln.exporter.specs import COMPANIONS
 
@@ -254,6 +254,10 @@ def load_reference(source: Source, opts: ExportOptions):
     reference = registry.build(source.raw, opts.task, state, framework=opts.framework)
     if opts.framework == "torch":
         reference.eval()
+    generation = source.checkpoint.path / "generation_config.json"
+    if hasattr(reference, "use_generation_config") and generation.is_file():  # Whisper's alignment heads
+        reference.use_generation_config(hub.read_json(generation, "Restore it from the original checkpoint.",
+                                                      error=ConfigError))
     try:
         ranges = {"batch": AxisRange.parse(opts.batch, None, "batch"), "seq": AxisRange.parse(opts.seq, None, "seq")}
         spec = spec_for(source.arch.spec, reference, opts.task, **ranges, hidden_states=opts.output_hidden_states,

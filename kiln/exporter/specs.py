@@ -314,12 +314,16 @@ def speech_decoder_spec(model, task: str, batch: AxisRange | None = None, seq: A
 
     spec = decoder_spec(model, task, batch, seq, hidden_states, attentions)
     cross = _cross_key_values(model.config)
+    outputs = spec.outputs
+    if getattr(model, "alignment_heads", ()):  # word timestamps read these heads' cross-attention
+        outputs += (TensorSpec("alignment_weights", "float32", ("batch", len(model.alignment_heads), "sequence",
+                                                                model.config.max_source_positions)),)
 
     def make(sizes: dict, rng: np.random.Generator) -> dict:
         feed = spec.make_feed(sizes, rng)
         return feed | {t.name: rng.standard_normal((sizes["batch"], *t.axes[1:])).astype(np.float32) for t in cross}
 
-    return dataclasses.replace(spec, inputs=(*spec.inputs, *cross), make_feed=make)
+    return dataclasses.replace(spec, inputs=(*spec.inputs, *cross), outputs=outputs, make_feed=make)
 
 
 def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:

@@ -46,6 +46,10 @@ def test_two_graphs_validated_and_described(artifact):
     assert inputs["cross_key_values.0.key"] == ["batch", 4, 1500, 8]
     assert manifest["encoder"]["inputs"] == [{"name": "input_features", "dtype": "float32",
                                               "shape": ["batch", 80, 3000]}]
+    # the generation config's two alignment heads: their cross-attention, validated as every output
+    outputs = {t["name"]: t["shape"] for t in manifest["outputs"]}
+    assert outputs["alignment_weights"] == ["batch", 2, "sequence", 1500]
+    assert "alignment_weights" in manifest["validation"]["outputs"]
 
 
 def session(out) -> WhisperSession:
@@ -128,7 +132,8 @@ def test_fp16_halves_both_graphs(tmp_path):
     assert manifest["precision"] == "fp16" and manifest["accuracy"]["passed"]
     for name in ("decoder.onnx", "encoder.onnx"):
         graph = onnx.load(str(tmp_path / "out" / name)).graph
-        assert {i.data_type for i in graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.FLOAT16}, name
+        weights = {i.data_type for i in graph.initializer if len(i.dims) == 2 and i.data_type != onnx.TensorProto.INT64}
+        assert weights == {onnx.TensorProto.FLOAT16}, name  # (int64: indices, such as the alignment heads')
         assert {i.type.tensor_type.elem_type for i in graph.input} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
     result = kiln.pipeline(TASK, tmp_path / "out")(features(1, seed=1).numpy()[0, 0] * 0.01, max_new_tokens=5)
     assert isinstance(result["text"], str)

@@ -84,6 +84,33 @@ def test_hidden_states_and_attentions_match_transformers(pair, tmp_path):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
 
 
+def test_alignment_weights_are_transformers_cross_attentions(pair, tmp_path):
+    """use_generation_config's alignment heads: forward(output_alignment=True) returns those heads' cross-attention
+    probabilities, in the config's order (what word timestamps read); pairs out of range are refused."""
+    hf, ours = pair
+    eager = transformers.WhisperForConditionalGeneration.from_pretrained(
+        _saved(hf, tmp_path), attn_implementation="eager").eval()
+    layers = hf.config.decoder_layers
+    heads = [[layers - 1, 3], [0, 1], [layers - 1, 0]]
+    ours.use_generation_config({"alignment_heads": heads})
+    feats, ids = features(hf), torch.tensor([[START, 5, 17], [START, 8, 2]])
+    try:
+        with torch.no_grad():
+            theirs = eager(input_features=feats, decoder_input_ids=ids, output_attentions=True).cross_attentions
+            out = ours(input_features=feats, decoder_input_ids=ids, output_alignment=True)
+            plain = ours(input_features=feats, decoder_input_ids=ids)
+        torch.testing.assert_close(out["alignment_weights"], torch.stack([theirs[l][:, h] for l, h in heads], 1),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["logits"], plain["logits"], atol=1e-6, rtol=0)
+        assert "alignment_weights" not in plain
+        with pytest.raises(InputError, match=f"names \\[{layers}, 0\\], but the decoder has {layers} layers"):
+            ours.use_generation_config({"alignment_heads": [[layers, 0]]})
+        with pytest.raises(InputError, match="must be \\[layer, head\\] pairs"):
+            ours.use_generation_config({"alignment_heads": [[0]]})
+    finally:
+        ours.use_generation_config({})
+
+
 def _saved(hf, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"

@@ -129,3 +129,21 @@ def test_option_errors(tiny):
         asr(clip, stride_length_s=2)
     with pytest.raises(InputError, match="stream\\(\\) takes no chunk_length_s"):
         list(asr.stream(clip, chunk_length_s=10))
+
+
+@pytest.mark.parametrize("options", [{"max_new_tokens": 30}, {"max_new_tokens": 8}, {"max_new_tokens": 30, "num_beams": 3}])
+def test_word_timestamps_as_transformers_pipeline(tiny, options):
+    """return_timestamps="word": the alignment heads' cross-attention (the decoder graph's alignment_weights), dynamic
+    time warping and the words put together as transformers' pipeline does, on the same random weights; also when
+    max_new_tokens cuts the window (no end-of-text: the last token is not fed) and with beam search."""
+    hf, asr, extractor = tiny
+    theirs = transformers.pipeline(TASK, model=hf, feature_extractor=extractor, device="cpu",
+                                   tokenizer=transformers.WhisperTokenizer(tokenizer_object=tiny_tokenizer()))
+    # (seed 5: on seed 4 the beams write <|startoflm|>, which transformers' pipeline prints as text here because
+    # the tiny tokenizer made for it does not list it among its special ids; real Whisper tokenizers do)
+    clip = audio(4.0, seed=5)
+    expected = theirs(clip.copy(), return_timestamps="word", generate_kwargs={"num_beams": 1, **options})
+    got = asr(clip, return_timestamps="word", generate_kwargs=dict(options))
+    assert got == expected
+    assert got["chunks"] and "".join(w["text"] for w in got["chunks"]) == got["text"]
+    assert all(w["timestamp"][0] <= w["timestamp"][1] for w in got["chunks"])

@@ -11,8 +11,9 @@ import torch
 from kiln.errors import ConfigError, InputError
 from kiln.graphs.checkpoint import from_pretrained
 from kiln.runtime.generate import GenerationConfig, process_logits
-from kiln.runtime.generate.whisper import (WhisperDecoding, chunks_from_tokens, decode_asr,
-                                          longest_common_sequence, split_segments)
+from kiln.runtime.generate.whisper import (WhisperDecoding, chunks_from_tokens, decode_asr, dynamic_time_warping,
+                                          longest_common_sequence, median_filter, split_segments, token_timestamps,
+                                          words_from_tokens)
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,3 +277,80 @@ def test_overlapping_chunks_merge_as_transformers_pipeline():
         sequences = [t for t, _ in outputs if t]
         if sequences:
             assert longest_common_sequence(sequences) == _find_longest_common_sequence(sequences)
+
+
+def test_token_timestamps_as_transformers():
+    """The median filter, dynamic time warping and token times from alignment-head cross-attention against
+    transformers' _median_filter, _dynamic_time_warping and _extract_token_timestamps (as generate calls it: the rows
+    step by step, the prompt's dropped, cut to num_frames // 2)."""
+    from types import SimpleNamespace
+
+    from transformers.models.whisper.generation_whisper import _dynamic_time_warping, _median_filter
+
+    rng = np.random.default_rng(0)
+    for width in (1, 3, 7):
+        x = rng.standard_normal((2, 3, 5, int(rng.integers(2, 40)))).astype(np.float32)
+        np.testing.assert_array_equal(median_filter(x, width), _median_filter(torch.from_numpy(x), width).numpy())
+    for shape in [(1, 1), (1, 9), (9, 1), (7, 30), (40, 25), (12, 200)]:
+        matrix = rng.standard_normal(shape)
+        if rng.random() < 0.5:
+            matrix = np.round(matrix, 1)  # ties
+        for got, want in zip(dynamic_time_warping(matrix), _dynamic_time_warping(matrix)):
+            np.testing.assert_array_equal(got, want)
+
+    class Outputs(dict):  # what _extract_token_timestamps reads of generate's output
+        __getattr__ = dict.__getitem__
+
+    heads, layers, H, E = [[1, 0], [0, 2], [1, 3]], 2, 4, 1500
+    me = SimpleNamespace(config=SimpleNamespace(decoder_layers=layers, median_filter_width=7))
+    hf_extract = transformers.WhisperForConditionalGeneration._extract_token_timestamps
+    for prompt, new, frames in [(3, 12, 1100), (4, 2, 3000), (1, 30, 480), (3, 1, 900)]:
+        rows = prompt + new - 1  # the last generated token is not fed
+        logits = rng.standard_normal((layers, 1, H, rows, E)).astype(np.float32) * 3
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        steps = [tuple(torch.from_numpy(probs[layer][..., :prompt, :]) for layer in range(layers))]
+        steps += [tuple(torch.from_numpy(probs[layer][..., r:r + 1, :]) for layer in range(layers))
+                  for r in range(prompt, rows)]
+        outputs = Outputs(cross_attentions=steps, sequences=torch.zeros(1, prompt + new, dtype=torch.long))
+        want = hf_extract(me, outputs, heads, num_frames=torch.tensor([frames]), num_input_ids=prompt)[0].numpy()
+        weights = np.stack([probs[layer, 0, head] for layer, head in heads])
+        got = token_timestamps(weights, prompt, frames)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_word_chunks_as_transformers_pipeline():
+    """decode_asr with each token's time against transformers' _decode_asr(return_timestamps="word"): the words of
+    every segment (pieces joined up to punctuation, punctuation merged into its neighbours), each from the end of the
+    token before its first to the end of its last, over overlapping chunks too."""
+    from transformers.models.whisper.tokenization_whisper import _decode_asr
+
+    hf_tokenizer = transformers.WhisperTokenizer(tokenizer_object=tiny_tokenizer())
+    decode = tiny_tokenizer().decode
+    punctuation = [tiny_tokenizer().token_to_id(c) for c in ".,\"'(!?-"]
+    rng = np.random.default_rng(5)
+    for case in range(200):
+        outputs, n = [], int(rng.integers(1, 4))
+        for k in range(n):
+            tokens = window_tokens(rng, int(rng.integers(0, 10)))
+            tokens = [int(rng.choice(punctuation)) if t < BEGIN and rng.random() < 0.3 else t for t in tokens]
+            times = np.cumsum(rng.random(len(tokens)) * 0.4).round(2).tolist()
+            stride = None if n == 1 else (30.0, 0.0 if k == 0 else 2.0, 0.0 if k == n - 1 else 2.0)
+            outputs.append((tokens, stride, times))
+        theirs = [{"tokens": torch.tensor([t]), "token_timestamps": torch.tensor([times]),
+                   **({"stride": stride} if stride else {})} for t, stride, times in outputs]
+        text, extra = _decode_asr(hf_tokenizer, theirs, return_timestamps="word", return_language=False,
+                                  time_precision=0.02)
+        chunks = decode_asr(outputs, decode, BEGIN, EOS)
+        assert "".join(c["text"] for c in chunks) == text, outputs
+        words = [word for chunk in chunks for word in chunk["words"]]
+        assert [(w["text"], tuple(w["timestamp"])) for w in words] == [
+            (w["text"], tuple(w["timestamp"])) for w in extra.get("chunks", [])], outputs
+
+
+def test_words_of_unspaced_languages_are_their_characters():
+    decode = tiny_tokenizer().decode
+    ids = [tiny_tokenizer().token_to_id(c) for c in "ab,c"]
+    times = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4)]
+    assert [w["text"] for w in words_from_tokens(ids, times, decode)] == ["ab", ",c"]  # as transformers
+    assert [w["text"] for w in words_from_tokens(ids, times, decode, "japanese")] == ["a", "b,", "c"]

@@ -77,11 +77,21 @@ class Attention(nn.Module):
                                              return_probs=return_probs)
         return self.merge(y), tuple(present), probs
 
-    def cross(self, x, key_values, return_probs=False):
-        """Attention from the decoder's tokens to the encoder output, whose keys/values (B, H, E, D) are given."""
-        y, probs = attention(self.heads(self.q(x)), *key_values, scale=self.scale, impl=self.attn_impl,
-                             return_probs=return_probs)
-        return self.merge(y), probs
+    def cross(self, x, key_values, return_probs=False, heads=()):
+        """Attention from the decoder's tokens to the encoder output, whose keys/values (B, H, E, D) are given.
+        ``heads``: also the probabilities of these heads (B, len(heads), T, E) (the alignment heads word timestamps
+        read): the fused node returns all heads' probabilities then (its ``qk_matmul_output``; a mask that keeps
+        every position selects that form), which costs a decode step next to nothing, where the same math in a
+        branch of its own beside the node made tiny.en's steps 1.75x slower in onnxruntime."""
+        q = self.heads(self.q(x))
+        mask = None
+        if heads:
+            B, _, T, _ = q.shape
+            mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device).expand(B, 1, T, key_values[0].shape[2])
+        y, probs = attention(q, *key_values, mask=mask, scale=self.scale, impl=self.attn_impl,
+                             return_probs=return_probs or bool(heads))
+        picked = probs[:, list(heads)] if heads else None
+        return self.merge(y), (probs if return_probs else None), picked
 
 
 class MLP(nn.Module):
@@ -125,12 +135,12 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(C)
         self.mlp = MLP(C, config.decoder_ffn_dim, config.activation_function)
 
-    def forward(self, x, mask, cross_key_values, past=None, return_probs=False):
+    def forward(self, x, mask, cross_key_values, past=None, return_probs=False, heads=()):
         a, present, probs = self.attn.cached(self.attn_norm(x), mask, past, return_probs)
         x = x + a
-        c, cross_probs = self.cross.cross(self.cross_norm(x), cross_key_values, return_probs)
+        c, cross_probs, picked = self.cross.cross(self.cross_norm(x), cross_key_values, return_probs, heads)
         x = x + c
-        return x + self.mlp(self.mlp_norm(x)), present, probs, cross_probs
+        return x + self.mlp(self.mlp_norm(x)), present, probs, cross_probs, picked
 
 
 class WhisperEncoder(nn.Module):
@@ -183,9 +193,11 @@ class WhisperDecoder(nn.Module):
         return tuple(layer.cross.key_values(encoder_hidden_states) for layer in self.layers)
 
     def forward(self, input_ids, cross_key_values, attention_mask=None, position_ids=None, past_key_values=None,
-                output_hidden_states=False, output_attentions=False) -> dict:
+                output_hidden_states=False, output_attentions=False, alignment_heads=()) -> dict:
         """input_ids (B, T) -> ``last_hidden_state`` (B, T, C) and ``present_key_values`` (per layer (key, value),
-        each (B, H, S, D)); ``attention_mask`` (B, S) covers the past and new tokens."""
+        each (B, H, S, D)); ``attention_mask`` (B, S) covers the past and new tokens. ``alignment_heads`` ((layer,
+        head) pairs): also ``alignment_weights`` (B, len(alignment_heads), T, E), those heads' cross-attention
+        probabilities in that order."""
         B, T = input_ids.shape
         P = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if P + T > self.config.max_target_positions:
@@ -197,10 +209,13 @@ class WhisperDecoder(nn.Module):
             position_ids = torch.arange(P, P + T, device=input_ids.device)[None].expand(B, T)
         mask = decoder_mask(attention_mask, T)  # (B, 1, T, S)
         x = self.embed(input_ids) + self.pos_embed(position_ids)  # (B, T, C)
-        hidden_states, attentions, cross_attentions, presents = [x], [], [], []
+        hidden_states, attentions, cross_attentions, presents, picked = [x], [], [], [], {}
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            x, present, probs, cross_probs = layer(x, mask, cross_key_values[i], past, output_attentions)
+            heads = sorted({h for l, h in alignment_heads if l == i})
+            x, present, probs, cross_probs, weights = layer(x, mask, cross_key_values[i], past, output_attentions,
+                                                            heads)
+            picked.update({(i, h): weights[:, n] for n, h in enumerate(heads)})
             hidden_states.append(x)
             attentions.append(probs)
             cross_attentions.append(cross_probs)
@@ -208,6 +223,8 @@ class WhisperDecoder(nn.Module):
         x = self.norm(x)
         hidden_states[-1] = x
         out = {"last_hidden_state": x, "present_key_values": tuple(presents)}
+        if alignment_heads:
+            out["alignment_weights"] = torch.stack([picked[tuple(pair)] for pair in alignment_heads], dim=1)
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden_states)
         if output_attentions:
@@ -233,6 +250,24 @@ class WhisperForConditionalGeneration(SavePretrainedMixin, TokenEmbeddingsMixin,
         self.encoder = WhisperEncoder(config, attn_impl)
         self.decoder = WhisperDecoder(config, attn_impl)
         self.proj_out = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.alignment_heads: tuple = ()  # (layer, head) pairs, from generation_config.json (use_generation_config)
+
+    def use_generation_config(self, raw: dict) -> None:
+        """Take the generation config's ``alignment_heads``: the cross-attention heads whose probabilities follow the
+        audio, from which word timestamps are timed (``output_alignment``; the exported decoder graph returns them as
+        ``alignment_weights``). Pairs out of range are refused."""
+        heads = raw.get("alignment_heads") or ()
+        config = self.config
+        if not isinstance(heads, (list, tuple)) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                     for i in h) for h in heads):
+            raise InputError(f"generation_config.json 'alignment_heads' must be [layer, head] pairs, got {heads!r:.80}.")
+        for layer, head in heads:
+            if not (0 <= layer < config.decoder_layers and 0 <= head < config.decoder_attention_heads):
+                raise InputError(f"generation_config.json 'alignment_heads' names [{layer}, {head}], but the decoder has "
+                                 f"{config.decoder_layers} layers of {config.decoder_attention_heads} heads. Copy the "
+                                 "file from the checkpoint the weights came from.")
+        self.alignment_heads = tuple(dict.fromkeys(tuple(h) for h in heads))
 
     def encode(self, input_features, output_hidden_states=False, output_attentions=False) -> dict:
         """The audio side: ``encoder_last_hidden_state`` (B, E, C) and each decoder layer's cross-attention
@@ -248,7 +283,7 @@ class WhisperForConditionalGeneration(SavePretrainedMixin, TokenEmbeddingsMixin,
 
     def forward(self, input_features=None, decoder_input_ids=None, *, encoder_outputs=None,
                 decoder_attention_mask=None, decoder_position_ids=None, past_key_values=None,
-                output_hidden_states=False, output_attentions=False) -> dict:
+                output_hidden_states=False, output_attentions=False, output_alignment=False) -> dict:
         if decoder_input_ids is None:
             raise InputError("Whisper's forward needs decoder_input_ids (start with "
                              f"decoder_start_token_id = {self.config.decoder_start_token_id}).")
@@ -257,7 +292,8 @@ class WhisperForConditionalGeneration(SavePretrainedMixin, TokenEmbeddingsMixin,
                 raise InputError("Whisper's forward needs input_features, or encoder_outputs from model.encode().")
             encoder_outputs = self.encode(input_features, output_hidden_states, output_attentions)
         dec = self.decoder(decoder_input_ids, encoder_outputs["cross_key_values"], decoder_attention_mask,
-                           decoder_position_ids, past_key_values, output_hidden_states, output_attentions)
+                           decoder_position_ids, past_key_values, output_hidden_states, output_attentions,
+                           self.alignment_heads if output_alignment else ())
         head = self.decoder.embed.weight if self.proj_out is None else self.proj_out.weight
         out = {"logits": F.linear(dec["last_hidden_state"], head), "present_key_values": dec["present_key_values"],
                **encoder_outputs}
@@ -265,6 +301,8 @@ class WhisperForConditionalGeneration(SavePretrainedMixin, TokenEmbeddingsMixin,
             out["decoder_hidden_states"] = dec["hidden_states"]
         if output_attentions:
             out["decoder_attentions"], out["cross_attentions"] = dec["attentions"], dec["cross_attentions"]
+        if "alignment_weights" in dec:
+            out["alignment_weights"] = dec["alignment_weights"]
         return out
 
     def export_graphs(self) -> dict:
@@ -286,7 +324,8 @@ class EncoderGraph(nn.Module):
 
 class DecoderGraph(nn.Module):
     """The decoder graph for prefill and decode: tokens, their mask and positions, the self-attention cache and the
-    cross-attention keys/values -> ``logits`` and the presents."""
+    cross-attention keys/values -> ``logits`` and the presents, and with alignment heads their ``alignment_weights``
+    (an output decode steps do not ask for; the runtime reads it once per window for word timestamps)."""
 
     def __init__(self, model: WhisperForConditionalGeneration):
         super().__init__()
@@ -296,5 +335,6 @@ class DecoderGraph(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values, cross_key_values):
         out = self.model(decoder_input_ids=input_ids, encoder_outputs={"cross_key_values": cross_key_values},
                          decoder_attention_mask=attention_mask, decoder_position_ids=position_ids,
-                         past_key_values=past_key_values)
-        return {"logits": out["logits"], "present_key_values": out["present_key_values"]}
+                         past_key_values=past_key_values, output_alignment=bool(self.model.alignment_heads))
+        keep = ("logits", "present_key_values", "alignment_weights")
+        return {name: out[name] for name in keep if name in out}

@@ -256,6 +256,21 @@ class WhisperSession:
         logits, _ = self.decoder.step(start, ones, zeros, {**self.decoder.empty_cache(batch), **cross})
         return self.rules.detect_language(logits)
 
+    def alignment(self, cross: dict, tokens: list[int]) -> np.ndarray:
+        """The alignment heads' cross-attention probabilities (heads, len(tokens), encoder positions) of one row of
+        ``tokens`` (the prompt and what was generated after it) fed at once over an empty cache, against its window's
+        ``cross`` keys/values (batch 1): the rows transformers collects step by step while it generates (the decoder is
+        causal, so each token's row is the same), for word timestamps."""
+        if "alignment_weights" not in {o.name for o in self.decoder.engine.outputs()}:
+            raise InputError("This artifact's decoder graph has no alignment_weights output, so it cannot time words: "
+                             "the checkpoint's generation_config.json had no 'alignment_heads' when it was exported. "
+                             "Add them (openai's per model size) and export again, or ask for segment timestamps.")
+        ids = np.array([tokens], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(len(tokens), dtype=np.int64)[None], **self.decoder.empty_cache(1), **cross}
+        return np.asarray(self.decoder.engine.run(feed, outputs=["alignment_weights"])["alignment_weights"][0],
+                          dtype=np.float32)
+
     def steps(self, cross: dict, prompts: np.ndarray, config, timestamps: bool = False):
         """Yield each step's new tokens (B,) after the decoder prompts (B, T) (all rows of one length), with the
         generic processors of ``config`` (a GenerationConfig), then Whisper's rules, then greedy or sampled choice.
@@ -416,19 +431,31 @@ def chunks_from_tokens(tokens: list[int], decode, timestamp_begin: int, eos_toke
     return decode_asr([(tokens, None)], decode, timestamp_begin, eos_token_id, time_precision, window_positions)
 
 
-def decode_asr(outputs: list[tuple[list[int], tuple | None]], decode, timestamp_begin: int, eos_token_id: int,
-               time_precision: float = 0.02, window_positions: int = 1500) -> list[dict]:
+def decode_asr(outputs: list[tuple], decode, timestamp_begin: int, eos_token_id: int, time_precision: float = 0.02,
+               window_positions: int = 1500, language: str | None = None) -> list[dict]:
     """``chunks_from_tokens`` over the outputs of overlapping chunks (transformers' pipeline's ``chunk_length_s``):
     ``(tokens, stride)`` per chunk, ``stride`` = (chunk seconds, left overlap, right overlap) or None. As
     transformers' ``_decode_asr``: the times of each chunk are shifted by where it starts; a timestamp in the right
     overlap is not a boundary (the next chunk, which hears that audio in its middle, decides), one in the left overlap
-    neither; the texts of the chunks a segment spans are merged where they overlap (``longest_common_sequence``)."""
+    neither; the texts of the chunks a segment spans are merged where they overlap (``longest_common_sequence``).
+    ``(tokens, stride, times)`` with each token's time in seconds (``token_timestamps``): every segment also has its
+    ``words``, each timed from the end of the token before its first to the end of its last (``words_from_tokens``;
+    ``language`` picks how words are told apart)."""
     def segment():
         return {"timestamp": [None, None], "text": ""}
 
-    chunks, chunk, previous, skip, time_offset = [], segment(), [], False, 0.0
-    for tokens, stride in outputs:
-        tokens = list(tokens)
+    def close(chunk: dict, previous: list, previous_times: list) -> dict:
+        if not timed:
+            chunk["text"] = decode(longest_common_sequence(previous))
+            return chunk
+        tokens, times = longest_common_sequence(previous, previous_times)
+        chunk["text"], chunk["words"] = decode(tokens), words_from_tokens(tokens, times, decode, language)
+        return chunk
+
+    timed = any(len(output) > 2 and output[2] is not None for output in outputs)
+    chunks, chunk, previous, previous_times, skip, time_offset = [], segment(), [], [], False, 0.0
+    for tokens, stride, *rest in outputs:
+        tokens, times = list(tokens), (list(rest[0]) if rest and rest[0] is not None else None)
         last_timestamp, first_timestamp = None, timestamp_begin
         latest = offset = penultimate = 0.0
         if stride is not None:
@@ -443,12 +470,15 @@ def decode_asr(outputs: list[tuple[list[int], tuple | None]], decode, timestamp_
                         if last_timestamp is not None and (token - timestamp_begin) * time_precision < right_start:
                             break
                         last_timestamp = token
-        current = []
+        current, current_times = [], []
         for i, token in enumerate(tokens):
             if eos_token_id <= token < timestamp_begin:
                 continue  # special tokens
             if token < timestamp_begin:
                 current.append(token)
+                if timed:
+                    start = round((times[i - 1] if i else 0.0) + time_offset, 2)
+                    current_times.append((start, round(times[i] + time_offset, 2)))
                 continue
             stamp = float((token - timestamp_begin) * time_precision)
             if stamp < latest:  # the next window started
@@ -469,38 +499,165 @@ def decode_asr(outputs: list[tuple[list[int], tuple | None]], decode, timestamp_
             elif time != chunk["timestamp"][0]:  # an equal one is the model repeating the opening: it opens
                 chunk["timestamp"][1] = time
                 previous.append(current)
-                chunk["text"] = decode(longest_common_sequence(previous))
-                chunks.append(chunk)
-                previous, current, chunk = [], [], segment()
+                previous_times.append(current_times)
+                chunks.append(close(chunk, previous, previous_times))
+                previous, previous_times, current, current_times, chunk = [], [], [], [], segment()
         if stride is not None:
             time_offset += length - right
         if current:
             previous.append(current)
+            previous_times.append(current_times)
         elif not any(previous):
-            previous, chunk = [], segment()
+            previous, previous_times, chunk = [], [], segment()
     if previous:
-        chunk["text"] = decode(longest_common_sequence(previous))
-        chunks.append(chunk)
-    return [{"timestamp": tuple(c["timestamp"]), "text": c["text"]} for c in chunks]
+        chunks.append(close(chunk, previous, previous_times))
+    return [{"timestamp": tuple(c["timestamp"]), "text": c["text"], **({"words": c["words"]} if timed else {})}
+            for c in chunks]
 
 
-def longest_common_sequence(sequences: list[list[int]]) -> list[int]:
+def longest_common_sequence(sequences: list[list[int]], times: list[list[tuple]] | None = None):
     """Token lists of overlapping chunks, in order -> one list, as transformers' Whisper tokenizer merges them
     (``_find_longest_common_sequence``): each next list is slid along the end of what came before, the alignment
     with the most matching tokens (more than one, ties to the longer overlap) is taken, and the overlap is split in
-    its middle, the left half from the earlier chunk, the right half from the later one."""
+    its middle, the left half from the earlier chunk, the right half from the later one. With ``times`` (each
+    token's (start, end), list by list) a match also needs the left token's times no later than the right one's,
+    and the times are merged alike: returns (tokens, times)."""
     left = list(sequences[0])
-    total = []
-    for right in sequences[1:]:
+    left_times = list(times[0]) if times else []
+    total, total_times = [], []
+    for n, right in enumerate(sequences[1:], start=1):
         best, where = 0.0, (len(left), len(left), 0, 0)
         for i in range(1, len(left) + len(right)):
             left_start, left_stop = max(0, len(left) - i), min(len(left), len(left) + len(right) - i)
             right_start, right_stop = max(0, i - len(left)), min(len(right), i)
-            matches = int(np.sum(np.array(left[left_start:left_stop]) == np.array(right[right_start:right_stop])))
+            if times:
+                matches = sum(1 for k, token in enumerate(left[left_start:left_stop])
+                              if token == right[right_start + k]
+                              and left_times[left_start + k] <= times[n][right_start + k])
+            else:
+                matches = int(np.sum(np.array(left[left_start:left_stop]) == np.array(right[right_start:right_stop])))
             score = matches / i + i / 10000.0  # the epsilon favours long perfect matches
             if matches > 1 and score > best:
                 best, where = score, (left_start, left_stop, right_start, right_stop)
         left_start, left_stop, right_start, right_stop = where
         total.extend(left[:(left_stop + left_start) // 2])
         left = list(right[(right_stop + right_start) // 2:])
-    return total + left
+        if times:
+            total_times.extend(left_times[:(left_stop + left_start) // 2])
+            left_times = list(times[n][(right_stop + right_start) // 2:])
+    if times is None:
+        return total + left
+    return total + left, total_times + left_times
+
+
+# Word timestamps: punctuation joined to the word after it (prepended) or before it (appended), as openai's and
+# transformers' defaults; languages written without spaces between words are split where characters end.
+PREPENDED, APPENDED = "\"'“¡¿([{-", "\"'.。,，!！?？:：”)]}、"
+UNSPACED = {"chinese", "japanese", "thai", "lao", "myanmar", "cantonese"}
+PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def words_from_tokens(tokens: list[int], times: list[tuple], decode, language: str | None = None) -> list[dict]:
+    """Text tokens and their (start, end) seconds -> ``[{"text": word, "timestamp": (start, end)}]``, as
+    transformers' ``_collate_word_timestamps``: tokens are put together until they decode to whole characters; a
+    piece that starts with a space, or is punctuation, starts a word (for languages written with spaces; every
+    character is one otherwise), punctuation then joins its neighbour (``PREPENDED`` / ``APPENDED``); a word runs
+    from its first token's start to its last token's end. ``language``: an English name ("japanese"); None is
+    English, as transformers' pipeline takes it."""
+    full, pieces, current, offset = decode(tokens), [], [], 0
+    for index in range(len(tokens)):
+        current.append(index)
+        text = decode([tokens[k] for k in current])
+        bad = text.find("\ufffd")
+        if bad < 0 or offset + bad >= len(full) or full[offset + bad] == "\ufffd":
+            pieces.append([text, current])
+            current, offset = [], offset + len(text)
+    if (language or "english") in UNSPACED:
+        words = pieces
+    else:
+        words = []
+        for text, indices in pieces:
+            if text.startswith(" ") or text.strip() in PUNCTUATION or not words:
+                words.append([text, list(indices)])
+            else:
+                words[-1][0] += text
+                words[-1][1] += indices
+    i, j = len(words) - 2, len(words) - 1
+    while i >= 0:  # an opening quote or bracket joins the word after it
+        if words[i][0].startswith(" ") and words[i][0].strip() in PREPENDED:
+            words[j] = [words[i][0] + words[j][0], words[i][1] + words[j][1]]
+            words[i] = ["", []]
+        else:
+            j = i
+        i -= 1
+    i, j = 0, 1
+    while j < len(words):  # a full stop, comma or closing quote joins the word before it
+        if not words[i][0].endswith(" ") and words[j][0] in APPENDED:
+            words[i] = [words[i][0] + words[j][0], words[i][1] + words[j][1]]
+            words[j] = ["", []]
+        else:
+            i = j
+        j += 1
+    return [{"text": text, "timestamp": (times[indices[0]][0], times[indices[-1]][1])}
+            for text, indices in words if text and indices]
+
+
+def median_filter(x: np.ndarray, width: int) -> np.ndarray:
+    """The median of each ``width`` (odd) values along the last axis, its edges reflected, as transformers'
+    ``_median_filter``; ``x`` unchanged when that axis is not longer than ``width // 2``."""
+    if width <= 0 or width % 2 != 1:
+        raise ConfigError(f"median_filter_width must be an odd number, got {width!r} (config.json).")
+    pad = width // 2
+    if x.shape[-1] <= pad:
+        return x
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect")
+    return np.sort(np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1), axis=-1)[..., pad]
+
+
+def dynamic_time_warping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest monotonic path through ``matrix`` (tokens, time): (token index, time index) per step, as
+    transformers' ``_dynamic_time_warping`` (the same float32 costs and ties: diagonal, then up, then left). Filled one
+    anti-diagonal at a time (every cell of one depends on the two before only), so it costs tokens + times numpy
+    steps rather than their product."""
+    T, E = matrix.shape
+    cost = np.full((T + 1, E + 1), np.inf, dtype=np.float32)
+    trace = -np.ones((T + 1, E + 1), dtype=np.float32)
+    cost[0, 0] = 0
+    for k in range(2, T + E + 1):  # cells (i, j) with i + j = k
+        i = np.arange(max(1, k - E), min(T, k - 1) + 1)
+        j = k - i
+        c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
+        t = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2))
+        cost[i, j] = matrix[i - 1, j - 1] + np.choose(t, [c0, c1, c2])
+        trace[i, j] = t
+    trace[0, :], trace[:, 0] = 2, 1
+    i, j, text, time = T, E, [], []
+    while i > 0 or j > 0:
+        text.append(i - 1)
+        time.append(j - 1)
+        step = trace[i, j]
+        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
+    return np.array(text[::-1]), np.array(time[::-1])
+
+
+def token_timestamps(weights: np.ndarray, prompt_length: int, frames: int | None = None, median_filter_width: int = 7,
+                     time_precision: float = 0.02) -> np.ndarray:
+    """Seconds per token from the alignment heads' cross-attention, as transformers' ``_extract_token_timestamps``
+    (openai's ``find_alignment``): ``weights`` (heads, rows, encoder positions) of the tokens fed (the prompt, then
+    each generated token but the last), cut to the audio's ``frames`` // 2 positions, the prompt's rows dropped; each
+    position's weights normalized over the tokens, median-filtered over time, averaged over the heads; the cheapest
+    monotonic path through their negation (``dynamic_time_warping``) gives each token the time where the path first
+    reaches it. Returns ``prompt_length + rows - prompt_length + 1`` times: 0 for the prompt, then one per generated
+    token, the last repeated for the token that was not fed (end-of-text)."""
+    if frames is not None:
+        weights = weights[..., :frames // 2]
+    weights = weights[:, prompt_length:]
+    if weights.shape[1] == 0:
+        return np.zeros(prompt_length + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # one token: its deviation is 0, as in transformers
+        weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
+    matrix = median_filter(weights, median_filter_width).mean(axis=0)
+    text, time = dynamic_time_warping(-matrix.astype(np.float64))
+    jumps = np.pad(np.diff(text), (1, 0), constant_values=1).astype(bool)
+    times = time[jumps] * time_precision
+    return np.concatenate([np.zeros(prompt_length), times, times[-1:]])

@@ -1,6 +1,7 @@
 """automatic-speech-recognition: audio -> text, as ``transformers.pipeline("automatic-speech-recognition")`` returns it
-for Whisper: ``{"text": ...}``, and with ``return_timestamps=True`` the segments as ``chunks`` of
-``{"timestamp": (start, end), "text": ...}``.
+for Whisper: ``{"text": ...}``, with ``return_timestamps=True`` the segments as ``chunks`` of
+``{"timestamp": (start, end), "text": ...}``, with ``return_timestamps="word"`` every word as one (timed by dynamic
+time warping over the alignment heads' cross-attention, see ``kiln.runtime.generate.whisper.token_timestamps``).
 
 Inputs as transformers takes them: a path or URL-less file name, the file's bytes, a 1-D float array at the model's
 rate (16 kHz), or ``{"raw" | "array": array, "sampling_rate": N}`` (resampled); a list of them gives a list of results.
@@ -34,7 +35,8 @@ from kiln.errors import ArtifactError, InputError
 from kiln.runtime.audio import WhisperFeatureExtractor, load_audio
 from kiln.runtime.engines import open_engine
 from kiln.runtime.generate import GenerationConfig
-from kiln.runtime.generate.whisper import TASKS, WhisperDecoding, WhisperSession, decode_asr, split_segments
+from kiln.runtime.generate.whisper import (LANGUAGES, TASKS, WhisperDecoding, WhisperSession, decode_asr,
+                                           split_segments, token_timestamps)
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -56,6 +58,7 @@ class Audio:
     long: list[tuple[int, np.ndarray]]  # (input, (mel bins, frames)) for the longer ones
     # with chunk_length_s, every input: (input, (chunks, mel bins, window frames), each chunk's stride in seconds)
     chunked: list[tuple[int, np.ndarray, list]] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)  # each input's mel frames that hold audio (word timestamps)
 
 
 class AutomaticSpeechRecognitionPipeline(Pipeline):
@@ -95,9 +98,9 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                              top_p=None, seed=None, repetition_penalty=None, no_repeat_ngram_size=None,
                              num_beams=None, length_penalty=None, chunk_length_s=None, stride_length_s=None):
         """As transformers: generation options either in ``generate_kwargs`` or as keywords of their own."""
-        if return_timestamps not in (None, True, False):
-            raise InputError(f"return_timestamps={return_timestamps!r}: kiln gives segment timestamps (True) or none "
-                             "(False); word timestamps ('word') are not implemented yet.")
+        if not any(return_timestamps is value for value in (None, True, False)) and return_timestamps != "word":
+            raise InputError(f"return_timestamps={return_timestamps!r}: Whisper gives segment timestamps (True), word "
+                             "timestamps ('word') or none (False).")
         if not isinstance(generate_kwargs or {}, dict):
             raise InputError(f"generate_kwargs must be a dict, got {type(generate_kwargs).__name__}.")
         generation = dict(generate_kwargs or {})
@@ -172,13 +175,15 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     def preprocess(self, items: list, chunk: tuple | None = None) -> Audio:
         extractor = self.feature_extractor
         clips = [load_audio(item, sampling_rate=extractor.sampling_rate) for item in items]
+        frames = [-(-len(clip) // extractor.hop_length) for clip in clips]  # as transformers' attention mask counts
         if chunk is not None:
-            return Audio(len(clips), [], None, [], [(i, *self._chunks(clip, *chunk)) for i, clip in enumerate(clips)])
+            return Audio(len(clips), [], None, [], [(i, *self._chunks(clip, *chunk)) for i, clip in enumerate(clips)],
+                         frames)
         short = [i for i, clip in enumerate(clips) if extractor._frames(len(clip)) <= extractor.nb_max_frames]
         features = extractor([clips[i] for i in short])["input_features"] if short else None
         long = [(i, extractor([clip], padding="longest", truncation=False)["input_features"][0])
                 for i, clip in enumerate(clips) if i not in short]
-        return Audio(len(clips), short, features, long)
+        return Audio(len(clips), short, features, long, frames=frames)
 
     def _chunks(self, clip: np.ndarray, length: int, left: int, right: int) -> tuple[np.ndarray, list]:
         """One clip cut as transformers' pipeline cuts it (``chunk_iter``): chunks of ``length`` samples overlapping
@@ -198,12 +203,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     def forward(self, model_inputs: Audio, batch_size: int, return_timestamps: bool = False, language=None,
                 task=None, prompt_ids=None, **generation) -> dict:
-        rows = [None] * model_inputs.count
+        rows, word = [None] * model_inputs.count, return_timestamps == "word"
         if return_timestamps:  # transformers' generate moves on from the last closed segment within 30 s too
             model_inputs = Audio(model_inputs.count, [], None, [
                 *model_inputs.long, *zip(model_inputs.short, list(model_inputs.input_features)
                                          if model_inputs.short else [])],
-                model_inputs.chunked)
+                model_inputs.chunked, model_inputs.frames)
         if model_inputs.short:  # without timestamps: one decode per clip, the clips together
             features = model_inputs.input_features
             cross = self.session.encode(features, handles=self._beams(generation) == 1)
@@ -211,10 +216,17 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             for i, row in zip(model_inputs.short, self._decode(cross, prompts, generation, False)):
                 rows[i] = [(row, None)]
         for i, features in model_inputs.long:
-            rows[i] = [(self._tokens(features, language, task, prompt_ids, generation), None)]
+            tokens, times = self._tokens(features, language, task, prompt_ids, generation, model_inputs.frames[i],
+                                         word)
+            rows[i] = [(tokens, None, times)]
+        rate, hop = self.feature_extractor.sampling_rate, self.feature_extractor.hop_length
         for i, features, strides in model_inputs.chunked:  # merged where they overlap by postprocess
             if return_timestamps:  # each chunk window after window, as transformers' generate with timestamps
-                tokens = [self._tokens(piece, language, task, prompt_ids, generation) for piece in features]
+                timed = [self._tokens(piece, language, task, prompt_ids, generation,
+                                      -(-int(round(stride[0] * rate)) // hop), word)
+                         for piece, stride in zip(features, strides)]
+                rows[i] = [(tokens, stride, times) for (tokens, times), stride in zip(timed, strides)]
+                continue
             else:  # batch_size chunks at a time
                 tokens = []
                 for start in range(0, len(features), batch_size):
@@ -223,34 +235,46 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                     prompts = self._prompts(cross, len(part), language, task, False, prompt_ids)
                     tokens += self._decode(cross, prompts, generation, False)
             rows[i] = list(zip(tokens, strides))
-        return {"rows": rows, "timestamps": bool(return_timestamps)}
+        return {"rows": rows, "timestamps": return_timestamps or False, "language": language}
 
-    def _tokens(self, features: np.ndarray, language, task, prompt_ids, generation: dict) -> list[int]:
-        return [t for segment in self.segments(features, language, task, prompt_ids, generation)
-                for t in segment["tokens"]]
+    def _tokens(self, features: np.ndarray, language, task, prompt_ids, generation: dict, frames: int | None = None,
+                word: bool = False) -> tuple[list[int], list[float] | None]:
+        """One clip's generated ids, window after window, and with ``word`` each one's time in seconds."""
+        segments = list(self.segments(features, language, task, prompt_ids, generation, frames, word))
+        tokens = [t for segment in segments for t in segment["tokens"]]
+        return tokens, ([t for segment in segments for t in segment["times"]] if word else None)
 
-    def segments(self, features: np.ndarray, language=None, task=None, prompt_ids=None, generation=None):
+    def segments(self, features: np.ndarray, language=None, task=None, prompt_ids=None, generation=None,
+                 frames: int | None = None, word: bool = False):
         """Yield one clip's segments ``{"start", "end", "tokens"}`` (seconds, generated ids) as the windows are
-        decoded: (mel bins, frames) features of the whole clip, any length."""
-        for found in self._windows(features, language, task, prompt_ids, generation or {}):
+        decoded: (mel bins, frames) features of the whole clip, any length. With ``word`` each segment also has its
+        tokens' ``times`` (seconds from the clip's start), from its first ``frames`` mel frames (those with audio)."""
+        for found in self._windows(features, language, task, prompt_ids, generation or {}, frames, word):
             yield from found
 
-    def _windows(self, features: np.ndarray, language, task, prompt_ids, generation: dict):
+    def _windows(self, features: np.ndarray, language, task, prompt_ids, generation: dict, frames: int | None = None,
+                 word: bool = False):
         """Each 30 s window's kept segments, window after window (see kiln.runtime.generate.whisper)."""
         window = self.feature_extractor.nb_max_frames
         stride = max(window // self.positions_source, 1)  # mel frames per encoder position (2)
-        frames, seek, prompts = features.shape[-1], 0, None
-        while seek < frames:
-            size = min(frames - seek, window)
+        total, seek, prompts = features.shape[-1], 0, None
+        frames = total if frames is None else frames
+        while seek < total:
+            size = min(total - seek, window)
             chunk = np.zeros((1, features.shape[0], window), dtype=np.float32)  # zeros after the end, as transformers
             chunk[0, :, :size] = features[:, seek:seek + size]
             cross = self.session.encode(chunk, handles=self._beams(generation) == 1)
             if prompts is None:  # the language is detected on the first window and kept, as transformers does
                 prompts = self._prompts(cross, 1, language, task, True, prompt_ids)
             tokens = self._decode(cross, prompts, generation, True)[0]
-            found, advance = split_segments(tokens, self.rules.timestamp_begin, size,
-                                            time_offset=seek * self.time_precision / stride,
+            offset = seek * self.time_precision / stride
+            found, advance = split_segments(tokens, self.rules.timestamp_begin, size, time_offset=offset,
                                             time_precision=self.time_precision, input_stride=stride)
+            if word:  # each token's time, from the alignment heads' cross-attention over this window
+                times, n = self._token_times(cross, prompts[0].tolist(), tokens, frames - seek, generation), 0
+                for segment in found:
+                    segment["times"] = [float(t) + offset for t in times[n:n + len(segment["tokens"])]]
+                    n += len(segment["tokens"])
             yield found
             seek += advance
 
@@ -288,6 +312,18 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return decode_asr([(tokens, None)], self.tokenizer.decode, self.rules.timestamp_begin,
                           self.rules.eos_token_id, self.time_precision, self.positions_source)
 
+    def _token_times(self, cross: dict, prompt: list[int], tokens: list[int], frames: int, generation: dict):
+        """The window's generated ``tokens`` (end-of-text left off) -> each one's time in seconds from the window's
+        start, as transformers' generate times them (``token_timestamps``): the decoder's rows for the prompt and every
+        generated token but the last (end-of-text, or the last when max_new_tokens cut it) give the cross-attention
+        that dynamic time warping aligns with the window's first ``frames`` mel frames."""
+        cut = len(tokens) >= self._decode_config(len(prompt), generation).max_new_tokens  # no end-of-text
+        fed = prompt + (tokens[:-1] if cut else tokens)
+        weights = self.session.alignment(cross, fed)
+        width = int(self.config.get("median_filter_width", 7))
+        times = token_timestamps(weights, len(prompt), frames, width, self.time_precision)
+        return times[len(prompt):len(prompt) + len(tokens)]
+
     def _beams(self, generation: dict) -> int:
         return generation.get("num_beams", 1 if generation.get("do_sample") else self.num_beams)
 
@@ -302,19 +338,9 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     def _decode(self, cross: dict, prompts: np.ndarray, generation: dict, timestamps: bool) -> list[list[int]]:
         """Each row's generated ids after its prompt, up to (without) end-of-text."""
-        room = self.positions - prompts.shape[1]
-        if room < 1:
-            raise InputError(f"The prompt takes {prompts.shape[1]} of the decoder's {self.positions} positions; "
-                             "shorten prompt_ids.")
+        config = self._decode_config(prompts.shape[1], generation)
         search = {k: generation[k] for k in SEARCH_OPTIONS if k in generation}
-        generation = {k: v for k, v in generation.items() if k not in SEARCH_OPTIONS}
-        config = self.defaults.merge(**generation)
-        if "max_new_tokens" not in generation:
-            config = config.merge(max_new_tokens=room)  # transformers: up to the decoder's last position
-        elif config.max_new_tokens > room:
-            raise InputError(f"max_new_tokens={config.max_new_tokens} plus the {prompts.shape[1]} prompt tokens "
-                             f"exceed the decoder's {self.positions} positions; use at most {room}.")
-        beams = self._beams({**generation, **search})
+        beams = self._beams(generation)
         if beams > 1:
             return self.session.beam_search(cross, prompts, config, timestamps, beams, search.get("length_penalty", 1.0))
         steps = list(self.session.steps(cross, prompts, config, timestamps))
@@ -322,13 +348,32 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         eos = self.rules.eos_token_id
         return [row[:row.index(eos)] if eos in row else row for row in tokens.tolist()]
 
+    def _decode_config(self, prompt_length: int, generation: dict) -> GenerationConfig:
+        """The generation options of one decode, max_new_tokens up to the decoder's last position by default."""
+        room = self.positions - prompt_length
+        if room < 1:
+            raise InputError(f"The prompt takes {prompt_length} of the decoder's {self.positions} positions; "
+                             "shorten prompt_ids.")
+        config = self.defaults.merge(**{k: v for k, v in generation.items() if k not in SEARCH_OPTIONS})
+        if "max_new_tokens" not in generation:
+            return config.merge(max_new_tokens=room)  # transformers: up to the decoder's last position
+        if config.max_new_tokens > room:
+            raise InputError(f"max_new_tokens={config.max_new_tokens} plus the {prompt_length} prompt tokens "
+                             f"exceed the decoder's {self.positions} positions; use at most {room}.")
+        return config
+
     def postprocess(self, model_inputs: Audio, outputs: dict) -> list:
         """As transformers' tokenizer decodes Whisper for its pipeline: the text of the segments between timestamps,
         put together; the segments themselves as ``chunks`` when timestamps were asked for."""
-        results = []
+        results, language = [], outputs.get("language")
+        if language is not None:  # the English name, which tells how words are split
+            code = self.tokenizer.id_to_token(self.rules.language_id(language))[2:-2]
+            language = LANGUAGES.get(code, code)
         for row in outputs["rows"]:
             chunks = decode_asr(row, self.tokenizer.decode, self.rules.timestamp_begin, self.rules.eos_token_id,
-                                self.time_precision, self.positions_source)
+                                self.time_precision, self.positions_source, language)
             text = "".join(chunk["text"] for chunk in chunks)
+            if outputs["timestamps"] == "word":  # as transformers: the words of every segment are the chunks
+                chunks = [word for chunk in chunks for word in chunk["words"]]
             results.append({"text": text, "chunks": chunks} if outputs["timestamps"] else {"text": text})
         return results
