@@ -22,8 +22,9 @@ def add_parser(sub):
                    "its start and end times (return_timestamps='word')")
     p.add_argument("--language", help="automatic-speech-recognition: the spoken language (a code such as fr, or a "
                    "name); default: detected")
-    p.add_argument("--num-beams", type=int, help="automatic-speech-recognition: beams to search (default 5, as "
-                   "transformers' pipeline; 1 decodes greedily)")
+    p.add_argument("--num-beams", type=int, help="beams to search (automatic-speech-recognition: default 5, as "
+                   "transformers' pipeline; text-generation: default 1, the artifact's generation_config.json may say "
+                   "more); 1 decodes greedily")
     p.add_argument("--pooling", choices=("mean", "cls"), help="feature-extraction: pool token vectors")
     p.add_argument("--normalize", action="store_true", help="feature-extraction: unit-length pooled vectors")
     p.add_argument("--top-k", type=int,

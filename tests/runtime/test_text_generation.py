@@ -282,3 +282,54 @@ def test_no_repeat_ngram_size_and_min_new_tokens_match_transformers(options, dec
     expected = [theirs(prompt, do_sample=False, eos_token_id=[5, 9], **options) for prompt in PROMPTS]
     assert [ours(prompt, eos_token_id=[5, 9], **options) for prompt in PROMPTS] == expected
     assert ours(PROMPTS, eos_token_id=[5, 9], **options) == expected
+
+
+@pytest.mark.parametrize("name,options", [
+    ("llama-gqa", {"num_beams": 3}),
+    ("gpt2", {"num_beams": 4, "length_penalty": 0.5}),
+    ("gemma3", {"num_beams": 2, "repetition_penalty": 1.3, "eos_token_id": [5, 9]}),
+    ("qwen2-mqa", {"num_beams": 3, "no_repeat_ngram_size": 2, "min_new_tokens": 4}),
+])
+def test_beam_search_matches_transformers(name, options, decoders):
+    """num_beams > 1: transformers' beam search (2 x beams candidates, finished beams by score / length **
+    length_penalty, its stopping heuristic), each beam's cache reordered after every step; the pipeline's text equals
+    transformers' pipeline's for each prompt alone and for the prompts as one left-padded batch (gemma3: a window
+    shorter than the generation, its bounded cache reordered too), and generate's tokens."""
+    from kiln.runtime.generate.beam import beam_search
+
+    ckpt, out, model = decoders(name)
+    ours = kiln.pipeline("text-generation", out)
+    theirs = transformers.pipeline("text-generation", model=str(ckpt), tokenizer=str(ckpt))
+    options = {"max_new_tokens": 10, **options}
+    expected = [theirs(prompt, do_sample=False, **options) for prompt in PROMPTS]
+    assert [ours(prompt, **options) for prompt in PROMPTS] == expected
+    assert ours(PROMPTS, **options) == expected
+    pipe = ours
+    batch = pipe.tokenizer(PROMPTS[:2], padding_side="left")
+    config = pipe.defaults.merge(**options)
+    rows = beam_search(pipe.decoder, batch.input_ids, batch.attention_mask, config, config.num_beams,
+                       config.length_penalty)
+    for ids, mask, row in zip(batch.input_ids, batch.attention_mask, rows):
+        ids = torch.from_numpy(ids[mask == 1][None])
+        hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            **options)[0, ids.shape[1]:].tolist()
+        assert row == hf[:next((i for i, t in enumerate(hf) if t in config.eos_ids), len(hf))]
+
+
+def test_beam_search_refuses_what_it_cannot_do(decoders):
+    _, out, _ = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    with pytest.raises(InputError, match="do_sample=True with num_beams=3: kiln samples with one beam"):
+        pipe(PROMPTS[0], num_beams=3, do_sample=True)
+    with pytest.raises(InputError, match="stop_strings with num_beams=2 are not supported"):
+        pipe(PROMPTS[0], num_beams=2, stop_strings=["x"])
+    with pytest.raises(InputError, match="num_beams=5 runs 5 rows at once, but this artifact takes batches of at "
+                                         "most 4: use num_beams <= 4, or re-export with --batch 1:5"):
+        pipe(PROMPTS[0], num_beams=5)
+    with pytest.raises(InputError, match="num_beams=0 is out of range"):
+        pipe(PROMPTS[0], num_beams=0)
+    with pytest.raises(InputError, match="stream\\(\\) with num_beams=2"):
+        list(pipe.stream(PROMPTS[0], num_beams=2))
+    _, out, _ = decoders("phi4-partial-rotary")
+    with pytest.raises(InputError, match="num_beams > 1 over 8 tokens: this model switches its rotary factors"):
+        kiln.pipeline("text-generation", out)(PROMPTS[0], num_beams=2, max_new_tokens=10)

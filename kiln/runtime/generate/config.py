@@ -27,6 +27,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram of the sequence (prompt included) occurs twice
     min_new_tokens: int = 0  # EOS is held back until this many new tokens
+    num_beams: int = 1  # > 1: beam search (kiln.runtime.generate.beam)
+    length_penalty: float = 1.0  # beam search: finished beams compete by score / new length ** length_penalty
     seed: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -57,6 +59,14 @@ class GenerationConfig:
         check("no_repeat_ngram_size", _integer(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
               "an integer >= 0 (0 turns it off)")
         check("min_new_tokens", _integer(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0")
+        check("num_beams", _integer(self.num_beams) and self.num_beams >= 1, "an integer >= 1 (1: no beam search)")
+        check("length_penalty", _number(self.length_penalty) and np.isfinite(self.length_penalty), "a finite number")
+        if self.num_beams > 1 and self.do_sample:
+            raise InputError(f"do_sample=True with num_beams={self.num_beams}: kiln samples with one beam; pass "
+                             "num_beams=1 to sample, or leave do_sample out to search beams.")
+        if self.num_beams > 1 and self.stop_strings:
+            raise InputError(f"stop_strings with num_beams={self.num_beams} are not supported: stop strings end "
+                             "greedy or sampled generation; search beams without them, or use num_beams=1.")
         check("eos_token_id", all(_integer(i) and i >= 0 for i in self.eos_ids),
               "a token id >= 0, a list of them, or None")
         check("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "a tuple of non-empty strings")
@@ -89,7 +99,8 @@ class GenerationConfig:
             return cls()
         raw = read_json(path, "Fix or delete it.", error=InputError)
         keys = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                "no_repeat_ngram_size", "min_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id")
+                "no_repeat_ngram_size", "min_new_tokens", "num_beams", "length_penalty", "eos_token_id",
+                "pad_token_id", "bos_token_id")
         return cls.from_dict({k: raw[k] for k in keys if raw.get(k) is not None})
 
     def rng(self) -> np.random.Generator:

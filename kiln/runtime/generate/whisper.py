@@ -302,86 +302,14 @@ class WhisperSession:
     def beam_search(self, cross: dict, prompts: np.ndarray, config, timestamps: bool = False, num_beams: int = 5,
                     length_penalty: float = 1.0) -> list[list[int]]:
         """Each row's best sequence of new tokens (without end-of-text) by beam search, as transformers' generate
-        runs it (``_beam_search``, early_stopping False): every beam's scores are log-probabilities, processed (the
-        generic processors, then Whisper's rules) before its running score is added; the best 2 x ``num_beams``
-        continuations are kept, of which the best ``num_beams`` unfinished run on and the finished ones among the
-        first ``num_beams`` compete for the result by score / length ** ``length_penalty``; the search stops when
-        no running beam can beat the worst finished one any more (judged at the current length) or at
-        ``config.max_new_tokens``. ``cross``: numpy keys/values (``encode(..., handles=False)``), one row per input;
-        ``prompts`` (B, P)."""
-        from kiln.runtime.generate.processors import process_logits
+        runs it (``kiln.runtime.generate.beam``), Whisper's rules after the generic processors. ``cross``: numpy
+        keys/values (``encode(..., handles=False)``), one row per input, bound for every beam; ``prompts`` (B, P)."""
+        from kiln.runtime.generate.beam import beam_search
 
-        B, P = prompts.shape
-        K, eos, max_length = num_beams, self.rules.eos_token_id, P + config.max_new_tokens
-        decoder = self.decoder
-        running = np.full((B, K, max_length), eos, dtype=np.int64)
-        running[:, :, :P] = prompts[:, None, :]
-        finished_seqs = running.copy()
-        running_scores = np.zeros((B, K), dtype=np.float32)
-        running_scores[:, 1:] = -1e9
-        finished_scores = np.full((B, K), -1e9, dtype=np.float32)
-        finished = np.zeros((B, K), dtype=bool)
-        improvable = np.ones((B, 1), dtype=bool)
-        top_k = np.arange(2 * K) < K  # only the first num_beams candidates may finish
-        rows = np.arange(B)[:, None]
-        cross = {name: np.ascontiguousarray(np.repeat(value, K, axis=0)) for name, value in cross.items()}
-        cache = decoder.empty_cache(B * K)
-        step_ids = running[:, :, :P].reshape(B * K, P)
-        positions = np.broadcast_to(np.arange(P, dtype=np.int64), (B * K, P))
-        outputs = ["logits", *decoder.present_names]
-        cur = P
-        try:
-            while True:
-                feed = {"input_ids": step_ids, "attention_mask": np.ones((B * K, cur), dtype=np.int64),
-                        "position_ids": positions, **decoder._extra, **cache, **cross}
-                out = decoder.engine.run(feed, outputs=outputs)
-                logits = out["logits"][:, -1].astype(np.float32)
-                shifted = logits - logits.max(axis=-1, keepdims=True)
-                log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-                flat = running[:, :, :cur].reshape(B * K, cur)
-                log_probs = process_logits(log_probs, flat, config, new_tokens=cur - P,
-                                           rules=lambda s: self.rules.process(s, flat, P, timestamps))
-                V = log_probs.shape[-1]
-                totals = (log_probs.reshape(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)
-                best = np.argsort(-totals, axis=1, kind="stable")[:, :2 * K]  # (B, 2K), best first
-                best_scores = np.take_along_axis(totals, best, axis=1)
-                origin, ids = best // V, best % V
-                candidates = running[rows, origin].copy()  # (B, 2K, max_length)
-                candidates[:, :, cur] = ids
-                hits = (ids == eos) | (cur + 1 >= max_length)
-                # the best num_beams unfinished candidates run on
-                open_scores = best_scores + hits * np.float32(-1e9)
-                keep = np.argsort(-open_scores, axis=1, kind="stable")[:, :K]
-                running = np.take_along_axis(candidates, keep[:, :, None], axis=1)
-                running_scores = np.take_along_axis(open_scores, keep, axis=1)
-                parents = np.take_along_axis(origin, keep, axis=1)
-                # finished candidates among the first num_beams compete with those finished before
-                just = hits & top_k[None, :]
-                scored = best_scores / np.float32((cur + 1 - P) ** length_penalty)
-                scored = scored + (~improvable) * np.float32(-1e9) + (~just) * np.float32(-1e9)
-                merged_scores = np.concatenate([finished_scores, scored], axis=1)
-                pick = np.argsort(-merged_scores, axis=1, kind="stable")[:, :K]
-                finished_seqs = np.take_along_axis(np.concatenate([finished_seqs, candidates], axis=1),
-                                                   pick[:, :, None], axis=1)
-                finished_scores = np.take_along_axis(merged_scores, pick, axis=1)
-                finished = np.take_along_axis(np.concatenate([finished, just], axis=1), pick, axis=1)
-                flat_parents = (parents + np.arange(B)[:, None] * K).reshape(-1)
-                cache = {past: out[present][flat_parents]
-                         for past, present in zip(decoder.past_names, decoder.present_names)}
-                cur += 1
-                best_possible = running_scores[:, :1] / np.float32((cur - P) ** length_penalty)
-                worst = np.where(finished, finished_scores.min(axis=1, keepdims=True), np.float32(-1e9))
-                improvable = improvable & (best_possible > worst).any(axis=-1, keepdims=True)
-                if not improvable.any() or hits.all():
-                    break
-                step_ids = running[:, :, cur - 1].reshape(B * K, 1)
-                positions = np.full((B * K, 1), cur - 1, dtype=np.int64)
-        finally:
-            decoder.release()
-        results = []
-        for row in finished_seqs[:, 0, P:].tolist():
-            results.append(row[:row.index(eos)] if eos in row else row)
-        return results
+        return beam_search(self.decoder, prompts, np.ones(prompts.shape, dtype=np.int64),
+                           config.merge(eos_token_id=self.rules.eos_token_id), num_beams, length_penalty, feed=cross,
+                           rules=lambda scores, sequences, begin: self.rules.process(scores, sequences, begin,
+                                                                                    timestamps))
 
 
 def split_segments(tokens: list[int], timestamp_begin: int, window_frames: int, time_offset: float = 0.0,

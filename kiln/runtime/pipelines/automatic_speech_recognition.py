@@ -85,7 +85,9 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         encoder = open_engine(self.path / record["model"], manifest={**self.manifest, **record}, **self._open)
         self.session = WhisperSession(encoder, self.engine, self.rules)
         self.positions = int(self.config.get("max_target_positions") or 448)
-        self.defaults = GenerationConfig.from_artifact(self.path).merge(eos_token_id=self.rules.eos_token_id)
+        # num_beams / length_penalty are this pipeline's own options (its default: 5 beams, below)
+        self.defaults = GenerationConfig.from_artifact(self.path).merge(eos_token_id=self.rules.eos_token_id,
+                                                                        num_beams=1, length_penalty=1.0)
         # transformers' pipeline searches 5 beams (openai's default) unless the generation config sets another count
         configured = json.loads(path.read_text()).get("num_beams")
         self.num_beams = configured if isinstance(configured, int) and configured > 1 else 5
@@ -118,14 +120,6 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         generation.update(keywords)
         search = {k: generation.pop(k) for k in SEARCH_OPTIONS if k in generation}
         beams = search.get("num_beams", 1 if generation.get("do_sample") else self.num_beams)
-        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
-            raise InputError(f"num_beams must be a positive integer, got {beams!r}.")
-        if beams > 1 and generation.get("do_sample"):
-            raise InputError(f"do_sample=True with num_beams={beams}: kiln samples with one beam; pass num_beams=1 "
-                             "to sample, or leave do_sample out to search beams.")
-        penalty = search.get("length_penalty", 1.0)
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not np.isfinite(penalty):
-            raise InputError(f"length_penalty must be a number, got {penalty!r}.")
         whisper = {k: generation.pop(k) for k in WHISPER_OPTIONS if k in generation}
         if whisper.get("task") is not None and whisper["task"] not in TASKS:
             raise InputError(f"task must be 'transcribe' or 'translate', got {whisper['task']!r}.")
@@ -137,7 +131,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                 raise InputError("prompt_ids must be a non-empty 1-D list of token ids (the tokenizer's ids of the "
                                  "prompt text, after <|startofprev|>).")
             whisper["prompt_ids"] = ids.tolist()
-        self.defaults.merge(**generation)  # checks the values now
+        # checks the values now, the search options with the rest
+        self.defaults.merge(**generation, num_beams=beams, length_penalty=search.get("length_penalty"))
         forward = {**given(return_timestamps=return_timestamps), **given(**whisper), **given(**generation),
                    **given(**search)}
         return self._chunking(chunk_length_s, stride_length_s), forward, {}

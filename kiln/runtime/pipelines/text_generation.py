@@ -12,6 +12,7 @@ import numpy as np
 from kiln.errors import InputError
 from kiln.runtime.generate import (DecoderSession, GenerationConfig, StreamDecoder, chat_template_from, generate,
                                    render_chat, steps)
+from kiln.runtime.generate.beam import beam_search
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.tokenizer import Batch
 
@@ -73,8 +74,16 @@ class TextGenerationPipeline(Pipeline):
         return Prompts(self._encode(prompts, special, config, truncation), list(items), prompts, config)
 
     def forward(self, model_inputs: Prompts, batch_size: int, head_mask=None) -> np.ndarray:
-        batch = model_inputs.batch
-        return generate(self._session(head_mask), batch.input_ids, batch.attention_mask, model_inputs.config, decode=self._decode_new)
+        batch, config = model_inputs.batch, model_inputs.config
+        if config.num_beams > 1:  # each prompt's best beam, padded after its end as generate's rows are
+            rows = beam_search(self._session(head_mask), batch.input_ids, batch.attention_mask, config,
+                               config.num_beams, config.length_penalty)
+            pad = (config.eos_ids or (config.pad_token_id or 0,))[0]  # postprocess cuts at the end token
+            out = np.full((len(rows), max(map(len, rows), default=0)), pad, dtype=np.int64)
+            for i, row in enumerate(rows):
+                out[i, :len(row)] = row
+            return out
+        return generate(self._session(head_mask), batch.input_ids, batch.attention_mask, config, decode=self._decode_new)
 
     def postprocess(self, model_inputs: Prompts, outputs: np.ndarray, return_full_text: bool = True) -> list:
         results = []
@@ -103,7 +112,11 @@ class TextGenerationPipeline(Pipeline):
                 raise InputError(f"stream() takes no {name}: it yields the new text of one prompt; print the prompt "
                                  "first for the full text.")
         pre, forward, _, _ = self._params(kwargs)
-        return self._stream(self.preprocess([prompt], **pre), self._session(forward.get("head_mask")))
+        prompts = self.preprocess([prompt], **pre)
+        if prompts.config.num_beams > 1:
+            raise InputError(f"stream() with num_beams={prompts.config.num_beams}: a beam search knows its text only "
+                             "at the end; call the pipeline, or stream with num_beams=1.")
+        return self._stream(prompts, self._session(forward.get("head_mask")))
 
     def _session(self, head_mask) -> DecoderSession:
         return self.decoder if head_mask is None else DecoderSession(self.engine, feed={"head_mask": head_mask},
