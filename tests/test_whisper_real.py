@@ -191,8 +191,8 @@ def test_pipeline_refuses_what_it_cannot_do(asr, speech):
         ours(speech, generate_kwargs={"language": "fr"})
     with pytest.raises(InputError, match="do_sample=True with num_beams=4: kiln samples with one beam"):
         ours(speech, generate_kwargs={"num_beams": 4, "do_sample": True})
-    with pytest.raises(InputError, match="Unknown generate_kwargs \\['early_stopping'\\]"):
-        ours(speech, generate_kwargs={"early_stopping": True})
+    with pytest.raises(InputError, match="Unknown generate_kwargs \\['num_beam_groups'\\]"):
+        ours(speech, generate_kwargs={"num_beam_groups": 2})
     with pytest.raises(InputError, match="exceed the decoder's 448 positions"):
         ours(speech, max_new_tokens=500)
 

@@ -289,6 +289,9 @@ def test_no_repeat_ngram_size_and_min_new_tokens_match_transformers(options, dec
     ("gpt2", {"num_beams": 4, "length_penalty": 0.5}),
     ("gemma3", {"num_beams": 2, "repetition_penalty": 1.3, "eos_token_id": [5, 9]}),
     ("qwen2-mqa", {"num_beams": 3, "no_repeat_ngram_size": 2, "min_new_tokens": 4}),
+    ("llama-gqa", {"num_beams": 3, "early_stopping": True, "eos_token_id": [5, 9]}),
+    ("gpt2", {"num_beams": 3, "early_stopping": "never", "length_penalty": 1.5, "eos_token_id": [5, 9]}),
+    ("llama-gqa", {"num_beams": 4, "num_return_sequences": 3, "eos_token_id": [5, 9]}),
 ])
 def test_beam_search_matches_transformers(name, options, decoders):
     """num_beams > 1: transformers' beam search (2 x beams candidates, finished beams by score / length **
@@ -307,13 +310,15 @@ def test_beam_search_matches_transformers(name, options, decoders):
     pipe = ours
     batch = pipe.tokenizer(PROMPTS[:2], padding_side="left")
     config = pipe.defaults.merge(**options)
+    n = config.num_return_sequences
     rows = beam_search(pipe.decoder, batch.input_ids, batch.attention_mask, config, config.num_beams,
-                       config.length_penalty)
-    for ids, mask, row in zip(batch.input_ids, batch.attention_mask, rows):
+                       config.length_penalty, early_stopping=config.early_stopping, num_return_sequences=n)
+    for i, (ids, mask) in enumerate(zip(batch.input_ids, batch.attention_mask)):
         ids = torch.from_numpy(ids[mask == 1][None])
         hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            **options)[0, ids.shape[1]:].tolist()
-        assert row == hf[:next((i for i, t in enumerate(hf) if t in config.eos_ids), len(hf))]
+                            **options)[:, ids.shape[1]:].tolist()
+        assert rows[i * n:(i + 1) * n] == [seq[:next((k for k, t in enumerate(seq) if t in config.eos_ids), len(seq))]
+                                           for seq in hf]
 
 
 def test_beam_search_refuses_what_it_cannot_do(decoders):
@@ -326,6 +331,14 @@ def test_beam_search_refuses_what_it_cannot_do(decoders):
     with pytest.raises(InputError, match="num_beams=5 runs 5 rows at once, but this artifact takes batches of at "
                                          "most 4: use num_beams <= 4, or re-export with --batch 1:5"):
         pipe(PROMPTS[0], num_beams=5)
+    with pytest.raises(InputError, match="num_return_sequences=2 with num_beams=1: greedy decoding gives one"):
+        pipe(PROMPTS[0], num_return_sequences=2)
+    with pytest.raises(InputError, match="early_stopping='always' is out of range"):
+        pipe(PROMPTS[0], num_beams=2, early_stopping="always")
+    with pytest.raises(InputError, match="stream\\(\\) yields one sequence"):
+        list(pipe.stream(PROMPTS[0], do_sample=True, num_return_sequences=2))
+    samples = pipe(PROMPTS[:2], do_sample=True, num_return_sequences=3, seed=0, max_new_tokens=6)
+    assert [len(s) for s in samples] == [3, 3] and len({s["generated_text"] for s in samples[0]}) > 1
     with pytest.raises(InputError, match="num_beams=0 is out of range"):
         pipe(PROMPTS[0], num_beams=0)
     with pytest.raises(InputError, match="stream\\(\\) with num_beams=2"):

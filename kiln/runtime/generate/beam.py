@@ -6,8 +6,9 @@ Every beam's next-token scores are log-probabilities, processed (the generic pro
 before its running score is added; the best 2 x ``num_beams`` continuations are kept, of which the best
 ``num_beams`` that do not end run on, and those that end among the first ``num_beams`` compete for the result by
 score / new length ** ``length_penalty``; the search stops when no running beam can beat the worst finished one any
-more (judged at the current length, transformers' heuristic) or at ``max_new_tokens``. The self-attention cache is
-reordered after every step to follow each kept beam's parent.
+more (judged at the current length, transformers' heuristic with ``early_stopping=False``; at the longest length
+with ``"never"`` and a positive ``length_penalty``), once ``num_beams`` have finished with ``early_stopping=True``, or
+at ``max_new_tokens``. The self-attention cache is reordered after every step to follow each kept beam's parent.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ NEG = np.float32(-1e9)  # transformers' stand-in for a score that can never win
 
 def beam_search(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig,
                 num_beams: int, length_penalty: float = 1.0, feed: dict | None = None,
-                rules: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None) -> list[list[int]]:
-    """Each row's best sequence of new tokens, without its end token, for left-padded prompts ``input_ids`` (B, P)
+                rules: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
+                early_stopping: bool | str = False, num_return_sequences: int = 1) -> list[list[int]]:
+    """Each row's best ``num_return_sequences`` sequences of new tokens (row after row, best first, as transformers
+    returns them), without their end token, for left-padded prompts ``input_ids`` (B, P)
     with their ``attention_mask``. ``feed``: per-row inputs of the graph besides the cache (Whisper's
     cross-attention keys/values, numpy, batch first), repeated for every beam. ``rules(scores, sequences,
     prompt_length)``: a model's own processors over (B * beams, V) scores (Whisper's), after the generic ones.
@@ -43,7 +46,8 @@ def beam_search(session: DecoderSession, input_ids: np.ndarray, attention_mask: 
         return [row for start in range(0, B, step)
                 for row in beam_search(session, input_ids[start:start + step], attention_mask[start:start + step],
                                        config, num_beams, length_penalty,
-                                       {k: v[start:start + step] for k, v in (feed or {}).items()}, rules)]
+                                       {k: v[start:start + step] for k, v in (feed or {}).items()}, rules,
+                                       early_stopping, num_return_sequences)]
     max_length = P + config.max_new_tokens
     if session.recompute_at is not None and max_length > session.recompute_at:
         raise InputError(f"num_beams > 1 over {session.recompute_at} tokens: this model switches its rotary factors "
@@ -105,17 +109,18 @@ def beam_search(session: DecoderSession, input_ids: np.ndarray, attention_mask: 
             flat_parents = (parents + np.arange(B)[:, None] * K).reshape(-1)
             cache = {past: out[present][flat_parents] for past, present in zip(session.past_names, session.present_names)}
             cur += 1
-            best_possible = running_scores[:, :1] / np.float32((cur - P) ** length_penalty)
+            longest = max_length if early_stopping == "never" and length_penalty > 0 else cur
+            best_possible = running_scores[:, :1] / np.float32((longest - P) ** length_penalty)
             worst = np.where(finished, finished_scores.min(axis=1, keepdims=True), NEG)
             improvable = improvable & (best_possible > worst).any(axis=-1, keepdims=True)
-            if not improvable.any() or hits.all():
+            if not improvable.any() or hits.all() or (early_stopping is True and finished.all()):
                 break
             step_ids = running[:, :, cur - 1].reshape(B * K, 1)
             positions = positions[:, -1:] + 1
     finally:
         session.release()
     results = []
-    for row in finished_seqs[:, 0, P:].tolist():
+    for row in finished_seqs[:, :num_return_sequences, P:].reshape(-1, max_length - P).tolist():
         end = next((i for i, token in enumerate(row) if token in eos), len(row))
         results.append(row[:end])
     return results

@@ -29,6 +29,8 @@ class GenerationConfig:
     min_new_tokens: int = 0  # EOS is held back until this many new tokens
     num_beams: int = 1  # > 1: beam search (kiln.runtime.generate.beam)
     length_penalty: float = 1.0  # beam search: finished beams compete by score / new length ** length_penalty
+    early_stopping: bool | str = False  # beam search: True (stop at num_beams finished), False (heuristic), "never"
+    num_return_sequences: int = 1  # sequences per prompt: the best beams, or independent samples
     seed: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -61,6 +63,14 @@ class GenerationConfig:
         check("min_new_tokens", _integer(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0")
         check("num_beams", _integer(self.num_beams) and self.num_beams >= 1, "an integer >= 1 (1: no beam search)")
         check("length_penalty", _number(self.length_penalty) and np.isfinite(self.length_penalty), "a finite number")
+        check("early_stopping", any(self.early_stopping is v for v in (True, False)) or self.early_stopping == "never",
+              'True, False or "never"')
+        check("num_return_sequences", _integer(self.num_return_sequences) and self.num_return_sequences >= 1,
+              "an integer >= 1")
+        if self.num_return_sequences > self.num_beams and not self.do_sample:
+            raise InputError(f"num_return_sequences={self.num_return_sequences} with num_beams={self.num_beams}: "
+                             "greedy decoding gives one sequence and a beam search at most num_beams; raise num_beams "
+                             "or sample (do_sample=True).")
         if self.num_beams > 1 and self.do_sample:
             raise InputError(f"do_sample=True with num_beams={self.num_beams}: kiln samples with one beam; pass "
                              "num_beams=1 to sample, or leave do_sample out to search beams.")
@@ -99,8 +109,8 @@ class GenerationConfig:
             return cls()
         raw = read_json(path, "Fix or delete it.", error=InputError)
         keys = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                "no_repeat_ngram_size", "min_new_tokens", "num_beams", "length_penalty", "eos_token_id",
-                "pad_token_id", "bos_token_id")
+                "no_repeat_ngram_size", "min_new_tokens", "num_beams", "length_penalty", "early_stopping",
+                "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id")
         return cls.from_dict({k: raw[k] for k in keys if raw.get(k) is not None})
 
     def rng(self) -> np.random.Generator:

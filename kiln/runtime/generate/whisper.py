@@ -300,7 +300,7 @@ class WhisperSession:
             self.decoder.release()
 
     def beam_search(self, cross: dict, prompts: np.ndarray, config, timestamps: bool = False, num_beams: int = 5,
-                    length_penalty: float = 1.0) -> list[list[int]]:
+                    length_penalty: float = 1.0, early_stopping: bool | str = False) -> list[list[int]]:
         """Each row's best sequence of new tokens (without end-of-text) by beam search, as transformers' generate
         runs it (``kiln.runtime.generate.beam``), Whisper's rules after the generic processors. ``cross``: numpy
         keys/values (``encode(..., handles=False)``), one row per input, bound for every beam; ``prompts`` (B, P)."""
@@ -309,7 +309,8 @@ class WhisperSession:
         return beam_search(self.decoder, prompts, np.ones(prompts.shape, dtype=np.int64),
                            config.merge(eos_token_id=self.rules.eos_token_id), num_beams, length_penalty, feed=cross,
                            rules=lambda scores, sequences, begin: self.rules.process(scores, sequences, begin,
-                                                                                    timestamps))
+                                                                                    timestamps),
+                           early_stopping=early_stopping)
 
 
 def split_segments(tokens: list[int], timestamp_begin: int, window_frames: int, time_offset: float = 0.0,

@@ -44,7 +44,7 @@ from kiln.runtime.tokenizer import Tokenizer
 WHISPER_OPTIONS = ("language", "task", "prompt_ids")
 SAMPLING_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "repetition_penalty",
                     "no_repeat_ngram_size")
-SEARCH_OPTIONS = ("num_beams", "length_penalty")
+SEARCH_OPTIONS = ("num_beams", "length_penalty", "early_stopping")
 
 
 @dataclass
@@ -98,7 +98,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     def _sanitize_parameters(self, return_timestamps=None, generate_kwargs=None, language=None, task=None,
                              prompt_ids=None, max_new_tokens=None, do_sample=None, temperature=None, top_k=None,
                              top_p=None, seed=None, repetition_penalty=None, no_repeat_ngram_size=None,
-                             num_beams=None, length_penalty=None, chunk_length_s=None, stride_length_s=None):
+                             num_beams=None, length_penalty=None, early_stopping=None, chunk_length_s=None,
+                             stride_length_s=None):
         """As transformers: generation options either in ``generate_kwargs`` or as keywords of their own."""
         if not any(return_timestamps is value for value in (None, True, False)) and return_timestamps != "word":
             raise InputError(f"return_timestamps={return_timestamps!r}: Whisper gives segment timestamps (True), word "
@@ -113,7 +114,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         keywords = given(language=language, task=task, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                         num_beams=num_beams, length_penalty=length_penalty)
+                         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
         twice = sorted(set(keywords) & set(generation))
         if twice:
             raise InputError(f"{', '.join(twice)} given twice, as an option and in generate_kwargs; give it once.")
@@ -132,7 +133,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                                  "prompt text, after <|startofprev|>).")
             whisper["prompt_ids"] = ids.tolist()
         # checks the values now, the search options with the rest
-        self.defaults.merge(**generation, num_beams=beams, length_penalty=search.get("length_penalty"))
+        self.defaults.merge(**generation, num_beams=beams, length_penalty=search.get("length_penalty"),
+                            early_stopping=search.get("early_stopping"))
         forward = {**given(return_timestamps=return_timestamps), **given(**whisper), **given(**generation),
                    **given(**search)}
         return self._chunking(chunk_length_s, stride_length_s), forward, {}
@@ -337,7 +339,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         search = {k: generation[k] for k in SEARCH_OPTIONS if k in generation}
         beams = self._beams(generation)
         if beams > 1:
-            return self.session.beam_search(cross, prompts, config, timestamps, beams, search.get("length_penalty", 1.0))
+            return self.session.beam_search(cross, prompts, config, timestamps, beams, search.get("length_penalty", 1.0),
+                                            search.get("early_stopping", False))
         steps = list(self.session.steps(cross, prompts, config, timestamps))
         tokens = np.stack(steps, axis=1) if steps else np.zeros((prompts.shape[0], 0), dtype=np.int64)
         eos = self.rules.eos_token_id
