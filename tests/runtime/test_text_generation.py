@@ -346,3 +346,67 @@ def test_beam_search_refuses_what_it_cannot_do(decoders):
     _, out, _ = decoders("phi4-partial-rotary")
     with pytest.raises(InputError, match="num_beams > 1 over 8 tokens: this model switches its rotary factors"):
         kiln.pipeline("text-generation", out)(PROMPTS[0], num_beams=2, max_new_tokens=10)
+
+
+@pytest.mark.parametrize("name,options", [("llama-gqa", {}), ("gpt2", {"repetition_penalty": 1.2}),
+                                          ("qwen2-mqa", {"no_repeat_ngram_size": 3, "min_new_tokens": 18})])
+def test_prompt_lookup_decoding_gives_greedy_text(name, options, decoders, monkeypatch):
+    """prompt_lookup_num_tokens: candidates checked in one pass, the processors applied position by position, the
+    rejected candidates cut from the cache: the text is greedy's (kiln's and transformers' pipelines, transformers'
+    own prompt lookup too), streamed too. Random weights seldom repeat themselves, so the passes are counted with
+    candidates that are right (greedy's own continuation: a pass per 1 + 4 tokens) and wrong (a pass per token)."""
+    import kiln.runtime.generate.loop as loop
+
+    ckpt, out, _ = decoders(name)
+    pipe = kiln.pipeline("text-generation", out)
+    theirs = transformers.pipeline("text-generation", model=str(ckpt), tokenizer=str(ckpt))
+    prompt = "the river runs through paris and london. the river runs through paris and london. the river"
+    options = {"max_new_tokens": 24, **options}
+    expected = theirs(prompt, do_sample=False, **options)
+    assert theirs(prompt, do_sample=False, prompt_lookup_num_tokens=4, **options) == expected
+    assert pipe(prompt, prompt_lookup_num_tokens=4, **options) == expected
+    assert "".join(pipe.stream(prompt, prompt_lookup_num_tokens=4, **options)) == \
+        expected[0]["generated_text"][len(prompt):]
+
+    prompt_ids = len(pipe.tokenizer([prompt]).input_ids[0])
+    greedy = []
+    for tokens in loop.steps(pipe.decoder, pipe.tokenizer([prompt]).input_ids, pipe.tokenizer([prompt]).attention_mask,
+                             pipe.defaults.merge(**options)):
+        greedy.append(int(tokens[0]))
+    runs, run = [], pipe.engine.run
+    monkeypatch.setattr(pipe.engine, "run", lambda *args, **kwargs: runs.append(1) or run(*args, **kwargs))
+    for guess, passes in ((lambda seq, k, n: greedy[len(seq) - prompt_ids:][:k], -(-24 // 5)),
+                          (lambda seq, k, n: [(t + 1) % 300 for t in greedy[len(seq) - prompt_ids:][:k]], 24)):
+        monkeypatch.setattr(loop, "lookup_candidates", guess)
+        runs.clear()
+        assert pipe(prompt, prompt_lookup_num_tokens=4, **options) == expected
+        assert len(runs) == passes
+
+
+def test_lookup_candidates_as_transformers():
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from kiln.runtime.generate.loop import lookup_candidates
+
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        sequence = [int(t) for t in rng.integers(0, 6, int(rng.integers(2, 30)))]
+        tokens, ngram = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        theirs = PromptLookupCandidateGenerator(num_output_tokens=tokens, max_matching_ngram_size=ngram,
+                                                max_length=1000)
+        ids, _ = theirs.get_candidates(torch.tensor([sequence]))
+        assert lookup_candidates(sequence, tokens, ngram) == ids[0, len(sequence):].tolist(), (sequence, tokens, ngram)
+
+
+def test_prompt_lookup_refuses_what_it_cannot_do(decoders):
+    _, out, _ = decoders("llama-gqa")
+    pipe = kiln.pipeline("text-generation", out)
+    with pytest.raises(InputError, match="prompt_lookup_num_tokens decodes one prompt at a time"):
+        pipe(PROMPTS[:2], prompt_lookup_num_tokens=3)
+    with pytest.raises(InputError, match="it does not go with do_sample, num_beams or num_return_sequences"):
+        pipe(PROMPTS[0], prompt_lookup_num_tokens=3, num_beams=2)
+    with pytest.raises(InputError, match="prompt_lookup_num_tokens=0 is out of range"):
+        pipe(PROMPTS[0], prompt_lookup_num_tokens=0)
+    _, out, _ = decoders("gemma3")
+    with pytest.raises(InputError, match="window-bounded"):
+        kiln.pipeline("text-generation", out)(PROMPTS[0], prompt_lookup_num_tokens=3)

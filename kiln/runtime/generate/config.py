@@ -31,6 +31,8 @@ class GenerationConfig:
     length_penalty: float = 1.0  # beam search: finished beams compete by score / new length ** length_penalty
     early_stopping: bool | str = False  # beam search: True (stop at num_beams finished), False (heuristic), "never"
     num_return_sequences: int = 1  # sequences per prompt: the best beams, or independent samples
+    prompt_lookup_num_tokens: int | None = None  # prompt-lookup decoding: candidates copied from the text so far
+    max_matching_ngram_size: int | None = None  # prompt lookup: the longest n-gram matched (transformers: 2)
     seed: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -71,6 +73,15 @@ class GenerationConfig:
             raise InputError(f"num_return_sequences={self.num_return_sequences} with num_beams={self.num_beams}: "
                              "greedy decoding gives one sequence and a beam search at most num_beams; raise num_beams "
                              "or sample (do_sample=True).")
+        check("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens is None
+              or _integer(self.prompt_lookup_num_tokens) and self.prompt_lookup_num_tokens >= 1,
+              "an integer >= 1, or None (off)")
+        check("max_matching_ngram_size", self.max_matching_ngram_size is None
+              or _integer(self.max_matching_ngram_size) and self.max_matching_ngram_size >= 1,
+              "an integer >= 1, or None (2)")
+        if self.prompt_lookup_num_tokens and (self.do_sample or self.num_beams > 1 or self.num_return_sequences > 1):
+            raise InputError("prompt_lookup_num_tokens speeds up greedy decoding (its output is greedy's); it does "
+                             "not go with do_sample, num_beams or num_return_sequences. Leave one of them out.")
         if self.num_beams > 1 and self.do_sample:
             raise InputError(f"do_sample=True with num_beams={self.num_beams}: kiln samples with one beam; pass "
                              "num_beams=1 to sample, or leave do_sample out to search beams.")

@@ -78,6 +78,9 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
 
     The engine state of a generation belongs to the thread that runs it: closing the generator (a consumer that
     stops reading) or exhausting it releases it, in its ``finally``."""
+    if config.prompt_lookup_num_tokens:
+        yield from lookup_steps(session, input_ids, attention_mask, config, decode)
+        return
     B, _ = input_ids.shape
     rng = config.rng()
     stopper = StopChecker(config, batch=B, decode=decode)
@@ -99,6 +102,75 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
             if session.recompute_at is not None and (mask.sum(axis=1) == session.recompute_at + 1).any():
                 session.release()  # a row just passed the original context: the whole batch again, no cache
                 step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B)
+    finally:
+        session.release()
+
+
+def lookup_candidates(sequence: list[int], tokens: int, ngram: int) -> list[int]:
+    """Prompt lookup's guess at what comes next, as transformers' ``PromptLookupCandidateGenerator``: the last n tokens
+    (n from ``ngram`` down to 1) are looked for in the sequence, left to right; the first earlier match gives the up to
+    ``tokens`` tokens that followed it there."""
+    length = len(sequence)
+    for n in range(min(ngram, length - 1), 0, -1):
+        tail = sequence[-n:]
+        for start in range(length - n):
+            if sequence[start:start + n] == tail:
+                return sequence[start + n:min(start + n + tokens, length)]
+    return []
+
+
+def lookup_steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig,
+                 decode: Callable[[list[int]], str] | None = None) -> Iterator[np.ndarray]:
+    """``steps`` with prompt-lookup decoding (transformers' ``prompt_lookup_num_tokens``): each forward pass feeds the
+    last token and candidates copied from where the text's last n-gram occurred before (``lookup_candidates``), and
+    keeps every candidate that greedy decoding (the processors included, position by position) would have chosen, plus
+    the token after them; the cache of the rejected ones is cut off. The tokens are greedy's, yielded one at a time;
+    text that repeats what came before (extraction, editing, code) takes fewer passes. One prompt at a time, as
+    transformers' assisted generation."""
+    if input_ids.shape[0] != 1 or not np.asarray(attention_mask).all():
+        raise InputError("prompt_lookup_num_tokens decodes one prompt at a time (as transformers' assisted "
+                         "generation does); pass one prompt, or leave prompt_lookup_num_tokens out for a batch.")
+    if any("past_window" in map(str, info.shape) for info in session.engine.inputs()):
+        raise InputError("prompt_lookup_num_tokens needs a cache it can cut back, and this model's local layers keep "
+                         "a window-bounded one (Gemma); decode without prompt_lookup_num_tokens.")
+    if session.recompute_at is not None and input_ids.shape[1] + config.max_new_tokens > session.recompute_at:
+        raise InputError(f"prompt_lookup_num_tokens over {session.recompute_at} tokens: this model reruns the "
+                         "sequence there (LongRoPE), which prompt lookup does not do; use fewer new tokens.")
+    stopper = StopChecker(config, batch=1, decode=decode)
+    ngram = config.max_matching_ngram_size or 2
+    sequence = [int(t) for t in input_ids[0]]
+    pending, cache, new = list(sequence), session.empty_cache(1), 0
+    outputs = ["logits", *session.present_names]
+    try:
+        while new < config.max_new_tokens:
+            room = config.max_new_tokens - new - 1  # the pass adds one token besides the accepted candidates
+            candidates = lookup_candidates(sequence, config.prompt_lookup_num_tokens, ngram)[:room]
+            ids = np.array([pending + candidates], dtype=np.int64)
+            past = len(sequence) - len(pending)
+            feed = {"input_ids": ids, "attention_mask": np.ones((1, past + ids.shape[1]), dtype=np.int64),
+                    "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None], **session._extra,
+                    **cache}
+            if session.keep_last:
+                feed["logits_to_keep"] = np.array(len(candidates) + 1, dtype=np.int64)
+            out = session.engine.run(feed, outputs=outputs)
+            rows = out["logits"][0, -(len(candidates) + 1):].astype(np.float32)
+            accepted = 0
+            for j, row in enumerate(rows):
+                scores = process_logits(row[None], np.array([sequence], dtype=np.int64), config, new_tokens=new)
+                token = int(scores[0].argmax())
+                sequence.append(token)
+                new += 1
+                done = stopper.update(np.array([token], dtype=np.int64)).all()
+                yield np.array([token], dtype=np.int64)
+                if done or new >= config.max_new_tokens:
+                    return
+                if j == len(candidates) or token != candidates[j]:
+                    break
+                accepted += 1
+            keep = past + len(pending) + accepted  # the cache holds the fed tokens up to the last accepted one
+            cache = {p: np.ascontiguousarray(out[q][:, :, :keep])
+                     for p, q in zip(session.past_names, session.present_names)}
+            pending = [sequence[-1]]
     finally:
         session.release()
 
