@@ -277,8 +277,12 @@ def decoder_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRang
     extra = {"derived_axes": {S: (P, T)}}
     if getattr(config, "recompute_cache_at", None):  # LongRoPE: generation reruns the sequence once (kiln.json)
         extra["recompute_cache_at"] = config.recompute_cache_at
+    # fp32 differences between onnxruntime and torch grow with depth: SmolLM2-135M's 30 layers reach 1.2e-4 of the
+    # logits' magnitude on a Zen 4 host (AVX-512 kernels; under 1e-4 on Zen 3) with every validation token agreeing,
+    # so rtol grows past 16 layers.
+    rtol = 1e-4 * max(1.0, config.num_hidden_layers / 16)
     return ExportSpec(task, tuple(inputs), tuple(outputs), axes, decoder_feed(config, [t.name for t in inputs]),
-                      atol=1e-4, extra=extra)
+                      atol=1e-4, rtol=rtol, extra=extra)
 
 
 # Encoder-decoder speech models (Whisper) export two graphs. The encoder graph runs once per 30 s window:
