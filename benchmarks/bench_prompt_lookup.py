@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                    f"text is {'the same as' if same else 'not the same as'} kiln's"
                    f"{'' if same else ' (fp32 rounding between the two engines)'}. "
                    "Prompt lookup pays off where the answer copies the prompt (extraction, editing, code); "
-                   "elsewhere its candidates are rejected and each pass costs a little more than a plain step.\n")
+                   "elsewhere its candidates are rejected and it saves nothing (that case is not timed here).\n")
         path = ROOT / "benchmarks" / "RESULTS.md"
         current = path.read_text()
         if SECTION in current:
