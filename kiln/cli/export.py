@@ -23,11 +23,12 @@ def add_parser(sub):
     p.add_argument("--seq", metavar="MIN:MAX", help="dynamic sequence range (default 1:model maximum)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) to export")
     p.add_argument("--keep-failed", action="store_true", help="on validation failure keep the artifact at OUT.failed")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4"),
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8", "int4", "auto"),
                    help="fp16/bf16: typed half-precision graph with fp32 norms/softmax/reductions (GPUs, TensorRT; "
                    "bf16 does not run on onnxruntime CPU); int8: dynamic per-channel int8 MatMuls (encoders), weight-only "
                    "blockwise (decoders; Whisper: both); int4: weight-only int4 (MatMulNBits, for decoders); refused "
-                   "below its accuracy gate against fp32")
+                   "below its accuracy gate against fp32; auto: every CPU candidate exported and gated, the fastest "
+                   "on this machine kept (kiln.json precision_auto)")
     p.add_argument("--force-precision", action="store_true", help="write a reduced precision even below its gate")
     p.add_argument("--output-hidden-states", action="store_true", help="add hidden_states.{i} graph outputs")
     p.add_argument("--output-attentions", action="store_true", help="add attentions.{i} graph outputs (probabilities)")
@@ -49,4 +50,9 @@ def run(args) -> int:
                  if manifest["attention"]["lowering"] == "onnx-attention" else "attention decomposed (MatMul/Softmax)")
     print(f"{args.output}: {manifest['model_type']} {manifest['task']} from {manifest['framework']}, {attention}, "
           f"validated (max abs diff {worst:.2g})")
+    auto = manifest.get("precision_auto")
+    if auto:  # what each candidate measured here, and the choice
+        shown = ", ".join(f"{p} {c['ms']:.2f} ms" if c["passed"] else f"{p} below its gate"
+                          for p, c in auto["candidates"].items())
+        print(f"precision auto: {auto['chosen']} ({shown}; {auto['metric']}, {auto['machine']['isa']})")
     return 0

@@ -70,6 +70,10 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
     kiln.json. Raises ValidationError (with the numbers) if the graph disagrees with the reference, or if a reduced
     ``precision`` falls below its accuracy gate and ``force_precision`` is not set; then nothing is written unless
     ``keep_failed``, which leaves the failed artifact at ``<output>.failed`` for inspection."""
+    if options.get("precision") == "auto":  # every candidate exported and gated, the fastest here kept
+        from kiln.exporter.auto import export_auto
+
+        return export_auto(model, output, task, **{k: v for k, v in options.items() if k != "precision"})
     opts = ExportOptions(task=task, **options)
     ExportPlan("encoder", opts.precision, opts.attention)  # the options' own errors come before any work
     steps, started = Progress(5 if opts.precision == "fp32" else 6), time.perf_counter()

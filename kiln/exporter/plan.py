@@ -54,7 +54,7 @@ class ExportPlan:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r} is not supported for ONNX export; choose one of "
-                             f"{', '.join(PRECISIONS)}.")
+                             f"{', '.join(PRECISIONS)}, or auto (the fastest that passes its gate, measured here).")
         if self.attention not in ("auto", *FORMS):
             raise InputError(f"--attention {self.attention!r}: choose auto or one of {', '.join(FORMS)}.")
         if not self.target:
