@@ -21,6 +21,7 @@ import numpy as np
 
 from kiln.artifact import artifact_file, load_manifest
 from kiln.errors import InputError
+from kiln.runtime.measure import Feeds as _Feeds, machine  # noqa: F401 (machine: part of this module's interface)
 
 WARMUP = 3
 
@@ -76,40 +77,6 @@ def _time_interleaved(runners: dict, rounds: int) -> dict[str, list[float]]:
             run()
             times[name].append(time.perf_counter() - started)
     return times
-
-
-class _Feeds:
-    """Feeds shaped like what the pipelines send: random token ids in the vocabulary, a full attention mask."""
-
-    def __init__(self, manifest: dict, config: dict):
-        self.inputs = {t["name"]: t for t in manifest["inputs"]}
-        self.vocab = int(config.get("vocab_size") or 1000)
-        self.axes = manifest.get("dynamic_axes", {})
-
-    def limit(self, axis: str) -> int | None:
-        return self.axes.get(axis, {}).get("max")
-
-    def __call__(self, batch: int, seq: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(batch * 100003 + seq)
-        feed = {}
-        for name, t in self.inputs.items():
-            if name == "input_ids":
-                feed[name] = rng.integers(min(100, self.vocab - 1), self.vocab, size=(batch, seq), dtype=np.int64)
-            elif name in ("attention_mask",):
-                feed[name] = np.ones((batch, seq), dtype=np.int64)
-            elif name in ("token_type_ids",):
-                feed[name] = np.zeros((batch, seq), dtype=np.int64)
-            elif name == "position_ids":
-                feed[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-            elif name == "pixel_values":
-                shape = [batch if d == "batch" else d for d in t["shape"]]
-                feed[name] = rng.standard_normal(shape, dtype=np.float32)
-            elif name.startswith("past_key_values."):
-                _, heads, _, dim = t["shape"]
-                feed[name] = np.zeros((batch, heads, 0, dim), dtype=t["dtype"])
-            else:
-                raise InputError(f"kiln bench does not know how to fill input {name!r} of this artifact.")
-        return feed
 
 
 def _torch_reference(manifest: dict):
@@ -251,23 +218,6 @@ def _bench_decoder(session, reference, feed: dict, batch: int, seq: int, new_tok
         if new_tokens:
             rows.append(_summary(name, "decode", batch, seq, t["decode"], batch))
     return rows
-
-
-def machine(threads: int | None) -> dict:
-    import os
-
-    import onnxruntime
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
 
 
 def format_table(result: dict) -> str:

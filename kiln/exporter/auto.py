@@ -81,7 +81,7 @@ def export_auto(model, output, task: str, **options) -> dict:
 def measure(artifacts: dict, kind: str) -> dict:
     """Each artifact's time on this machine, the candidates interleaved round by round: {precision: {"ms", "metric",
     (decoders) "prefill_ms"}} with the medians."""
-    from kiln.benchmark import _Feeds
+    from kiln.runtime.measure import Feeds
     from kiln.files import read_json
     from kiln.runtime.engines.select import open_engine
     from kiln.runtime.generate import DecoderSession
@@ -89,7 +89,7 @@ def measure(artifacts: dict, kind: str) -> dict:
     runners, samples = {}, {}
     for precision, path in artifacts.items():
         manifest = read_json(path / "kiln.json", "Re-export.")
-        feeds = _Feeds(manifest, read_json(path / "config.json", "Re-export."))
+        feeds = Feeds(manifest, read_json(path / "config.json", "Re-export."))
         engine = open_engine(path, spinning=False)
         if kind == "decoder":
             runners[precision] = _decode_runner(DecoderSession(engine), feeds(1, PROMPT))
@@ -138,7 +138,7 @@ def _seconds(fn) -> float:
 
 def _machine() -> dict:
     """The CPU and its widest vector instructions (what decides between the int8 and int4 kernels)."""
-    from kiln.benchmark import machine
+    from kiln.runtime.measure import machine
 
     try:
         flags = Path("/proc/cpuinfo").read_text()
