@@ -127,15 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"{'' if same else ' (fp32 rounding between the two engines)'}. "
                    "Prompt lookup pays off where the answer copies the prompt (extraction, editing, code); "
                    "elsewhere its candidates are rejected and it saves nothing (that case is not timed here).\n")
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        current = path.read_text()
-        if SECTION in current:
-            start = current.index(SECTION)
-            end = current.find("\n## ", start + len(SECTION))
-            current = current[:start] + section + (current[end:] if end != -1 else "")
-        else:
-            current = current.rstrip("\n") + "\n\n" + section
-        path.write_text(current)
+        from bench_encoders import write_section
+
+        write_section(ROOT / "benchmarks" / "RESULTS.md", section, heading=SECTION)
 
 
 if __name__ == "__main__":

@@ -400,15 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                    + ", ".join(f"{k} {v}" for k, v in versions.items())
                    + f". Command: `.venv/bin/python benchmarks/bench_whisper.py{command} --write`.\n\n{text}\n\n"
                    + f"{notes(results) if tiny else BASE_NOTES.format(gate=gate(artifacts['int8']))}\n")
-        path = ROOT / "benchmarks" / "RESULTS.md"
-        current = path.read_text()
-        if title in current:
-            start = current.index(title)
-            end = current.find("\n## ", start + len(title))
-            current = current[:start] + section + (current[end:] if end != -1 else "")
-        else:
-            current = current.rstrip("\n") + "\n\n" + section
-        path.write_text(current)
+        from bench_encoders import write_section
+
+        write_section(ROOT / "benchmarks" / "RESULTS.md", section, heading=title)
 
 
 if __name__ == "__main__":
