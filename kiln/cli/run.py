@@ -44,6 +44,10 @@ def add_parser(sub):
     p.add_argument("--temperature", type=float, help="text-generation: sampling temperature")
     p.add_argument("--top-p", type=float, help="text-generation: nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, help="text-generation: seed for reproducible sampling")
+    p.add_argument("--prompt-lookup", type=int, metavar="N", help="text-generation: prompt-lookup decoding, N "
+                   "candidate tokens copied from the text so far per pass (greedy's output, faster where it copies)")
+    p.add_argument("--num-return-sequences", type=int, metavar="N", help="text-generation: N sequences per prompt "
+                   "(the N best beams with --num-beams, or N samples with --sample)")
     p.add_argument("--verify", action="store_true", help="check every artifact file against the sha256 in kiln.json "
                    "first; refuse a tampered artifact")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto", "tensorrt"),
@@ -87,7 +91,8 @@ def run(args) -> int:
     options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
                "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,
                "max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
-               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams}
+               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams,
+               "prompt_lookup_num_tokens": args.prompt_lookup, "num_return_sequences": args.num_return_sequences}
     options = {name: value for name, value in options.items() if value is not None}
     if args.all_labels:
         options["top_k"] = None  # text-classification: every label

@@ -172,7 +172,13 @@ def test_cli_run_stream(decoders, capsys):
     assert main(["run", str(out), PROMPTS[0], "--max-new-tokens", "6"]) == 0
     import json
 
-    assert streamed.rstrip("\n") == json.loads(capsys.readouterr().out)["output"][0]["generated_text"]
+    greedy = json.loads(capsys.readouterr().out)["output"]
+    assert streamed.rstrip("\n") == greedy[0]["generated_text"]
+    assert main(["run", str(out), PROMPTS[0], "--max-new-tokens", "6", "--prompt-lookup", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == greedy  # prompt lookup gives greedy's text
+    assert main(["run", str(out), PROMPTS[0], "--max-new-tokens", "6", "--num-beams", "3",
+                 "--num-return-sequences", "2"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output"]) == 2
 
 
 def test_one_pipeline_serves_many_threads(decoders):
