@@ -62,7 +62,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str = "llama", pre: str | None = "gpt2",
                tokens=None, merges=None, overrides: dict | None = None, add_bos: bool = False,
-               token_types=None) -> Path:
+               token_types=None, scores=None, special_ids=None) -> Path:
     """Write ``model`` as llama.cpp's converter would; ``overrides`` maps a GGUF tensor name to a raw array to store."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -94,12 +94,14 @@ def write_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch: str
     if tokens is not None and merges is None:  # a SentencePiece vocabulary as Gemma's: types given, no merges
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
-        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_scores(scores if scores is not None else [0.0] * len(tokens))
         writer.add_token_types(token_types)
-        writer.add_bos_token_id(2)
-        writer.add_eos_token_id(1)
-        writer.add_pad_token_id(0)
-        writer.add_unk_token_id(3)
+        ids = special_ids or {"bos": 2, "eos": 1, "pad": 0, "unk": 3}  # Gemma's layout by default
+        writer.add_bos_token_id(ids["bos"])
+        writer.add_eos_token_id(ids["eos"])
+        if "pad" in ids:
+            writer.add_pad_token_id(ids["pad"])
+        writer.add_unk_token_id(ids["unk"])
         writer.add_add_bos_token(True)
     elif tokens is not None:
         writer.add_tokenizer_model("gpt2")
@@ -304,6 +306,46 @@ def test_gemma_tokenizer_encodes_like_transformers(tmp_path):
         assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
     assert ours.encode("the").ids[0] == 2  # <bos>, as llama.cpp and transformers put it first
     assert kiln_gguf.tokenizer_config(path)["add_bos_token"] is True
+
+
+def sentencepiece_vocab() -> tuple[list[str], list[int], list[float]]:
+    """A tiny SentencePiece BPE vocabulary laid out as Llama 2's and Phi-3's: <unk> <s> </s>, byte tokens, pieces
+    spelled with '▁' scored best first (trained here), a control token and a user-defined one."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    bpe = SentencePieceBPETokenizer(add_prefix_space=True)
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, show_progress=False)
+    pieces = [t for t, _ in sorted(json.loads(bpe._tokenizer.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|end|>", "<|user|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    return tokens, types, scores
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sentencepiece_tokenizers_encode_like_transformers(tmp_path, arch):
+    """Llama 2's and Phi-3's SentencePiece BPE (merges recovered from the scores, byte fallback, '▁' put before the
+    text: by the pre-tokenizer, or for Phi-3 by a normalizer, which adds one more before a leading space) rebuilt by
+    kiln encodes and decodes as transformers' GGUF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from kiln.hub import gguf as kiln_gguf
+
+    tokens, types, scores = sentencepiece_vocab()
+    model = tiny_phi3(len(tokens)) if arch == "phi3" else tiny_llama(len(tokens), tie=False)
+    path = write_gguf(tmp_path / f"{arch}-tok.gguf", model, arch=arch, tokens=tokens, token_types=types,
+                      scores=scores, special_ids={"bos": 1, "eos": 2, "unk": 0})
+    ours, theirs = kiln_gguf.build_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the quick brown fox", "  two  spaces   three", " leading space", "Paris\n\nis 42 ✓ café",
+                 "<|user|>hello<|end|>", "zebra? QQQ"]:
+        ids = ours.encode(text).ids
+        assert ids == theirs(text)["input_ids"], text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("the").ids[0] == 1  # <s>
+    with pytest.raises(CheckpointError, match="needs one score per token"):
+        kiln_gguf.build_tokenizer(write_gguf(tmp_path / "bad.gguf", model, arch=arch, tokens=tokens,
+                                             token_types=types, scores=scores[:-1],
+                                             special_ids={"bos": 1, "eos": 2, "unk": 0}))
 
 
 def tiny_phi3(vocab_size: int, seed: int = 0, **rope):

@@ -226,6 +226,8 @@ _KINDS = {
     "texts": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of strings"),
     "ints": (lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v),
              "a list of integers"),
+    "numbers": (lambda v: isinstance(v, list) and all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                      and math.isfinite(t) for t in v), "a list of numbers"),
 }
 
 

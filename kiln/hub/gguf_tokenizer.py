@@ -1,5 +1,6 @@
 """GGUF vocabularies -> a fast tokenizer (``tokenizer.json``) and ``tokenizer_config.json``: byte-level BPE as
-llama.cpp stores it, and Gemma's SentencePiece BPE as transformers' GemmaTokenizer is built. Part of the GGUF
+llama.cpp stores it, Gemma's SentencePiece BPE as transformers' GemmaTokenizer is built, and the other SentencePiece
+BPE vocabularies (Llama 2, Mistral, Phi-3) as its LlamaTokenizer is. Part of the GGUF
 conversion (``kiln.hub.gguf.convert``); ``tokenizers`` is imported lazily.
 """
 
@@ -30,19 +31,21 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 def build_tokenizer(path: str | os.PathLike):
     """The fast tokenizer (``tokenizers.Tokenizer``) for a byte-level BPE vocabulary (``tokenizer.ggml.model`` gpt2)
-    or a Gemma SentencePiece one ('llama' in a gemma2/gemma3 file); None for other tokenizer models (other
-    SentencePiece vocabularies, 'bert', ...), which kiln does not rebuild yet."""
+    or a SentencePiece BPE one ('llama': Gemma's, Phi-3's, Llama 2's); None for other tokenizer models ('bert',
+    unigram 't5', ...), which kiln does not rebuild yet."""
     from tokenizers import processors
 
     reader, path = _reader(path), Path(path)
     kind, arch = _get(reader, "tokenizer.ggml.model"), _get(reader, "general.architecture")
     if kind == "llama" and arch in GEMMA:
         tok, tokens = _gemma_tokenizer(reader, path)
+    elif kind == "llama":
+        tok, tokens = _sentencepiece_tokenizer(reader, path, prefix_by_normalizer=arch == "phi3")
     elif kind == "gpt2":
         tok, tokens = _byte_level_tokenizer(reader, path)
     else:
-        log.warning("%s: kiln rebuilds byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') and Gemma's from GGUF, "
-                    "not %r.", path.name, kind)
+        log.warning("%s: kiln rebuilds byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') and SentencePiece BPE "
+                    "ones ('llama') from GGUF, not %r.", path.name, kind)
         return None
     added = {}  # role -> (token, id) that llama.cpp puts around every text (tokenizer.ggml.add_bos_token ...)
     for role in ("bos", "eos"):
@@ -123,11 +126,7 @@ def _gemma_tokenizer(reader, path: Path):
     types = _typed(reader, path, "tokenizer.ggml.token_type", "ints", [])
     spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(spelled)}  # of two equal spellings the later id wins, as in transformers
-    merges = []
-    for token in vocab:  # transformers' generate_merges with position as the score
-        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
-        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-    merges.sort(key=lambda pair: (-vocab[pair[0] + pair[1]], len(pair[0]), len(pair[1])), reverse=True)
+    merges = _generate_merges(vocab, {t: -i for t, i in vocab.items()})  # position as the score
     unk = _special(reader, "unk") or "<unk>"
     try:
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True))
@@ -140,6 +139,56 @@ def _gemma_tokenizer(reader, path: Path):
                             if ty == _CONTROL])
     tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(spelled, types) if ty == _USER_DEFINED])
     return tok, spelled
+
+
+def _sentencepiece_tokenizer(reader, path: Path, prefix_by_normalizer: bool):
+    """(tokenizer without post-processor, the vocabulary) for a SentencePiece BPE vocabulary other than Gemma's
+    (Llama 2, Mistral, Phi-3), as transformers builds it from a GGUF (its LlamaTokenizer): byte fallback, unknown
+    pieces fused, merges from the file or recovered from the vocabulary by score, '▁' for spaces with one put before
+    the text (a Metaspace pre-tokenizer, "first"; Phi-3: a normalizer that prepends it, so text that starts with a
+    space gets one more, as Phi-3's own tokenizer.json), the decoder dropping that first space."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = _tokens(reader, path)
+    types = _typed(reader, path, "tokenizer.ggml.token_type", "ints", [])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    listed = _typed(reader, path, "tokenizer.ggml.merges", "texts", None)
+    if listed is not None:
+        merges = [tuple(m.split(" ", 1)) for m in listed]
+    else:
+        scores = _typed(reader, path, "tokenizer.ggml.scores", "numbers", None)
+        if scores is None or len(scores) != len(tokens):
+            raise CheckpointError(f"{path.name}: a SentencePiece vocabulary needs one score per token (GGUF metadata "
+                                  "'tokenizer.ggml.scores') to order its merges; convert the checkpoint again.")
+        merges = _generate_merges(vocab, dict(zip(tokens, scores)))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True))
+    except Exception as err:  # tokenizers raises a bare Exception for a vocabulary it cannot use
+        raise CheckpointError(f"{path.name}: the GGUF vocabulary does not form a BPE tokenizer ({err}). The file is "
+                              "corrupt: convert the checkpoint again.") from None
+    if prefix_by_normalizer:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                            if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    return tok, tokens
+
+
+def _generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The merges a SentencePiece BPE vocabulary implies, as transformers' ``generate_merges``: every token cut into
+    two tokens of the vocabulary (the pairs of one token by their ids), all ordered by the token's score, best first,
+    then by the lengths of the two parts."""
+    merges = []
+    for token, score in scores.items():
+        pairs = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _bytes_to_unicode() -> list[str]:
