@@ -292,9 +292,21 @@ def _tokens():
 
 
 def gguf_metadata(arch: str = "llama"):
-    """A tiny file's metadata: LLaMA with a byte-level BPE vocabulary, or Gemma 3 with a SentencePiece one (no
-    merges, spaces stored as spaces) and what llama.cpp writes for Gemma (head width, window)."""
+    """A tiny file's metadata: LLaMA with a byte-level BPE vocabulary ("llama") or a SentencePiece one scored for its
+    merges ("llama-spm", as Llama 2's and Phi-3's), or Gemma 3 with a SentencePiece one (no merges, spaces stored as
+    spaces) and what llama.cpp writes for Gemma (head width, window)."""
     from gguf import GGUFValueType as T
+
+    if arch == "llama-spm":
+        metadata = {k: v for k, v in gguf_metadata("llama").items()
+                    if k not in ("tokenizer.ggml.pre", "tokenizer.ggml.merges")}
+        tokens = ["<unk>", "<s>", "</s>", "▁", *"abcdefghij", "▁a", "ab"]
+        return {**metadata, "tokenizer.ggml.model": ("llama", T.STRING),
+                "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+                "tokenizer.ggml.scores": ([-float(i) for i in range(len(tokens))], T.ARRAY, T.FLOAT32),
+                "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * (len(tokens) - 3), T.ARRAY, T.INT32),
+                "tokenizer.ggml.bos_token_id": (1, T.UINT32), "tokenizer.ggml.eos_token_id": (2, T.UINT32),
+                "tokenizer.ggml.unknown_token_id": (0, T.UINT32)}
 
     if arch == "gemma3":
         tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "▁", *"abcdefghij", "▁a", "  "]
@@ -335,7 +347,7 @@ def write_gguf(path: Path, metadata: dict | None = None, arch: str = "llama") ->
 
     logging.getLogger("gguf").setLevel(logging.ERROR)  # overriding general.architecture warns
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), "llama" if arch == "llama-spm" else arch)
     for key, (value, vtype, *sub) in (metadata or gguf_metadata(arch)).items():
         writer.add_key_value(key, value, vtype, sub[0] if sub else None)
     shapes = {"token_embd": (16, 32), "blk.0.attn_norm": (32,), "blk.0.attn_q": (32, 32), "blk.0.attn_k": (16, 32),
@@ -402,7 +414,7 @@ def gguf_metadata_edits(arch: str = "llama"):
     return st.dictionaries(st.sampled_from(keys), value, min_size=1, max_size=3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-spm", "gemma3"])
 def test_gguf(arch, tmp_path, report):
     pytest.importorskip("gguf")
     valid_path = write_gguf(tmp_path / "valid.gguf", arch=arch)
