@@ -81,16 +81,17 @@ def export_auto(model, output, task: str, **options) -> dict:
 def measure(artifacts: dict, kind: str) -> dict:
     """Each artifact's time on this machine, the candidates interleaved round by round: {precision: {"ms", "metric",
     (decoders) "prefill_ms"}} with the medians."""
-    from kiln.runtime.measure import Feeds
     from kiln.files import read_json
     from kiln.runtime.engines.select import open_engine
     from kiln.runtime.generate import DecoderSession
+    from kiln.runtime.measure import Feeds
 
-    runners, samples = {}, {}
+    runners, samples, engines = {}, {}, []
     for precision, path in artifacts.items():
         manifest = read_json(path / "kiln.json", "Re-export.")
         feeds = Feeds(manifest, read_json(path / "config.json", "Re-export."))
         engine = open_engine(path, spinning=False)
+        engines.append(engine)
         if kind == "decoder":
             runners[precision] = _decode_runner(DecoderSession(engine), feeds(1, PROMPT))
         else:
@@ -99,11 +100,15 @@ def measure(artifacts: dict, kind: str) -> dict:
             runners[precision] = lambda engine=engine, feed=feed: {"ms": _seconds(lambda: engine.run(feed)) * 1000}
         samples[precision] = []
     names = list(runners)
-    for r in range(WARMUP + ROUNDS):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            result = runners[name]()
-            if r >= WARMUP:
-                samples[name].append(result)
+    try:
+        for r in range(WARMUP + ROUNDS):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                result = runners[name]()
+                if r >= WARMUP:
+                    samples[name].append(result)
+    finally:
+        for engine in engines:
+            engine.close()
     out = {}
     for name, results in samples.items():
         out[name] = {key: round(statistics.median(r[key] for r in results), 3) for key in results[0]}

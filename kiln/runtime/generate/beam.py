@@ -37,7 +37,7 @@ def beam_search(session: DecoderSession, input_ids: np.ndarray, attention_mask: 
     ``num_beams`` and ``length_penalty`` are checked with the rest of ``config`` (``GenerationConfig.validate``)."""
     B, P = input_ids.shape
     K, eos = num_beams, np.array(config.eos_ids or [-1], dtype=np.int64)
-    limit = ((getattr(session.engine, "axes", None) or {}).get("batch") or {}).get("max")
+    limit = session.max_batch
     if limit is not None and B * K > limit:  # every beam is a row of the graph's batch: as many prompts as fit
         if K > limit:
             raise InputError(f"num_beams={K} runs {K} rows at once, but this artifact takes batches of at most "
@@ -74,8 +74,7 @@ def beam_search(session: DecoderSession, input_ids: np.ndarray, attention_mask: 
     try:
         while True:
             mask = np.concatenate([prompt_mask, np.ones((B * K, cur - P), dtype=np.int64)], axis=1)
-            out = session.engine.run({"input_ids": step_ids, "attention_mask": mask, "position_ids": positions,
-                                      **session._extra, **cache, **feed}, outputs=outputs)
+            out = session.forward(step_ids, mask, positions, {**cache, **feed}, outputs)
             logits = out["logits"][:, -1].astype(np.float32)
             shifted = logits - logits.max(axis=-1, keepdims=True)
             log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

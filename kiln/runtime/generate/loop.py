@@ -57,12 +57,24 @@ class DecoderSession:
         return {name: np.zeros((batch, heads, 0, dim), dtype=dtype)
                 for name, (heads, dim, dtype) in self._cache_shapes.items()}
 
+    @property
+    def max_batch(self) -> int | None:
+        """The most rows the graph was exported for (its ``batch`` axis), or None when the engine does not say."""
+        return ((getattr(self.engine, "axes", None) or {}).get("batch") or {}).get("max")
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict,
+                outputs: list[str], keep=(), **extra) -> dict:
+        """One pass of the graph with the session's fixed inputs (``logits_to_keep``, ``head_mask``), ``extra``
+        overriding them; ``cache`` holds the pasts (and any other per-call input, Whisper's cross keys/values).
+        Returns the engine's ``outputs`` (``keep``: as engine handles)."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                **self._extra, **extra, **cache}
+        return self.engine.run(feed, outputs=outputs, keep=keep)
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
         """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step: engine
         handles, fed back as they are)."""
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                **self._extra, **cache}
-        out = self.engine.run(feed, outputs=["logits"], keep=self.present_names)
+        out = self.forward(input_ids, attention_mask, position_ids, cache, ["logits"], keep=self.present_names)
         return out["logits"][:, -1].astype(np.float32), {p: out[q] for p, q in zip(self.past_names, self.present_names)}
 
     def release(self) -> None:
@@ -147,12 +159,10 @@ def lookup_steps(session: DecoderSession, input_ids: np.ndarray, attention_mask:
             candidates = lookup_candidates(sequence, config.prompt_lookup_num_tokens, ngram)[:room]
             ids = np.array([pending + candidates], dtype=np.int64)
             past = len(sequence) - len(pending)
-            feed = {"input_ids": ids, "attention_mask": np.ones((1, past + ids.shape[1]), dtype=np.int64),
-                    "position_ids": np.arange(past, past + ids.shape[1], dtype=np.int64)[None], **session._extra,
-                    **cache}
-            if session.keep_last:
-                feed["logits_to_keep"] = np.array(len(candidates) + 1, dtype=np.int64)
-            out = session.engine.run(feed, outputs=outputs)
+            keep_logits = {"logits_to_keep": np.array(len(candidates) + 1, dtype=np.int64)} if session.keep_last else {}
+            out = session.forward(ids, np.ones((1, past + ids.shape[1]), dtype=np.int64),
+                                  np.arange(past, past + ids.shape[1], dtype=np.int64)[None], cache, outputs,
+                                  **keep_logits)
             rows = out["logits"][0, -(len(candidates) + 1):].astype(np.float32)
             accepted = 0
             for j, row in enumerate(rows):

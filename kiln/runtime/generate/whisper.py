@@ -266,10 +266,9 @@ class WhisperSession:
                              "the checkpoint's generation_config.json had no 'alignment_heads' when it was exported. "
                              "Add them (openai's per model size) and export again, or ask for segment timestamps.")
         ids = np.array([tokens], dtype=np.int64)
-        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                "position_ids": np.arange(len(tokens), dtype=np.int64)[None], **self.decoder.empty_cache(1), **cross}
-        return np.asarray(self.decoder.engine.run(feed, outputs=["alignment_weights"])["alignment_weights"][0],
-                          dtype=np.float32)
+        out = self.decoder.forward(ids, np.ones_like(ids), np.arange(len(tokens), dtype=np.int64)[None],
+                                   {**self.decoder.empty_cache(1), **cross}, ["alignment_weights"])
+        return np.asarray(out["alignment_weights"][0], dtype=np.float32)
 
     def steps(self, cross: dict, prompts: np.ndarray, config, timestamps: bool = False):
         """Yield each step's new tokens (B,) after the decoder prompts (B, T) (all rows of one length), with the

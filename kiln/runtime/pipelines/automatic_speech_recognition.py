@@ -56,8 +56,9 @@ class Audio:
     short: list[int]  # which inputs fit one window
     input_features: np.ndarray | None  # (len(short), mel bins, window frames)
     long: list[tuple[int, np.ndarray]]  # (input, (mel bins, frames)) for the longer ones
-    # with chunk_length_s, every input: (input, (chunks, mel bins, window frames), each chunk's stride in seconds)
-    chunked: list[tuple[int, np.ndarray, list]] = field(default_factory=list)
+    # with chunk_length_s, every input: (input, (chunks, mel bins, window frames), each chunk's stride in seconds and
+    # its mel frames that hold audio)
+    chunked: list[tuple[int, np.ndarray, list, list]] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)  # each input's mel frames that hold audio (word timestamps)
 
 
@@ -81,7 +82,8 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: Whisper's decoding rules (special tokens, suppression, "
                                 "timestamps) come from it. Re-export from a checkpoint that has it.")
-        self.rules = WhisperDecoding.from_dict(json.loads(path.read_text()))
+        generation = json.loads(path.read_text())
+        self.rules = WhisperDecoding.from_dict(generation)
         encoder = open_engine(self.path / record["model"], manifest={**self.manifest, **record}, **self._open)
         self.session = WhisperSession(encoder, self.engine, self.rules)
         self.positions = int(self.config.get("max_target_positions") or 448)
@@ -89,7 +91,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         self.defaults = GenerationConfig.from_artifact(self.path).merge(eos_token_id=self.rules.eos_token_id,
                                                                         num_beams=1, length_penalty=1.0)
         # transformers' pipeline searches 5 beams (openai's default) unless the generation config sets another count
-        configured = json.loads(path.read_text()).get("num_beams")
+        configured = generation.get("num_beams")
         self.num_beams = configured if isinstance(configured, int) and configured > 1 else 5
         # Seconds per timestamp token: the window over the encoder's positions (30 s / 1500 = 0.02 s).
         self.positions_source = int(self.config.get("max_source_positions", 1500))
@@ -172,7 +174,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     def preprocess(self, items: list, chunk: tuple | None = None) -> Audio:
         extractor = self.feature_extractor
         clips = [load_audio(item, sampling_rate=extractor.sampling_rate) for item in items]
-        frames = [-(-len(clip) // extractor.hop_length) for clip in clips]  # as transformers' attention mask counts
+        frames = [self._frames(len(clip)) for clip in clips]
         if chunk is not None:
             return Audio(len(clips), [], None, [], [(i, *self._chunks(clip, *chunk)) for i, clip in enumerate(clips)],
                          frames)
@@ -182,10 +184,14 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                 for i, clip in enumerate(clips) if i not in short]
         return Audio(len(clips), short, features, long, frames=frames)
 
-    def _chunks(self, clip: np.ndarray, length: int, left: int, right: int) -> tuple[np.ndarray, list]:
+    def _frames(self, samples: int) -> int:
+        """The mel frames that hold ``samples`` of audio, as transformers' attention mask counts them."""
+        return -(-samples // self.feature_extractor.hop_length)
+
+    def _chunks(self, clip: np.ndarray, length: int, left: int, right: int) -> tuple[np.ndarray, list, list]:
         """One clip cut as transformers' pipeline cuts it (``chunk_iter``): chunks of ``length`` samples overlapping
-        by ``left`` + ``right``, no overlap before the first or after the last; each chunk's features and its stride
-        (seconds of the chunk, of its left and right overlap)."""
+        by ``left`` + ``right``, no overlap before the first or after the last; each chunk's features, its stride
+        (seconds of the chunk, of its left and right overlap) and its mel frames that hold audio."""
         rate, pieces, strides = self.feature_extractor.sampling_rate, [], []
         for start in range(0, len(clip), length - left - right):
             piece = clip[start:start + length]
@@ -196,7 +202,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                 strides.append((len(piece) / rate, overlap_left / rate, overlap_right / rate))
             if last:
                 break
-        return self.feature_extractor(pieces)["input_features"], strides
+        return self.feature_extractor(pieces)["input_features"], strides, [self._frames(len(p)) for p in pieces]
 
     def forward(self, model_inputs: Audio, batch_size: int, return_timestamps: bool = False, language=None,
                 task=None, prompt_ids=None, **generation) -> dict:
@@ -216,21 +222,19 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             tokens, times = self._tokens(features, language, task, prompt_ids, generation, model_inputs.frames[i],
                                          word)
             rows[i] = [(tokens, None, times)]
-        rate, hop = self.feature_extractor.sampling_rate, self.feature_extractor.hop_length
-        for i, features, strides in model_inputs.chunked:  # merged where they overlap by postprocess
+        for i, features, strides, frames in model_inputs.chunked:  # merged where they overlap by postprocess
             if return_timestamps:  # each chunk window after window, as transformers' generate with timestamps
-                timed = [self._tokens(piece, language, task, prompt_ids, generation,
-                                      -(-int(round(stride[0] * rate)) // hop), word)
-                         for piece, stride in zip(features, strides)]
-                rows[i] = [(tokens, stride, times) for (tokens, times), stride in zip(timed, strides)]
+                rows[i] = []
+                for piece, stride, count in zip(features, strides, frames):
+                    tokens, times = self._tokens(piece, language, task, prompt_ids, generation, count, word)
+                    rows[i].append((tokens, stride, times))
                 continue
-            else:  # batch_size chunks at a time
-                tokens = []
-                for start in range(0, len(features), batch_size):
-                    part = features[start:start + batch_size]
-                    cross = self.session.encode(part, handles=self._beams(generation) == 1)
-                    prompts = self._prompts(cross, len(part), language, task, False, prompt_ids)
-                    tokens += self._decode(cross, prompts, generation, False)
+            tokens = []  # batch_size chunks at a time
+            for start in range(0, len(features), batch_size):
+                part = features[start:start + batch_size]
+                cross = self.session.encode(part, handles=self._beams(generation) == 1)
+                prompts = self._prompts(cross, len(part), language, task, False, prompt_ids)
+                tokens += self._decode(cross, prompts, generation, False)
             rows[i] = list(zip(tokens, strides))
         return {"rows": rows, "timestamps": return_timestamps or False, "language": language}
 

@@ -75,31 +75,27 @@ class TextGenerationPipeline(Pipeline):
 
     def forward(self, model_inputs: Prompts, batch_size: int, head_mask=None) -> np.ndarray:
         batch, config = model_inputs.batch, model_inputs.config
-        if config.num_beams > 1:  # each prompt's best beams, padded after their end as generate's rows are
-            rows = beam_search(self._session(head_mask), batch.input_ids, batch.attention_mask, config,
-                               config.num_beams, config.length_penalty, early_stopping=config.early_stopping,
-                               num_return_sequences=config.num_return_sequences)
-            pad = (config.eos_ids or (config.pad_token_id or 0,))[0]  # postprocess cuts at the end token
-            out = np.full((len(rows), max(map(len, rows), default=0)), pad, dtype=np.int64)
-            for i, row in enumerate(rows):
-                out[i, :len(row)] = row
-            return out
-        n = config.num_return_sequences  # samples: each prompt n times, as transformers expands the batch
-        if n == 1:
-            return generate(self._session(head_mask), batch.input_ids, batch.attention_mask, config,
-                            decode=self._decode_new)
-        limit = (self.engine.axes.get("batch") or {}).get("max") if hasattr(self.engine, "axes") else None
-        if limit is not None and n > limit:
-            raise InputError(f"num_return_sequences={n} samples {n} rows at once, but this artifact takes batches of "
-                             f"at most {limit}: ask for at most {limit}, or re-export with --batch 1:{n}.")
-        step = max(1, (limit or n) // n)
-        parts = [generate(self._session(head_mask), np.repeat(batch.input_ids[i:i + step], n, axis=0),
-                          np.repeat(batch.attention_mask[i:i + step], n, axis=0), config, decode=self._decode_new)
-                 for i in range(0, len(batch.input_ids), step)]
-        width = max(part.shape[1] for part in parts)
-        pad = (config.eos_ids or (config.pad_token_id or 0,))[0]
-        return np.concatenate([np.pad(part, ((0, 0), (0, width - part.shape[1])), constant_values=pad)
-                               for part in parts])
+        session, n = self._session(head_mask), config.num_return_sequences
+        if config.num_beams > 1:  # each prompt's n best beams
+            rows = beam_search(session, batch.input_ids, batch.attention_mask, config, config.num_beams,
+                               config.length_penalty, early_stopping=config.early_stopping, num_return_sequences=n)
+        elif n == 1:
+            return generate(session, batch.input_ids, batch.attention_mask, config, decode=self._decode_new)
+        else:  # n samples per prompt: each prompt n times, as transformers expands the batch
+            limit = session.max_batch
+            if limit is not None and n > limit:
+                raise InputError(f"num_return_sequences={n} samples {n} rows at once, but this artifact takes batches "
+                                 f"of at most {limit}: ask for at most {limit}, or re-export with --batch 1:{n}.")
+            step = limit // n if limit else len(batch.input_ids)
+            rows = [row for i in range(0, len(batch.input_ids), step)
+                    for row in generate(session, np.repeat(batch.input_ids[i:i + step], n, axis=0),
+                                        np.repeat(batch.attention_mask[i:i + step], n, axis=0), config,
+                                        decode=self._decode_new).tolist()]
+        pad = (config.eos_ids or (config.pad_token_id or 0,))[0]  # padded after their end, as generate's rows are
+        out = np.full((len(rows), max(map(len, rows), default=0)), pad, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = row
+        return out
 
     def postprocess(self, model_inputs: Prompts, outputs: np.ndarray, return_full_text: bool = True) -> list:
         results, n = [], model_inputs.config.num_return_sequences
