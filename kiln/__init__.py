@@ -92,7 +92,9 @@ def pipeline(task: str | None = None, model=None, *, revision: str | None = None
                              f"e.g. kiln.pipeline('text-classification', {str(model)!r}) (tasks: {', '.join(TASKS)}).")
         from kiln.exporter.cache import cached_export
 
-        model = cached_export(model, task=task, revision=revision)
+        from kiln.tasks import ARTIFACT_TASKS
+
+        model = cached_export(model, task=ARTIFACT_TASKS.get(task, task), revision=revision)
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 

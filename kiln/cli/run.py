@@ -36,6 +36,12 @@ def add_parser(sub):
     p.add_argument("--aggregation-strategy", choices=("none", "simple", "first", "average", "max"),
                    help="token-classification: group tokens into words and entities")
     p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
+    p.add_argument("--candidate-labels", nargs="+", metavar="LABEL", help="zero-shot classification: the labels to "
+                   "score (a text-classification artifact of an NLI model then runs zero-shot-classification)")
+    p.add_argument("--hypothesis-template", help='zero-shot classification: the hypothesis with {} for the label '
+                   '(default "This example is {}.")')
+    p.add_argument("--multi-label", action="store_true", help="zero-shot classification: score each label on its "
+                   "own instead of one distribution over the labels")
     p.add_argument("--max-new-tokens", type=int, help="text-generation: tokens to generate (default: the artifact's "
                    "generation_config.json, else 20)")
     p.add_argument("--stream", action="store_true", help="text-generation: print text as it is generated; "
@@ -78,6 +84,20 @@ def read_inputs(args) -> list:
     return items
 
 
+def zero_shot_task(artifact) -> str:
+    """The zero-shot task of an artifact given candidate labels: an NLI text classifier's."""
+    from kiln.artifact import is_artifact, load_manifest
+
+    if not is_artifact(artifact):
+        raise InputError(f"--candidate-labels: {artifact} is not a local artifact, so kiln cannot tell which zero-shot "
+                         "task it runs; give --task zero-shot-classification.")
+    exported = load_manifest(artifact)["task"]
+    if exported != "text-classification":
+        raise InputError(f"--candidate-labels needs a text-classification artifact of an NLI model (zero-shot "
+                         f"classification); {artifact} was exported for {exported!r}.")
+    return "zero-shot-classification"
+
+
 def run(args) -> int:
     import kiln
     from kiln.artifact import is_artifact
@@ -87,12 +107,16 @@ def run(args) -> int:
     local_checkpoint = Path(args.artifact).exists() and not is_artifact(args.artifact)
     speech_task = args.task if args.task in ("transcribe", "translate") else None  # Whisper's, not a pipeline's
     task = None if speech_task else args.task or ("feature-extraction" if local_checkpoint else None)
+    if args.candidate_labels and task is None:
+        task = zero_shot_task(args.artifact)
     # Only the options given reach the pipeline, which refuses those its task does not take.
     options = {"pooling": args.pooling, "normalize": args.normalize or None, "top_k": args.top_k,
                "aggregation_strategy": args.aggregation_strategy, "targets": args.targets,
                "max_new_tokens": args.max_new_tokens, "do_sample": args.sample or None,
                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "num_beams": args.num_beams,
-               "prompt_lookup_num_tokens": args.prompt_lookup, "num_return_sequences": args.num_return_sequences}
+               "prompt_lookup_num_tokens": args.prompt_lookup, "num_return_sequences": args.num_return_sequences,
+               "candidate_labels": args.candidate_labels, "hypothesis_template": args.hypothesis_template,
+               "multi_label": args.multi_label or None}
     options = {name: value for name, value in options.items() if value is not None}
     if args.all_labels:
         options["top_k"] = None  # text-classification: every label

@@ -107,9 +107,6 @@ class Tokenizer:
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
                    config=config, source=directory)
 
-    def _with_max_length(self, max_length: int):
-        return self._variant(max_length)
-
     def _variant(self, max_length: int | None, stride: int = 0, strategy: str = "longest_first"):
         """A copy of the tokenizer configured once for these truncation settings; never mutated afterwards."""
         key = (max_length, stride, strategy)
@@ -135,9 +132,12 @@ class Tokenizer:
         return tok
 
     def __call__(self, texts, pairs=None, *, truncation: bool = True, max_length: int | None = None,
-                 add_special_tokens: bool = True, padding_side: str | None = None) -> Batch:
+                 add_special_tokens: bool = True, padding_side: str | None = None,
+                 strategy: str = "longest_first") -> Batch:
         """``truncation``: True cuts to the model's maximum with a warning, False makes that an error, None applies no
-        limit. ``padding_side`` overrides tokenizer_config.json's (decoder-only generation pads on the left)."""
+        limit; ``strategy`` which text of a pair is cut (tokenizers' ``longest_first``, ``only_first``,
+        ``only_second``). ``padding_side`` overrides tokenizer_config.json's (decoder-only generation pads on the
+        left)."""
         texts = check_texts(texts)
         if pairs is not None:  # one text_pair (or None) per text
             pairs = [None if p is None else check_texts(p, what="text_pair")[0] for p in pairs]
@@ -147,9 +147,17 @@ class Tokenizer:
             encodings = self._variant(None).encode_batch(texts, add_special_tokens=add_special_tokens)
             return self._pad(encodings, [False] * len(encodings), padding_side)
         limit = min(max_length or self.max_length, self.max_length)
-        tok = self._with_max_length(limit if truncation else self.max_length)
+        tok = self._variant(limit if truncation else self.max_length, strategy=strategy)
         items = [t if p is None else (t, p) for t, p in zip(texts, pairs)] if pairs is not None else texts
-        encodings = tok.encode_batch(items, add_special_tokens=add_special_tokens)
+        try:
+            encodings = tok.encode_batch(items, add_special_tokens=add_special_tokens)
+        except Exception as err:  # tokenizers: the text it may cut is too short to make the pair fit
+            if strategy == "longest_first":
+                raise
+            kept = "second" if strategy == "only_first" else "first"
+            raise InputError(f"A text pair does not fit the model's maximum of {limit} tokens even with its "
+                             f"{strategy.removeprefix('only_')} text cut: its {kept} text alone is too long. "
+                             "Shorten it.") from err
         truncated = [bool(e.overflowing) for e in encodings]
         if any(truncated):
             if not truncation:

@@ -7,11 +7,11 @@ import importlib
 from kiln.artifact import load_manifest
 from kiln.errors import InputError
 from kiln.tasks import ALIASES as TASK_ALIASES
-from kiln.tasks import TASKS
+from kiln.tasks import PIPELINE_TASKS
 
 # task -> "module:Class" (one file per task, named after it), imported on first use so that e.g. text pipelines never
 # import Pillow.
-PIPELINES = {task: task.replace("-", "_") + ":" + task.title().replace("-", "") + "Pipeline" for task in TASKS}
+PIPELINES = {task: task.replace("-", "_") + ":" + task.title().replace("-", "") + "Pipeline" for task in PIPELINE_TASKS}
 
 
 def resolve_task(task: str) -> str:

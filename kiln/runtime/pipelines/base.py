@@ -25,6 +25,7 @@ from kiln.files import read_json
 from kiln.runtime.engines import open_engine
 from kiln.runtime.engines.base import check_head_mask
 from kiln.runtime.tokenizer import Tokenizer, check_texts
+from kiln.tasks import ARTIFACT_TASKS
 
 
 class Pipeline:
@@ -37,9 +38,11 @@ class Pipeline:
         if verify:  # sha256 of every file against kiln.json, before anything is loaded
             verify_artifact(self.path)
         self.manifest = load_manifest(self.path)
-        if self.manifest["task"] != self.task:
-            raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}, not {self.task!r}. "
-                                f"Use pipeline({self.manifest['task']!r}, ...) or re-export with --task {self.task}.")
+        wanted = ARTIFACT_TASKS.get(self.task, self.task)  # zero-shot classification runs an NLI classifier
+        if self.manifest["task"] != wanted:
+            raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}; {self.task} runs "
+                                f"{wanted!r} artifacts. Use pipeline({self.manifest['task']!r}, ...) or re-export "
+                                f"with --task {wanted}.")
         path = self.path / "config.json"
         self.config = read_json(path, "Re-export the artifact.", missing=f"{path} is missing from the artifact. "
                                 "Re-export it.")
