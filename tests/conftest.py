@@ -105,6 +105,43 @@ def make_checkpoint(path, model_type: str = "bert", task: str = "feature-extract
     return path, model
 
 
+# v3: relative positions in log buckets (4 each side, up to 16: the 20-token rows below reach the log range), the
+# content projections shared, no absolute positions, LayerNormed relative embeddings. v2: its own position
+# projections, exact relative positions, absolute positions and token types, a narrower embedding projected up, the
+# convolution beside the first layer, the non-legacy masked-LM head.
+DEBERTA_V3 = dict(relative_attention=True, pos_att_type="p2c|c2p", position_buckets=4, max_relative_positions=16,
+                  share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0)
+DEBERTA_V2 = dict(relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=-1, max_relative_positions=-1,
+                  share_att_key=False, position_biased_input=True, type_vocab_size=2, embedding_size=24,
+                  conv_kernel_size=3, legacy=False)
+DEBERTA_VARIANTS = {"v3": DEBERTA_V3, "v2": DEBERTA_V2, "c2p-only": dict(DEBERTA_V3, pos_att_type=["c2p"]),
+                    "absolute": dict(relative_attention=False),
+                    # masked-LM heads: the non-legacy one needs embedding_size == hidden_size, the legacy one not
+                    "v2-mlm": dict(DEBERTA_V2, embedding_size=32), "v3-narrow": dict(DEBERTA_V3, embedding_size=24)}
+
+
+def make_deberta(path, task: str = "feature-extraction", variant: str = "v3", seed: int = 0, **overrides):
+    """A tiny random DeBERTa-v2 checkpoint with a tokenizer, norms and biases perturbed; returns (path, model)."""
+    import torch
+    import transformers
+
+    tokenizer = bert_tokenizer()
+    labels = LABELS.get(task, ["contradiction", "neutral", "entailment"])
+    config = transformers.DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)}, **{**DEBERTA_VARIANTS[variant], **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
 # A 2-layer grouped-query Llama: the smallest decoder that exercises every part of the export.
 TINY_LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)

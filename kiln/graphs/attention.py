@@ -19,7 +19,8 @@ from kiln.kernels.attention.torch_ops import attention_kv, attention_probs  # no
 
 def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
           causal: bool, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D), k/v (B, Hkv, S, D), mask bool broadcastable to (B, H, T, S) with True = attend; ``softcap`` >
+    """q (B, H, T, D), k/v (B, Hkv, S, D), mask bool broadcastable to (B, H, T, S) with True = attend (or float:
+    added to the scaled scores; not with ``causal``); ``softcap`` >
     0 caps the scaled scores to softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -32,7 +33,9 @@ def eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     if causal:  # bottom-right aligned: query i sits at absolute position S - T + i
         keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         mask = keep if mask is None else mask & keep
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:  # additive (DeBERTa's relative-position bias)
+        scores = scores + mask
+    elif mask is not None:
         # finfo.min rather than -inf: a fully padded row then averages v instead of producing NaN, as transformers does.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(dim=-1)

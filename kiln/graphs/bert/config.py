@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.config_fields import check_eps, check_problem_type, read_id2label
 from kiln.graphs.heads import read_pruned_heads
 from kiln.graphs.registry import Variant
 
@@ -23,7 +24,6 @@ VARIANTS = {
                                          "fixed": {"type_vocab_size": 0, "layer_norm_eps": 1e-12}}),
 }
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,9 @@ class BertConfig:
         renamed = variant.get("renamed", {})
         values.update({ours: raw[theirs] for theirs, ours in renamed.items() if raw.get(theirs) is not None})
         values.update(variant.get("fixed", {}))
-        if "id2label" in raw and raw["id2label"] is not None:
-            try:
-                values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}
-            except (AttributeError, TypeError, ValueError) as err:
-                raise ConfigError(f"config.json 'id2label' must map label ids to names, e.g. {{\"0\": \"NEG\"}}: {err}") from err
-        elif raw.get("num_labels") is not None:
-            num_labels = raw["num_labels"]
-            # Capped at 2**20: the labels are materialised here, before any weight shows what the head really holds.
-            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 20:
-                raise ConfigError(f"config.json 'num_labels' must be a positive integer, got {num_labels!r}.")
-            values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+        labels = read_id2label(raw)
+        if labels is not None:
+            values["id2label"] = labels
         config = cls(**values, raw=dict(raw))
         config.validate()
         pruned = read_pruned_heads(raw, config.num_hidden_layers, config.num_attention_heads)
@@ -117,10 +109,8 @@ class BertConfig:
         if self.position_embedding_type != "absolute":
             raise ConfigError(f"position_embedding_type {self.position_embedding_type!r} is not supported; kiln "
                               "implements 'absolute' position embeddings only.")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ConfigError(f"config.json 'problem_type' {self.problem_type!r} must be one of {PROBLEM_TYPES}.")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
-            raise ConfigError(f"config.json 'layer_norm_eps' must be a small positive number, got {self.layer_norm_eps!r}.")
+        check_problem_type(self.problem_type)
+        check_eps("layer_norm_eps", self.layer_norm_eps)
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"config.json 'pad_token_id' must be a token id below vocab_size, got {self.pad_token_id!r}.")
         if self.max_sequence_length < 1:  # RoBERTa numbers positions after pad_token_id

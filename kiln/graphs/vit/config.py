@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.errors import ConfigError
+from kiln.graphs.config_fields import check_eps, check_problem_type, read_id2label
 from kiln.graphs.registry import Variant
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -70,18 +70,9 @@ class ViTConfig:
         for name in ("image_size", "patch_size"):
             if name in values:
                 values[name] = _pair(values[name], name)
-        if raw.get("id2label") is not None:
-            try:
-                values["id2label"] = {int(k): str(v) for k, v in raw["id2label"].items()}
-            except (AttributeError, TypeError, ValueError) as err:
-                raise ConfigError("config.json 'id2label' must map label ids to names, e.g. {\"0\": \"cat\"}: "
-                                  f"{err}") from err
-        elif raw.get("num_labels") is not None:
-            num_labels = raw["num_labels"]
-            # Capped at 2**20: the labels are materialised here, before any weight shows what the head really holds.
-            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or not 0 < num_labels <= 1 << 20:
-                raise ConfigError(f"config.json 'num_labels' must be a positive integer, got {num_labels!r}.")
-            values["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+        labels = read_id2label(raw, example="cat")
+        if labels is not None:
+            values["id2label"] = labels
         config = cls(**values, raw=dict(raw))
         config.validate()
         return config
@@ -111,8 +102,5 @@ class ViTConfig:
         size = self.pooler_output_size
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= 1 << 24):
             raise ConfigError(f"config.json 'pooler_output_size' must be a positive integer, got {size!r}.")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ConfigError(f"config.json 'problem_type' {self.problem_type!r} must be one of {PROBLEM_TYPES}.")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not 0 < self.layer_norm_eps < 1:
-            raise ConfigError(f"config.json 'layer_norm_eps' must be a small positive number, "
-                              f"got {self.layer_norm_eps!r}.")
+        check_problem_type(self.problem_type)
+        check_eps("layer_norm_eps", self.layer_norm_eps)

@@ -15,13 +15,22 @@ import torch
 import torch.nn.functional as F
 
 
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = attend) puts masked scores at float's minimum; a float mask is added, as ONNX Attention's
+    ``attn_mask`` of either type."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask
+
+
 @torch.library.custom_op("kiln::attention_probs", mutates_args=())
 def attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, T|S, D), mask bool (B, 1|H, T, S) with True = attend. Returns out (B, H, T, D) and the
-    probabilities (B, H, T, S); a fully masked row averages v (scores at float's minimum, not -inf: no NaN)."""
+    """q, k, v (B, H, T|S, D), mask bool (B, 1|H, T, S) with True = attend, or float: added to the scaled scores
+    (DeBERTa's relative-position bias). Returns out (B, H, T, D) and the probabilities (B, H, T, S); a fully masked
+    row averages v (scores at float's minimum, not -inf: no NaN)."""
     scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
-    probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    probs = apply_mask(scores, mask).softmax(dim=-1)
     return (probs @ v).contiguous(), probs.contiguous()
 
 
