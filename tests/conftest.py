@@ -127,10 +127,11 @@ def make_deberta(path, task: str = "feature-extraction", variant: str = "v3", se
 
     tokenizer = bert_tokenizer()
     labels = LABELS.get(task, ["contradiction", "neutral", "entailment"])
-    config = transformers.DebertaV2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}, **{**DEBERTA_VARIANTS[variant], **overrides})
+    config = transformers.DebertaV2Config(**{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 37, "max_position_embeddings": 64, "pad_token_id": tokenizer.pad_token_id,
+        "id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)},
+        **DEBERTA_VARIANTS[variant], **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
     with torch.no_grad():

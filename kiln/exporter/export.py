@@ -343,6 +343,11 @@ def copy_preprocessing(checkpoint: hub.Checkpoint, target: Path) -> list[str]:
     names of those copied."""
     shutil.copyfile(checkpoint.path / "config.json", target / "config.json")
     copied = hub.copy_preprocessing_files(checkpoint.path, target)
+    if "tokenizer.json" not in copied:
+        from kiln.exporter import sentencepiece
+
+        if sentencepiece.sentencepiece_model(checkpoint.path) is not None:
+            copied.append(sentencepiece.convert(checkpoint.path, target))
     if "tokenizer.json" not in copied and "preprocessor_config.json" not in copied:
         log.warning("The checkpoint has no tokenizer.json: the artifact can run raw feeds but not text pipelines. "
                     "Save the fast tokenizer (AutoTokenizer(...).save_pretrained) into the checkpoint and re-export.")

@@ -30,6 +30,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "spm.model",  # DeBERTa-v3
     "tokenizer.model",
     "added_tokens.json",
     "chat_template.jinja",  # transformers 5 saves the chat template beside tokenizer_config.json

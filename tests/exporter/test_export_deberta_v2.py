@@ -76,3 +76,55 @@ def test_int8_passes_its_gate(exported):
     assert manifest["precision"] == "int8" and manifest["accuracy"]["passed"]
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     assert ops["Attention"] == 2 and (ops["MatMulInteger"] or ops["DynamicQuantizeMatMul"] or ops["QLinearMatMul"])
+
+
+def sentencepiece_checkpoint(path):
+    """A DeBERTa-v3 checkpoint as the hub has them: a SentencePiece ``spm.model`` and no tokenizer.json."""
+    import json
+
+    import sentencepiece
+    from conftest import CORPUS
+
+    path.mkdir(parents=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 5), model_prefix=str(path / "spm"), vocab_size=120, model_type="unigram",
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+        unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    (path / "spm.vocab").unlink()
+    special = {"bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
+               "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "DebertaV2Tokenizer",
+                                                            "do_lower_case": False, "model_max_length": 64, **special}))
+    make_deberta(path / "model", "text-classification", vocab_size=120)
+    for name in ("config.json", "model.safetensors"):
+        (path / "model" / name).replace(path / name)
+    return path
+
+
+def test_a_sentencepiece_only_checkpoint_gets_a_tokenizer_json(tmp_path):
+    import sentencepiece
+
+    path = sentencepiece_checkpoint(tmp_path / "ckpt")
+    assert not (path / "tokenizer.json").exists()
+    kiln.export(str(path), tmp_path / "art", task="text-classification", batch="1:4", seq="1:64")
+    assert (tmp_path / "art" / "tokenizer.json").is_file()
+    texts = ["Hello world, paris is the capital", "the river runs through berlin"]
+    ours = kiln.pipeline("text-classification", tmp_path / "art")
+    batch = ours.tokenizer(texts)
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(path / "spm.model"))
+    for row, text in zip(batch.input_ids, texts):  # [CLS] pieces [SEP], the pieces SentencePiece itself cuts
+        assert row[row != 0].tolist() == [1, *spm.encode(text), 2]
+    assert_same(ours(texts, top_k=None), hf("text-classification", path)(texts, top_k=None))
+
+
+def test_the_conversion_needs_sentencepiece(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kiln.errors import InputError
+
+    path = sentencepiece_checkpoint(tmp_path / "ckpt")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    with pytest.raises(InputError, match=r"spm.model.*pip install 'kiln\[sentencepiece\]'"):
+        kiln.export(str(path), tmp_path / "art", task="text-classification")
+    assert not (tmp_path / "art").exists()
