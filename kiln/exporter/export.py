@@ -6,6 +6,7 @@ front by ``kiln.exporter.plan.ExportPlan`` (pure data), and the passes' results 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import time
@@ -271,6 +272,9 @@ def load_reference(source: Source, opts: ExportOptions):
     if opts.head_mask:
         if opts.framework != "torch":
             raise InputError("--head-mask is exported from the PyTorch reference only; leave --framework out.")
+        if "head_mask" not in inspect.signature(reference.forward).parameters:
+            raise InputError(f"--head-mask: {source.raw['model_type']} models take no head mask (as in transformers); "
+                             "leave --head-mask out.")
         spec = with_head_mask(spec, reference.config.num_hidden_layers, reference.config.num_attention_heads)
     return reference, spec
 

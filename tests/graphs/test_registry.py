@@ -17,7 +17,7 @@ from kiln.graphs import registry
 
 def test_every_family_is_a_record_with_what_it_names():
     families = {arch.family: arch for arch in registry.architectures()}
-    assert set(families) == {"bert", "deberta_v2", "gemma", "gpt2", "llama", "vit", "whisper"}
+    assert set(families) == {"bert", "deberta_v2", "gemma", "gpt2", "llama", "modernbert", "vit", "whisper"}
     model_types = [m for arch in families.values() for m in arch.variants]
     assert len(model_types) == len(set(model_types))  # a model type belongs to one family
     for arch in families.values():
