@@ -94,7 +94,7 @@ def pipeline(task: str | None = None, model=None, *, revision: str | None = None
 
         from kiln.tasks import ARTIFACT_TASKS
 
-        model = cached_export(model, task=ARTIFACT_TASKS.get(task, task), revision=revision)
+        model = cached_export(model, task=ARTIFACT_TASKS.get(task, (task,))[0], revision=revision)
     return _pipeline(task, model, device=device, threads=threads, **kwargs)
 
 

@@ -38,11 +38,11 @@ class Pipeline:
         if verify:  # sha256 of every file against kiln.json, before anything is loaded
             verify_artifact(self.path)
         self.manifest = load_manifest(self.path)
-        wanted = ARTIFACT_TASKS.get(self.task, self.task)  # zero-shot classification runs an NLI classifier
-        if self.manifest["task"] != wanted:
+        wanted = ARTIFACT_TASKS.get(self.task, (self.task,))  # zero-shot classification runs an NLI classifier
+        if self.manifest["task"] not in wanted:
             raise ArtifactError(f"{self.path} was exported for {self.manifest['task']!r}; {self.task} runs "
-                                f"{wanted!r} artifacts. Use pipeline({self.manifest['task']!r}, ...) or re-export "
-                                f"with --task {wanted}.")
+                                f"{' or '.join(map(repr, wanted))} artifacts. Use pipeline({self.manifest['task']!r}, "
+                                f"...) or re-export with --task {wanted[0]}.")
         path = self.path / "config.json"
         self.config = read_json(path, "Re-export the artifact.", missing=f"{path} is missing from the artifact. "
                                 "Re-export it.")
