@@ -3,10 +3,12 @@
 (``kiln.graphs.registry.Architecture.tasks``)."""
 
 TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering", "fill-mask",
-         "image-classification", "text-generation", "automatic-speech-recognition")
-# Pipelines over the artifacts of another task: zero-shot classification runs any NLI text-classification artifact.
-# pipeline task -> the tasks of the artifacts it runs, where they are not its own
-ARTIFACT_TASKS = {"zero-shot-classification": ("text-classification",)}
-PIPELINE_TASKS = TASKS + tuple(ARTIFACT_TASKS)
+         "image-classification", "text-generation", "automatic-speech-recognition", "zero-shot-image-classification")
+# Pipelines over the artifacts of another task (zero-shot classification runs any NLI text-classification artifact):
+# pipeline task -> the tasks of the artifacts it runs, its own first where it has artifacts of its own.
+ARTIFACT_TASKS = {"zero-shot-classification": ("text-classification",),
+                  # an image + text artifact's text tower embeds text too
+                  "feature-extraction": ("feature-extraction", "zero-shot-image-classification")}
+PIPELINE_TASKS = TASKS + tuple(task for task in ARTIFACT_TASKS if task not in TASKS)
 # transformers' TASK_ALIASES that name one of kiln's tasks
 ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}

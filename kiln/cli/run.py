@@ -37,9 +37,10 @@ def add_parser(sub):
                    help="token-classification: group tokens into words and entities")
     p.add_argument("--targets", nargs="+", metavar="TOKEN", help="fill-mask: score only these tokens")
     p.add_argument("--candidate-labels", nargs="+", metavar="LABEL", help="zero-shot classification: the labels to "
-                   "score (a text-classification artifact of an NLI model then runs zero-shot-classification)")
+                   "score, of images (CLIP, SigLIP artifacts) or texts (a text-classification artifact of an NLI "
+                   "model)")
     p.add_argument("--hypothesis-template", help='zero-shot classification: the hypothesis with {} for the label '
-                   '(default "This example is {}.")')
+                   '(default "This example is {}.", images "This is a photo of {}.")')
     p.add_argument("--multi-label", action="store_true", help="zero-shot classification: score each label on its "
                    "own instead of one distribution over the labels")
     p.add_argument("--max-new-tokens", type=int, help="text-generation: tokens to generate (default: the artifact's "
@@ -85,16 +86,19 @@ def read_inputs(args) -> list:
 
 
 def zero_shot_task(artifact) -> str:
-    """The zero-shot task of an artifact given candidate labels: an NLI text classifier's."""
+    """The zero-shot task of an artifact given candidate labels: an image + text artifact's, or an NLI text
+    classifier's."""
     from kiln.artifact import is_artifact, load_manifest
 
     if not is_artifact(artifact):
         raise InputError(f"--candidate-labels: {artifact} is not a local artifact, so kiln cannot tell which zero-shot "
                          "task it runs; give --task zero-shot-classification.")
     exported = load_manifest(artifact)["task"]
+    if exported == "zero-shot-image-classification":  # CLIP, SigLIP: the inputs are images
+        return exported
     if exported != "text-classification":
-        raise InputError(f"--candidate-labels needs a text-classification artifact of an NLI model (zero-shot "
-                         f"classification); {artifact} was exported for {exported!r}.")
+        raise InputError(f"--candidate-labels needs an image + text artifact (CLIP, SigLIP) or a text-classification "
+                         f"artifact of an NLI model; {artifact} was exported for {exported!r}.")
     return "zero-shot-classification"
 
 

@@ -100,11 +100,13 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
         if opts.precision != "fp32" and all(graph.report["passed"] for graph in graphs):
             steps(f"Converting to {opts.precision} and measuring its accuracy against the fp32 reference")
             if companions:
-                from kiln.exporter.precision import reduce_encoder_decoder_precision
+                from kiln.exporter.precision import reduce_dual_encoder_precision, reduce_encoder_decoder_precision
 
-                accuracy, ops = reduce_encoder_decoder_precision(
-                    {graph.name: graph.runner for graph in graphs}, main.spec, tmp,
-                    {graph.name: graph.file for graph in graphs}, opts.precision)
+                reduce = reduce_dual_encoder_precision if source.arch.spec == "dual-encoder" \
+                    else reduce_encoder_decoder_precision
+                accuracy, ops = reduce({graph.name: graph.runner for graph in graphs},
+                                       {graph.name: graph.spec for graph in graphs}, tmp,
+                                       {graph.name: graph.file for graph in graphs}, opts.precision)
                 for graph in graphs:
                     graph.traced.ops = ops[graph.name]
             else:
@@ -114,6 +116,8 @@ def export(model, output, task: str = "feature-extraction", **options) -> dict:
                                   accuracy, preprocessing, model_file=main.file)
         for graph in companions:  # kiln.json's top describes the main graph; each other graph has a record
             manifest[graph.name] = graph_record(graph)
+        if source.arch.spec == "dual-encoder":
+            manifest["zero_shot"] = zero_shot_facts(reference, source.raw)
         manifest["export"]["seconds"] = round(time.perf_counter() - started, 2)
         manifest["files"] = file_hashes(tmp)  # `kiln run --verify` checks these
         write_manifest(tmp, manifest)
@@ -157,12 +161,27 @@ def graphs_to_export(source: Source, reference, spec, opts: ExportOptions) -> li
     modules = reference.export_graphs()
     main = next(iter(modules))
     # The traced attention form only, and logits_to_keep: the decoder passes' rotary, 3-D and packing rewrites
-    # expect a decoder-only layout, not cross-attention (to be measured before they are enabled here).
-    graphs = [Graph(main, f"{main}.onnx", modules[main], spec, ExportPlan("decoder", opts.precision, "onnx"))]
+    # expect a decoder-only layout, not cross-attention (to be measured before they are enabled here). A dual
+    # encoder's towers are two encoders.
+    main_kind = "decoder" if kind == "speech-seq2seq" else "encoder"
+    graphs = [Graph(main, f"{main}.onnx", modules[main], spec, ExportPlan(main_kind, opts.precision, "onnx"))]
     for name, companion in COMPANIONS[kind].items():
         graphs.append(Graph(name, f"{name}.onnx", modules[name], companion(reference, opts.task),
                             ExportPlan("encoder", opts.precision, "onnx")))
     return graphs
+
+
+def zero_shot_facts(reference, raw: dict) -> dict:
+    """kiln.json ``zero_shot``: what scoring an image + text artifact's embeddings needs from the weights (the
+    runtime's ``kiln.runtime.dual_encoder``)."""
+    bias = getattr(reference, "logit_bias", None)
+    facts = {"logit_scale": float(reference.logit_scale.detach().exp()),
+             "function": "softmax" if bias is None else "sigmoid"}
+    if bias is not None:
+        facts["logit_bias"] = float(bias.detach().reshape(-1)[0])
+    if "siglip" in raw.get("model_type", ""):  # as transformers' pipeline: prompts padded to 64, the length it was
+        facts["text_max_length"] = min(64, reference.config.text.max_position_embeddings)  # trained at
+    return facts
 
 
 def graph_record(graph: Graph) -> dict:
@@ -220,9 +239,10 @@ def resolve(model, opts: ExportOptions) -> Source:
     raw = hub.read_config(checkpoint)
     arch = registry.architecture(raw)
     arch.check_task(raw["model_type"], opts.task)
-    if arch.spec == "speech-seq2seq" and (opts.precision not in ("fp32", "int8", "fp16") or opts.head_mask):
+    if arch.spec in COMPANIONS and (opts.precision not in ("fp32", "int8", "fp16") or opts.head_mask):
+        kind = {"speech-seq2seq": "encoder-decoder", "dual-encoder": "image + text"}[arch.spec]
         raise InputError(f"{raw['model_type']} exports at fp32, int8 or fp16 without --head-mask for now: "
-                         f"{'--head-mask' if opts.head_mask else opts.precision} for encoder-decoder artifacts is not "
+                         f"{'--head-mask' if opts.head_mask else opts.precision} for {kind} artifacts is not "
                          "implemented yet.")
     arch.check_framework(raw["model_type"], opts.framework)
     check_vocabulary(checkpoint, raw)
@@ -289,7 +309,8 @@ def trace(reference, spec, path: Path, opts: ExportOptions) -> Traced:
     ops = Counter(node.op_type for node in model.graph)
     # A converter may write a lower opset than asked (tf2onnx tops out below 23): record the graph's own.
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", opts.opset))
-    nodes = getattr(reference, "attention_nodes", reference.config.num_hidden_layers)  # one fused node per attention
+    # one fused node per attention: a graph module of a multi-graph artifact says how many it has
+    nodes = reference.attention_nodes if hasattr(reference, "attention_nodes") else reference.config.num_hidden_layers
     return Traced(path, opset, attention_lowering(ops, nodes, opts.framework, opts.output_attentions), ops, model)
 
 

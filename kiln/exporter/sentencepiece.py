@@ -40,11 +40,45 @@ def convert(checkpoint_dir: Path, target: Path) -> str:
     except Exception as err:  # noqa: BLE001 - any failure of the converter: say which file and why
         raise CheckpointError(f"Could not convert {model} into a fast tokenizer: {type(err).__name__}: {err}") from err
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.get_vocab_size() < 2:
-        raise CheckpointError(f"transformers read {model} as {type(tokenizer).__name__}, which has no fast "
-                              "tokenizer to save; kiln's runtime needs a tokenizer.json.")
+    if backend is None:  # a SentencePiece-only tokenizer class (transformers 5: SigLIP's): convert it explicitly
+        backend = _convert_slow(tokenizer, model)
+    if backend.get_vocab_size() < 2:
+        raise CheckpointError(f"transformers read {model} as {type(tokenizer).__name__} with no vocabulary; "
+                              "kiln's runtime needs a tokenizer.json.")
     with tempfile.TemporaryDirectory(prefix="kiln-spm-") as tmp:
         backend.save(str(Path(tmp) / "tokenizer.json"))
         Path(tmp, "tokenizer.json").replace(target / "tokenizer.json")
     log.info("Converted %s into tokenizer.json (%d tokens).", model.name, backend.get_vocab_size())
     return "tokenizer.json"
+
+
+def _convert_slow(tokenizer, model: Path):
+    """A ``tokenizers.Tokenizer`` for a tokenizer transformers keeps on SentencePiece: its own converter where it
+    has one; SigLIP's (which has none) as T5's unigram model plus what ``SiglipTokenizer`` does before
+    SentencePiece sees the text (lower-case, ASCII punctuation removed, whitespace collapsed and stripped) and the
+    ``</s>`` it appends. Checked against ``SiglipTokenizer`` itself in the tests."""
+    import string
+
+    from tokenizers import Regex, normalizers, processors
+    from transformers.convert_slow_tokenizer import SLOW_TO_FAST_CONVERTERS, SpmConverter, convert_slow_tokenizer
+
+    name = type(tokenizer).__name__
+    if name in SLOW_TO_FAST_CONVERTERS:
+        return convert_slow_tokenizer(tokenizer)
+    if name != "SiglipTokenizer":
+        raise CheckpointError(f"transformers reads {model} as {name}, which it cannot convert to a fast tokenizer; "
+                              "kiln's runtime needs a tokenizer.json. Save one into the checkpoint and re-export.")
+
+    class SiglipConverter(SpmConverter):
+        def post_processor(self):
+            eos = self.original_tokenizer.eos_token
+            return processors.TemplateProcessing(single=["$A", eos], pair=["$A", eos, "$B", eos],
+                                                 special_tokens=[(eos, self.original_tokenizer.eos_token_id)])
+
+    fast = SiglipConverter(tokenizer).converted()
+    punctuation = Regex("[" + "".join("\\" + c for c in string.punctuation) + "]")
+    canonical = [normalizers.Replace(punctuation, ""), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if getattr(tokenizer, "do_lower_case", True):
+        canonical.insert(0, normalizers.Lowercase())
+    fast.normalizer = normalizers.Sequence([*canonical, *([fast.normalizer] if fast.normalizer else [])])
+    return fast

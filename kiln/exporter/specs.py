@@ -330,6 +330,49 @@ def speech_decoder_spec(model, task: str, batch: AxisRange | None = None, seq: A
     return dataclasses.replace(spec, inputs=(*spec.inputs, *cross), outputs=outputs, make_feed=make)
 
 
+# Image + text dual encoders (CLIP, SigLIP) export two graphs, so that a service embeds images without the text tower
+# and the reverse: ``text`` (the main one) takes the tokens and gives ``text_embeds`` (B, projection), the projected
+# features before normalization (transformers' get_text_features), and ``last_hidden_state``; ``vision`` takes
+# ``pixel_values`` (only the batch dynamic) and gives ``image_embeds`` and ``last_hidden_state``. The runtime
+# normalizes and scores (logit_scale and logit_bias are in kiln.json).
+
+def _graph_inputs(module) -> list[str]:
+    import inspect
+
+    return [name for name in inspect.signature(module.forward).parameters]
+
+
+def dual_text_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+                   hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    if hidden_states or attentions:
+        raise ValueError("--output-hidden-states/--output-attentions are not supported for image + text exports yet.")
+    text = model.config.text
+    B, T = "batch", "sequence"
+    names = _graph_inputs(model.export_graphs()["text"])  # SigLIP's text tower takes no attention mask
+    inputs = tuple(TensorSpec(name, "int64", (B, T)) for name in names)
+    outputs = (TensorSpec("text_embeds", "float32", (B, model.config.projection_dim)),
+               TensorSpec("last_hidden_state", "float32", (B, T, text.hidden_size)))
+    context = text.max_position_embeddings
+    seq = seq or AxisRange(1, context)
+    if seq.max > context:
+        raise ValueError(f"--seq max {seq.max} exceeds the text model's maximum length {context} "
+                         "(text_config.max_position_embeddings).")
+    pad = text.pad_token_id if text.pad_token_id is not None else 0
+    return ExportSpec(task, inputs, outputs, {B: batch or AxisRange(1, 64), T: seq}, text_feed(text.vocab_size, pad, names),
+                      extra={"check": "text-embeddings"})
+
+
+def dual_vision_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
+                     hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
+    vision = model.config.vision
+    B, (Hi, Wi) = "batch", vision.image_size
+    inputs = (TensorSpec("pixel_values", "float32", (B, vision.num_channels, Hi, Wi)),)
+    outputs = (TensorSpec("image_embeds", "float32", (B, model.config.projection_dim)),
+               TensorSpec("last_hidden_state", "float32", (B, vision.sequence_length, vision.hidden_size)))
+    return ExportSpec(task, inputs, outputs, {B: batch or AxisRange(1, 64)}, image_feed(vision.num_channels, Hi, Wi),
+                      extra={"check": "image-embeddings"})
+
+
 def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:
     """``spec`` with a ``head_mask`` (layers, heads) input, fed random 0/1 masks (each row keeping one head at least)
     so that validation sees masked heads; the export then gives it a default of ones."""
@@ -345,10 +388,10 @@ def with_head_mask(spec: ExportSpec, layers: int, heads: int) -> ExportSpec:
 
 # A family's record names its layout (``Architecture.spec``).
 SPECS = {"text-encoder": bert_spec, "vision-encoder": vit_spec, "decoder": decoder_spec,
-         "speech-seq2seq": speech_decoder_spec}
+         "speech-seq2seq": speech_decoder_spec, "dual-encoder": dual_text_spec}
 # Layouts whose artifact holds more graphs than the main one: graph name -> its spec. The reference gives the module
 # of each (``export_graphs()``); the main graph is the one run per step, described at the top of kiln.json.
-COMPANIONS = {"speech-seq2seq": {"encoder": speech_encoder_spec}}
+COMPANIONS = {"speech-seq2seq": {"encoder": speech_encoder_spec}, "dual-encoder": {"vision": dual_vision_spec}}
 
 
 def spec_for(kind: str, model, task: str, **options) -> ExportSpec:

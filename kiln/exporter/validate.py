@@ -74,6 +74,16 @@ def _cosines(name: str = "last_hidden_state"):
     return values
 
 
+def _row_cosines(name: str):
+    """Cosine of the rows of ``name`` (B, C): pooled embeddings (a dual encoder's text_embeds, image_embeds)."""
+
+    def values(ref, got, feed):
+        a, b = ref[name], got[name]
+        return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+    return values
+
+
 TASK_CHECKS = {
     "feature-extraction": TaskCheck(_cosines(), "min_cosine", MIN_COSINE, "mean_cosine", worst=True),
     "text-classification": TaskCheck(_same_argmax("logits"), "label_agreement", 1.0, "label_agreement"),
@@ -88,6 +98,10 @@ TASK_CHECKS = {
     # A graph that is not the one its task is judged by (an encoder-decoder's encoder): ExportSpec.extra["check"].
     "speech-encoder": TaskCheck(_cosines("encoder_last_hidden_state"), "min_cosine", MIN_COSINE, "mean_cosine",
                                 worst=True),
+    # An image + text dual encoder's two graphs, each judged by its projected embeddings.
+    "text-embeddings": TaskCheck(_row_cosines("text_embeds"), "min_cosine", MIN_COSINE, "mean_cosine", worst=True),
+    "image-embeddings": TaskCheck(_row_cosines("image_embeds"), "min_cosine", MIN_COSINE, "mean_cosine",
+                                  worst=True),
 }
 
 

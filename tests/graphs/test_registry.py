@@ -17,7 +17,7 @@ from kiln.graphs import registry
 
 def test_every_family_is_a_record_with_what_it_names():
     families = {arch.family: arch for arch in registry.architectures()}
-    assert set(families) == {"bert", "deberta_v2", "gemma", "gpt2", "llama", "modernbert", "vit", "whisper"}
+    assert set(families) == {"bert", "clip", "deberta_v2", "gemma", "gpt2", "llama", "modernbert", "siglip", "vit", "whisper"}
     model_types = [m for arch in families.values() for m in arch.variants]
     assert len(model_types) == len(set(model_types))  # a model type belongs to one family
     for arch in families.values():
@@ -26,11 +26,11 @@ def test_every_family_is_a_record_with_what_it_names():
             models = importlib.import_module(f"kiln.graphs.{arch.family}.model_{framework}")
             for kiln_class, _ in arch.tasks.values():
                 assert hasattr(models, kiln_class), (arch.family, framework, kiln_class)
-        assert arch.spec in ("text-encoder", "vision-encoder", "decoder", "speech-seq2seq")
+        assert arch.spec in ("text-encoder", "vision-encoder", "decoder", "speech-seq2seq", "dual-encoder")
 
 
 def test_lookups_name_what_is_supported():
-    with pytest.raises(ConfigError, match="model_type 't5' is not supported by kiln yet.*bert, camembert, deberta-v2, distilbert"):
+    with pytest.raises(ConfigError, match="model_type 't5' is not supported by kiln yet.*bert, camembert, clip, deberta-v2, distilbert"):
         registry.architecture({"model_type": "t5"})
     with pytest.raises(ConfigError, match="has no 'model_type'"):
         registry.architecture({})

@@ -65,10 +65,6 @@ class Audio:
 class AutomaticSpeechRecognitionPipeline(Pipeline):
     task = "automatic-speech-recognition"
 
-    def __init__(self, artifact, *, device: str = "cpu", threads: int | None = None, **kwargs):
-        self._open = {"device": device, "threads": threads}  # the encoder engine opens as the decoder's
-        super().__init__(artifact, device=device, threads=threads, **kwargs)
-
     def load_preprocessor(self) -> None:
         self.tokenizer = Tokenizer.from_dir(self.path)
         self.feature_extractor = WhisperFeatureExtractor.from_dir(self.path)

@@ -35,6 +35,7 @@ class Pipeline:
                  batch_size: int = 8, engine=None, verify: bool = False, **options):
         """``options``: the call options of this task, used by every call that does not give its own."""
         self.path = Path(artifact)
+        self._open = {"device": device, "threads": threads}  # an artifact's further graphs open as its main one
         if verify:  # sha256 of every file against kiln.json, before anything is loaded
             verify_artifact(self.path)
         self.manifest = load_manifest(self.path)
