@@ -219,3 +219,18 @@ def test_bad_input(exported, tmp_path):
     with pytest.raises(InputError, match="bf16 for image \\+ text artifacts"):
         kiln.export(str(exported("clip")[0]), tmp_path / "bf16", task="zero-shot-image-classification",
                     precision="bf16")
+
+
+def test_siglip_tokenizer_converted_as_siglip_tokenizes(exported):
+    """The tokenizer.json converted from spiece.model gives SiglipTokenizer's ids: lower-cased, ASCII punctuation
+    removed, whitespace collapsed and stripped, </s> appended."""
+    import transformers
+
+    path, out = exported("siglip")
+    slow = transformers.AutoTokenizer.from_pretrained(path)
+    ours = kiln.pipeline("feature-extraction", out).tokenizer
+    texts = ["Hello, World!  Paris is the capital.", "  The RIVER runs -- through it?? ", "3.14 is pi", "a\tb\nc",
+             "ünïcode café", "a photo of a cat"]
+    batch = ours(texts)
+    for row, mask, text in zip(batch.input_ids, batch.attention_mask, texts):
+        assert row[mask == 1].tolist() == slow(text)["input_ids"], text
