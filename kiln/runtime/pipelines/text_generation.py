@@ -105,6 +105,21 @@ class TextGenerationPipeline(Pipeline):
                             for text in texts])
         return results
 
+    def completions(self, item, **kwargs) -> list[Completion]:
+        """One prompt (or chat) -> a ``Completion`` per returned sequence: its new text and what a server reports
+        with it (OpenAI's usage and finish_reason): the prompt's tokens, the tokens generated, and "stop" (an end
+        token or a stop string) or "length" (``max_new_tokens`` reached)."""
+        pre, forward, _, _ = self._params(kwargs)
+        prompts = self.preprocess([item], **pre)
+        config, prompt_tokens = prompts.config, int(prompts.batch.attention_mask.sum())
+        results = []
+        for row in self.forward(prompts, 1, **forward):
+            tokens = _strip_pad(row, config)
+            text = self._decode_new(tokens)
+            stopped = len(tokens) < config.max_new_tokens or any(s in text for s in config.stop_strings)
+            results.append(Completion(text, prompt_tokens, len(tokens), "stop" if stopped else "length"))
+        return results
+
     def batch(self, items: list, **kwargs) -> list:
         """As ``Pipeline.batch``; chats and plain prompts go in separate calls, since only plain prompts get the
         tokenizer's special tokens added and one call adds them to all its prompts or to none."""
@@ -120,6 +135,14 @@ class TextGenerationPipeline(Pipeline):
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yield text pieces of one prompt's continuation as tokens come (complete characters only). Takes the
         options of a call but return_full_text and batch_size: a stream is one prompt's new text."""
+        return self._open_stream(prompt, None, kwargs)
+
+    def stream_completion(self, prompt, counts: dict, **kwargs) -> Iterator[str]:
+        """``stream`` that also fills ``counts`` as it goes: ``prompt_tokens``, ``completion_tokens`` and, once the
+        stream ends, ``finish_reason`` ("stop" or "length"), for servers that report them after the last piece."""
+        return self._open_stream(prompt, counts, kwargs)
+
+    def _open_stream(self, prompt, counts: dict | None, kwargs: dict) -> Iterator[str]:
         for name in ("return_full_text", "batch_size"):
             if name in kwargs:
                 raise InputError(f"stream() takes no {name}: it yields the new text of one prompt; print the prompt "
@@ -131,25 +154,36 @@ class TextGenerationPipeline(Pipeline):
                              "at the end; call the pipeline, or stream with num_beams=1.")
         if prompts.config.num_return_sequences > 1:
             raise InputError("stream() yields one sequence; call the pipeline for num_return_sequences > 1.")
-        return self._stream(prompts, self._session(forward.get("head_mask")))
+        return self._stream(prompts, self._session(forward.get("head_mask")), counts)
 
     def _session(self, head_mask) -> DecoderSession:
         return self.decoder if head_mask is None else DecoderSession(self.engine, feed={"head_mask": head_mask},
                                                                      recompute_at=self.recompute_at)
 
-    def _stream(self, prompts: Prompts, session: DecoderSession) -> Iterator[str]:
+    def _stream(self, prompts: Prompts, session: DecoderSession, counts: dict | None = None) -> Iterator[str]:
         # The decode loop is a generator advanced from here: each piece reaches the caller as its token is chosen,
         # and a caller that stops reading closes the loop, whose finally releases the engine's state.
         config, decoder, eos = prompts.config, StreamDecoder(self._decode_new), set(prompts.config.eos_ids)
         batch = prompts.batch
+        counts = counts if counts is not None else {}
+        counts.update(prompt_tokens=int(batch.attention_mask.sum()), completion_tokens=0)
+        ended, text = False, []
         with contextlib.closing(steps(session, batch.input_ids, batch.attention_mask, config,
                                       decode=self._decode_new)) as loop:
             for tokens in loop:
-                if int(tokens[0]) not in eos and (piece := decoder.push(int(tokens[0]))):
+                if int(tokens[0]) in eos:
+                    ended = True
+                    continue
+                counts["completion_tokens"] += 1
+                if piece := decoder.push(int(tokens[0])):
+                    text.append(piece)
                     yield piece
-        tail = decoder.flush()
-        if tail:
+        if tail := decoder.flush():
+            text.append(tail)
             yield tail
+        stopped = ended or counts["completion_tokens"] < config.max_new_tokens or \
+            any(s in "".join(text) for s in config.stop_strings)
+        counts["finish_reason"] = "stop" if stopped else "length"
 
     def _prompt(self, item) -> str:
         if _is_chat(item):
@@ -182,6 +216,14 @@ class TextGenerationPipeline(Pipeline):
 
     def _decode_new(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end token or stop string) or "length" (max_new_tokens)
 
 
 def _is_chat(item) -> bool:

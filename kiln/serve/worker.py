@@ -1,0 +1,145 @@
+"""One artifact served: its pipeline and what each endpoint asks of it. Plain synchronous Python, so the same class
+runs in-process (``LocalBackend``, threads) and as a Ray Serve replica (``kiln.serve.ray_app``).
+
+Encoder calls (embeddings, every pipeline call of an encoder task) go through kiln's ``Batcher``, which gathers the
+inputs of concurrent requests into one engine call (``max_batch_size``, ``batch_wait_ms``); generation runs one
+request per call for now.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.runtime.batcher import Batcher
+from kiln.runtime.pipelines import pipeline
+from kiln.serve.openai import APIError, cut_at_stop
+
+EMBEDDING_TASKS = ("feature-extraction",)
+GENERATION_TASKS = ("text-generation",)
+
+
+def api_error(err: KilnError) -> APIError:
+    """kiln's own input errors are the client's to fix: a 400 saying what (never a traceback)."""
+    return APIError(400, str(err))
+
+
+class ModelWorker:
+    def __init__(self, artifact: str, name: str | None = None, *, threads: int | None = None, device: str = "cpu",
+                 max_batch_size: int = 8, batch_wait_ms: float = 5.0, pooling: str = "mean",
+                 max_input_tokens: int | None = None):
+        self.path = Path(artifact)
+        self.name = name or self.path.name
+        self.pipe = pipeline(None, self.path, threads=threads, device=device, batch_size=max_batch_size)
+        self.task = self.pipe.task
+        self.created = int(time.time())
+        self.pooling = pooling
+        self.max_input_tokens = max_input_tokens
+        self.batcher = None
+        if self.task not in GENERATION_TASKS and max_batch_size > 1:
+            self.batcher = Batcher(self.pipe, max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms)
+
+    def info(self) -> dict:
+        return {"task": self.task, "created": self.created, "artifact": str(self.path)}
+
+    def _check_tokens(self, texts: list[str]) -> int:
+        """The inputs' token count (OpenAI's usage), refused above ``max_input_tokens``."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if tokenizer is None:
+            return 0
+        counts = [int(m.sum()) for m in tokenizer(texts, truncation=None).attention_mask]
+        if self.max_input_tokens and max(counts) > self.max_input_tokens:
+            raise APIError(400, f"An input has {max(counts)} tokens; this server takes at most "
+                                f"{self.max_input_tokens} per input (--max-input-tokens).", param="input")
+        return sum(counts)
+
+    def _batched(self, items: list, **options) -> list:
+        """Each item through the Batcher (gathered with other requests' items), or one call without it."""
+        try:
+            if self.batcher is None:
+                return self.pipe.batch(items, **options)
+            futures: list[Future] = [self.batcher.submit(item, **options) for item in items]
+            return [f.result() for f in futures]
+        except KilnError as err:
+            raise api_error(err) from None
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """(N, D) unit vectors and the input tokens: mean-pooled token vectors of a text encoder (as
+        sentence-transformers models pool), or an image + text artifact's projected text embeddings."""
+        if self.task not in EMBEDDING_TASKS:
+            raise APIError(400, f"Model {self.name!r} is a {self.task} model; embeddings need a feature-extraction "
+                                "artifact.", param="model")
+        tokens = self._check_tokens(texts)
+        dual = getattr(self.pipe, "towers", None) is not None
+        options = {} if dual else {"pooling": self.pooling, "normalize": True}
+        vectors = self._batched(texts, return_tensors=True, **options)
+        return np.stack(vectors).astype(np.float32), tokens
+
+    def complete(self, prompt, options: dict) -> tuple[list[tuple[str, str]], int, int]:
+        """(choices as (text, finish_reason), prompt tokens, completion tokens) of one prompt or chat."""
+        self._check_generation()
+        stops = options.get("stop_strings")
+        try:
+            results = self.pipe.completions(prompt, **options)
+        except KilnError as err:
+            raise api_error(err) from None
+        choices = []
+        for r in results:
+            text, cut = cut_at_stop(r.text, stops)
+            choices.append((text, "stop" if cut else r.finish_reason))
+        return choices, results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+
+    def stream(self, prompt, options: dict) -> Iterator[dict]:
+        """{"text": piece} per piece, then {"finish_reason", "usage"}; text after a stop sequence is held back."""
+        self._check_generation()
+        stops, counts = options.get("stop_strings") or (), {}
+        try:
+            pieces = self.pipe.stream_completion(prompt, counts, **options)
+        except KilnError as err:
+            raise api_error(err) from None
+        sent, buffer, reason = 0, "", None
+        # A stop sequence may arrive across pieces: hold back as many characters as the longest one could still need.
+        hold = max((len(s) for s in stops), default=1) - 1
+        for piece in pieces:
+            buffer += piece
+            text, cut = cut_at_stop(buffer, stops)
+            if cut:
+                if len(text) > sent:
+                    yield {"text": text[sent:]}
+                reason = "stop"
+                pieces.close()
+                break
+            ready = len(buffer) - hold
+            if ready > sent:
+                yield {"text": buffer[sent:ready]}
+                sent = ready
+        else:
+            if len(buffer) > sent:
+                yield {"text": buffer[sent:]}
+        usage = {"prompt_tokens": counts.get("prompt_tokens", 0),
+                 "completion_tokens": counts.get("completion_tokens", 0)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        yield {"finish_reason": reason or counts.get("finish_reason", "stop"), "usage": usage}
+
+    def _check_generation(self) -> None:
+        if self.task not in GENERATION_TASKS:
+            raise APIError(400, f"Model {self.name!r} is a {self.task} model; completions need a text-generation "
+                                "artifact.", param="model")
+
+    def run_pipeline(self, inputs, options: dict):
+        """The pipeline's own output for ``inputs`` with ``options``: what ``kiln run`` prints."""
+        try:
+            if self.batcher is not None and not isinstance(inputs, list):  # one input: gathered with others
+                return self._batched([inputs], **options)[0]
+            return self.pipe(inputs, **options)  # a list is one call already, shaped as the pipeline shapes lists
+        except KilnError as err:
+            raise api_error(err) from None
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
