@@ -9,6 +9,7 @@ import sys
 from kiln import __version__
 from kiln.cli import bench as bench_cmd
 from kiln.cli import build as build_cmd
+from kiln.cli import embed as embed_cmd
 from kiln.cli import export as export_cmd
 from kiln.cli import inspect as inspect_cmd
 from kiln.cli import prune as prune_cmd
@@ -18,7 +19,8 @@ from kiln.cli import serve as serve_cmd
 from kiln.errors import KilnError, ValidationError
 
 COMMANDS = {"export": export_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "inspect": inspect_cmd,
-            "prune": prune_cmd, "push": push_cmd, "serve": serve_cmd}
+            "prune": prune_cmd, "push": push_cmd, "serve": serve_cmd,
+            "embed": embed_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,3 +64,35 @@ def test_served_on_ray(ray_serve, artifacts):
 def test_cli_refusals(argv, says, capsys):
     assert main(argv) != 0
     assert says in capsys.readouterr().err
+
+
+def test_map_batches_and_kiln_embed(ray_serve, artifacts, tmp_path, capsys):
+    """A pipeline per actor over a Ray Dataset gives each row the pipeline's own output; kiln embed writes one whole
+    Parquet file per input file and skips those already written on a rerun."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kiln.serve.data import map_batches
+
+    texts = [f"the river runs through paris {i}" if i % 2 else f"hello world {i}" for i in range(40)]
+    artifact = artifacts("bert", "feature-extraction")
+    want = np.array(kiln.pipeline("feature-extraction", artifact)(texts, pooling="mean", normalize=True))
+    rows = map_batches(ray.data.from_items([{"text": t, "id": i} for i, t in enumerate(texts)]), artifact,
+                       batch_size=16, pooling="mean", normalize=True, return_tensors=True).take_all()
+    assert [r["id"] for r in rows] == list(range(40))
+    np.testing.assert_allclose(np.stack([r["embedding"] for r in rows]), want, atol=1e-5)
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"text": texts[part * 20:(part + 1) * 20], "id": list(range(part * 20, part * 20 + 20))}),
+                       source / f"part{part}.parquet")
+    assert main(["embed", str(artifact), str(source), str(tmp_path / "out"), "--batch-size", "8"]) == 0
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / f"part{p}.parquet") for p in range(2)])
+    assert table.column("id").to_pylist() == list(range(40))
+    np.testing.assert_allclose(np.stack(table.column("embedding").to_pylist()), want, atol=1e-5)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
+    capsys.readouterr()
+    assert main(["embed", str(artifact), str(source), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.count("exists: skipped") == 2
+    assert main(["embed", str(artifacts("bert", "text-classification")), str(source), str(tmp_path / "x")]) != 0
