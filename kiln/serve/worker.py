@@ -2,12 +2,15 @@
 runs in-process (``LocalBackend``, threads) and as a Ray Serve replica (``kiln.serve.ray_app``).
 
 Encoder calls (embeddings, every pipeline call of an encoder task) go through kiln's ``Batcher``, which gathers the
-inputs of concurrent requests into one engine call (``max_batch_size``, ``batch_wait_ms``); generation runs one
-request per call for now.
+inputs of concurrent requests into one engine call (``max_batch_size``, ``batch_wait_ms``). Generation requests
+share decode steps (``kiln.runtime.generate.continuous``): one joins the running batch at the next step and leaves
+when it stops; what that loop does not take (beam search, several sequences, prompt lookup, LongRoPE, windowed
+caches) runs one request at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -20,6 +23,7 @@ from kiln.runtime.batcher import Batcher
 from kiln.runtime.pipelines import pipeline
 from kiln.serve.openai import APIError, cut_at_stop
 
+log = logging.getLogger("kiln")
 EMBEDDING_TASKS = ("feature-extraction",)
 GENERATION_TASKS = ("text-generation",)
 
@@ -40,9 +44,19 @@ class ModelWorker:
         self.created = int(time.time())
         self.pooling = pooling
         self.max_input_tokens = max_input_tokens
-        self.batcher = None
+        self.batcher = self.continuous = None
         if self.task not in GENERATION_TASKS and max_batch_size > 1:
             self.batcher = Batcher(self.pipe, max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms)
+        if self.task in GENERATION_TASKS and max_batch_size > 1:
+            from kiln.runtime.generate import DecoderSession
+            from kiln.runtime.generate.continuous import ContinuousBatcher, supports
+
+            session = DecoderSession(self.pipe.engine, recompute_at=self.pipe.recompute_at)
+            why = supports(session)
+            if why is None:  # requests share decode steps, joining and leaving the running batch
+                self.continuous = ContinuousBatcher(session, max_batch=max_batch_size, decode=self.pipe._decode_new)
+            else:
+                log.info("%s: generation runs one request at a time (%s).", self.name, why)
 
     def info(self) -> dict:
         return {"task": self.task, "created": self.created, "artifact": str(self.path)}
@@ -84,6 +98,12 @@ class ModelWorker:
         """(choices as (text, finish_reason), prompt tokens, completion tokens) of one prompt or chat."""
         self._check_generation()
         stops = options.get("stop_strings")
+        if self._continuous(options):
+            counts = {}
+            text = "".join(self._pieces(prompt, options, counts))
+            text, cut = cut_at_stop(text, stops)
+            return [(text, "stop" if cut else counts["finish_reason"])], counts["prompt_tokens"], \
+                counts["completion_tokens"]
         try:
             results = self.pipe.completions(prompt, **options)
         except KilnError as err:
@@ -99,7 +119,8 @@ class ModelWorker:
         self._check_generation()
         stops, counts = options.get("stop_strings") or (), {}
         try:
-            pieces = self.pipe.stream_completion(prompt, counts, **options)
+            pieces = self._pieces(prompt, options, counts) if self._continuous(options) else \
+                self.pipe.stream_completion(prompt, counts, **options)
         except KilnError as err:
             raise api_error(err) from None
         sent, buffer, reason = 0, "", None
@@ -126,6 +147,31 @@ class ModelWorker:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         yield {"finish_reason": reason or counts.get("finish_reason", "stop"), "usage": usage}
 
+    def _continuous(self, options: dict) -> bool:
+        return self.continuous is not None and options.get("num_return_sequences", 1) == 1 and \
+            options.get("num_beams", 1) == 1 and not options.get("prompt_lookup_num_tokens")
+
+    def _pieces(self, prompt, options: dict, counts: dict) -> Iterator[str]:
+        """Text pieces of one request decoded in the shared loop; ``counts`` gets the token counts and why it
+        stopped, as ``TextGenerationPipeline.stream_completion`` fills them."""
+        from kiln.runtime.generate import StreamDecoder
+
+        try:
+            ids, config = self.pipe.request(prompt, **options)
+            generation = self.continuous.submit(ids, config)
+        except KilnError as err:
+            raise api_error(err) from None
+        counts.update(prompt_tokens=len(ids), completion_tokens=0)
+        decoder = StreamDecoder(self.pipe._decode_new)
+        with generation:  # leaving early (a client gone) takes the row out of the batch
+            for token in generation:
+                counts["completion_tokens"] += 1
+                if piece := decoder.push(token):
+                    yield piece
+        if tail := decoder.flush():
+            yield tail
+        counts["finish_reason"] = "length" if generation.finish_reason == "length" else "stop"
+
     def _check_generation(self) -> None:
         if self.task not in GENERATION_TASKS:
             raise APIError(400, f"Model {self.name!r} is a {self.task} model; completions need a text-generation "
@@ -143,3 +189,5 @@ class ModelWorker:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.continuous is not None:
+            self.continuous.close()

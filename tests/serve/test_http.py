@@ -213,3 +213,28 @@ def test_overload_is_refused_at_once(artifacts):
     assert set(codes) <= {200, 503} and codes.count(200) >= 2 and len(codes) == 12
     refused = [r for r in responses if r.status_code == 503]
     assert all("--max-ongoing-requests" in r.json()["error"]["message"] for r in refused)
+
+
+def test_concurrent_streams_share_decode_steps(served):
+    """Eight streams at once: each equals the pipeline's own text, and the requests shared decode steps."""
+    app, names = served
+    pipe = kiln.pipeline("text-generation", names["llama"])
+    prompts = [f"hello world {i}" if i % 2 else f"the river runs {i}" for i in range(8)]
+    worker = app.state.backend.workers["llama"]
+    steps_before, rows_before = worker.continuous.steps, worker.continuous.rows_stepped
+
+    async def one(http, prompt):
+        body = {"model": "llama", "prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True}
+        events = (await http.post("/v1/completions", json=body)).text
+        return "".join(json.loads(line[6:])["choices"][0]["text"] for line in events.splitlines()
+                       if line.startswith("data: {"))
+
+    async def go():
+        async with client(app) as http:
+            return await asyncio.gather(*(one(http, p) for p in prompts))
+
+    texts = run(go())
+    for prompt, text in zip(prompts, texts):
+        assert text == pipe(prompt, max_new_tokens=10, return_full_text=False)[0]["generated_text"]
+    steps = worker.continuous.steps - steps_before
+    assert (worker.continuous.rows_stepped - rows_before) / steps > 1.5  # rows per decode step: shared

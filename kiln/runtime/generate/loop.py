@@ -43,6 +43,8 @@ class DecoderSession:
             raise InputError("This artifact is not a kiln decoder (no past_key_values inputs); export it with "
                              "--task text-generation.")
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
+        # layers whose cache a sliding window bounds (Gemma's local layers): their own past axis
+        self.windowed = [n for n in self.past_names if infos[n].shape[2] == "past_window"]
         # (batch, kv_heads, past_sequence, head_dim) per layer: a layer with pruned heads has fewer kv heads
         self._cache_shapes = {n: (int(infos[n].shape[1]), int(infos[n].shape[3]), np.dtype(infos[n].dtype))
                               for n in self.past_names}

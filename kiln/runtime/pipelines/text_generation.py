@@ -105,6 +105,13 @@ class TextGenerationPipeline(Pipeline):
                             for text in texts])
         return results
 
+    def request(self, item, **kwargs) -> tuple[np.ndarray, GenerationConfig]:
+        """One prompt (or chat) as a decode loop takes it: its token ids (special tokens added as a call adds them)
+        and the generation options of this call (``kiln.runtime.generate.continuous`` serves requests so)."""
+        pre, _, _, _ = self._params(kwargs)
+        prompts = self.preprocess([item], **pre)
+        return prompts.batch.input_ids[0][prompts.batch.attention_mask[0] == 1], prompts.config
+
     def completions(self, item, **kwargs) -> list[Completion]:
         """One prompt (or chat) -> a ``Completion`` per returned sequence: its new text and what a server reports
         with it (OpenAI's usage and finish_reason): the prompt's tokens, the tokens generated, and "stop" (an end
