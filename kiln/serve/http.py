@@ -193,6 +193,37 @@ def create_app(backend, limits: Limits = Limits()):
         vectors, _ = await backend.call(name, "embed", texts)
         return [[float(x) for x in v] for v in vectors]
 
+    @app.post("/rerank")
+    async def rerank(request: Request):  # text-embeddings-inference
+        body = await body_of(request)
+        name, _ = model_of(request, body)
+        query, texts = body.get("query"), body.get("texts")
+        if not isinstance(query, str) or not query:
+            raise bad("'query' must be a non-empty string.", "query")
+        texts = openai.embedding_inputs({"input": texts}, limits.max_batch_items)
+        ranked = await backend.call(name, "rerank", query, texts, bool(body.get("raw_scores")))
+        if body.get("return_text"):
+            ranked = [{**r, "text": texts[r["index"]]} for r in ranked]
+        return ranked
+
+    @app.post("/predict")
+    async def predict(request: Request):  # text-embeddings-inference
+        body = await body_of(request)
+        name, _ = model_of(request, body)
+        inputs = body.get("inputs")
+        single = isinstance(inputs, str) or (isinstance(inputs, list) and len(inputs) == 2 and
+                                             all(isinstance(x, str) for x in inputs) and body.get("pair") is True)
+        items = [inputs] if single else inputs
+        if not isinstance(items, list) or not items or not all(
+                isinstance(x, str) or (isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x))
+                for x in items):
+            raise bad("'inputs' must be a text, a list of texts, or a list of [text, pair] lists.", "inputs")
+        if len(items) > limits.max_batch_items:
+            raise bad(f"'inputs' has {len(items)} items; this server takes at most {limits.max_batch_items} per "
+                      "request (--max-batch-items).", "inputs")
+        results = await backend.call(name, "predict", items, bool(body.get("raw_scores")))
+        return results[0] if single else results
+
     async def generation(request: Request, chat: bool):
         body = await body_of(request)
         name, _ = model_of(request, body)

@@ -10,6 +10,9 @@ caches) runs one request at a time.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import logging
 import time
 from collections.abc import Iterator
@@ -26,6 +29,8 @@ from kiln.serve.openai import APIError, cut_at_stop
 log = logging.getLogger("kiln")
 EMBEDDING_TASKS = ("feature-extraction",)
 GENERATION_TASKS = ("text-generation",)
+MEDIA_TASKS = ("image-classification", "zero-shot-image-classification", "image-feature-extraction",
+               "automatic-speech-recognition")
 
 
 def api_error(err: KilnError) -> APIError:
@@ -147,6 +152,46 @@ class ModelWorker:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         yield {"finish_reason": reason or counts.get("finish_reason", "stop"), "usage": usage}
 
+    def _media(self, item):
+        if not (isinstance(item, dict) and set(item) == {"base64"} and isinstance(item["base64"], str)):
+            raise APIError(400, f"{self.task} takes images or audio as {{\"base64\": \"...\"}} objects (the file's "
+                                "bytes, base64-encoded); file paths are not read over HTTP.", param="inputs")
+        try:
+            data = base64.b64decode(item["base64"], validate=True)
+        except (ValueError, binascii.Error):
+            raise APIError(400, "An input's 'base64' is not valid base64.", param="inputs") from None
+        if self.task == "automatic-speech-recognition":
+            return data  # the pipeline decodes a file's bytes itself
+        from kiln.errors import require
+
+        image = require("PIL.Image", "vision", "Images over HTTP")
+        try:
+            return image.open(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - Pillow's many decode errors: one answer
+            raise APIError(400, "An input's bytes are not an image Pillow can read.", param="inputs") from None
+
+    def rerank(self, query: str, texts: list[str], raw_scores: bool) -> list[dict]:
+        """text-embeddings-inference's /rerank over a cross-encoder (a text-classification artifact with one
+        output): one score per text, the sigmoid of its logit unless ``raw_scores``, best first."""
+        if self.task != "text-classification" or len(self.pipe.id2label) != 1:
+            raise APIError(400, f"Model {self.name!r} is not a reranker: /rerank needs a text-classification "
+                                "artifact with one output (a cross-encoder).", param="model")
+        pairs = [{"text": query, "text_pair": t} for t in texts]
+        logits = np.array([r[0]["score"] for r in self._batched(pairs, top_k=None, function_to_apply="none")])
+        scores = logits if raw_scores else 1.0 / (1.0 + np.exp(-logits))
+        order = np.argsort(-scores, kind="stable")
+        return [{"index": int(i), "score": float(scores[i])} for i in order]
+
+    def predict(self, inputs, raw_scores: bool) -> list:
+        """text-embeddings-inference's /predict: every label with its score, best first, per input (a text or a
+        [text, pair])."""
+        if self.task != "text-classification":
+            raise APIError(400, f"Model {self.name!r} is a {self.task} model; /predict needs a text-classification "
+                                "artifact.", param="model")
+        items = [{"text": x[0], "text_pair": x[1]} if isinstance(x, list) else x for x in inputs]
+        options = {"top_k": None, **({"function_to_apply": "none"} if raw_scores else {})}
+        return self._batched(items, **options)
+
     def _continuous(self, options: dict) -> bool:
         return self.continuous is not None and options.get("num_return_sequences", 1) == 1 and \
             options.get("num_beams", 1) == 1 and not options.get("prompt_lookup_num_tokens")
@@ -178,7 +223,10 @@ class ModelWorker:
                                 "artifact.", param="model")
 
     def run_pipeline(self, inputs, options: dict):
-        """The pipeline's own output for ``inputs`` with ``options``: what ``kiln run`` prints."""
+        """The pipeline's own output for ``inputs`` with ``options``: what ``kiln run`` prints. Images and audio come
+        as {"base64": ...} objects (a string would be a path on the server: refused)."""
+        if self.task in MEDIA_TASKS:
+            inputs = [self._media(x) for x in inputs] if isinstance(inputs, list) else self._media(inputs)
         try:
             if self.batcher is not None and not isinstance(inputs, list):  # one input: gathered with others
                 return self._batched([inputs], **options)[0]

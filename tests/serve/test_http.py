@@ -238,3 +238,51 @@ def test_concurrent_streams_share_decode_steps(served):
         assert text == pipe(prompt, max_new_tokens=10, return_full_text=False)[0]["generated_text"]
     steps = worker.continuous.steps - steps_before
     assert (worker.continuous.rows_stepped - rows_before) / steps > 1.5  # rows per decode step: shared
+
+
+def test_rerank_predict_and_images(artifacts, vit_artifacts, tmp_path):
+    """text-embeddings-inference's /rerank over a one-output cross-encoder and /predict over a classifier; an image
+    as base64 through /v1/pipelines equals the pipeline on the same image; a path is not read."""
+    import io
+
+    from conftest import make_checkpoint
+    from PIL import Image
+
+    ckpt, _ = make_checkpoint(tmp_path / "ce", "bert", "text-classification", id2label={0: "LABEL_0"},
+                              label2id={"LABEL_0": 0})
+    reranker = tmp_path / "reranker"
+    kiln.export(str(ckpt), reranker, task="text-classification", batch="1:8", seq="1:64")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    app = asgi_app({"ce": reranker, "sst": artifacts("bert", "text-classification"),
+                    "vit": vit_artifacts("image-classification")})
+
+    async def go():
+        async with client(app) as http:
+            ranked = (await http.post("/rerank", json={"model": "ce", "query": "paris", "texts": TEXTS,
+                                                       "return_text": True})).json()
+            predicted = (await http.post("/predict", json={"model": "sst", "inputs": [TEXTS[0], [TEXTS[0], "a"]]})).json()
+            not_reranker = await http.post("/rerank", json={"model": "sst", "query": "x", "texts": ["y"]})
+            vision = (await http.post("/v1/pipelines/vit", json={
+                "inputs": {"base64": base64.b64encode(png.getvalue()).decode()}, "top_k": 2})).json()
+            path = await http.post("/v1/pipelines/vit", json={"inputs": "/etc/passwd"})
+            return ranked, predicted, not_reranker, vision, path
+
+    try:
+        ranked, predicted, not_reranker, vision, path = run(go())
+    finally:
+        app.state.backend.close()
+    logits = [r[0]["score"] for r in kiln.pipeline("text-classification", reranker)(
+        [{"text": "paris", "text_pair": t} for t in TEXTS], top_k=None, function_to_apply="none")]
+    want = sorted(((i, 1 / (1 + np.exp(-x))) for i, x in enumerate(logits)), key=lambda p: -p[1])
+    assert [r["index"] for r in ranked] == [i for i, _ in want]
+    np.testing.assert_allclose([r["score"] for r in ranked], [s for _, s in want], atol=1e-5)
+    assert ranked[0]["text"] == TEXTS[want[0][0]]
+    sst = kiln.pipeline("text-classification", artifacts("bert", "text-classification"))
+    assert predicted == json.loads(json.dumps([sst(TEXTS[0], top_k=None),
+                                               sst({"text": TEXTS[0], "text_pair": "a"}, top_k=None)]))
+    assert not_reranker.status_code == 400 and "not a reranker" in not_reranker.json()["error"]["message"]
+    assert vision["output"] == json.loads(json.dumps(kiln.pipeline("image-classification",
+                                                                   vit_artifacts("image-classification"))(image, top_k=2)))
+    assert path.status_code == 400 and "not read over HTTP" in path.json()["error"]["message"]
