@@ -355,3 +355,32 @@ def pytest_runtest_setup(item):
             pytest.skip("needs an NVIDIA GPU (torch.cuda.is_available() is False)")
         if os.environ.get("TRITON_INTERPRET") == "1":
             pytest.skip("TRITON_INTERPRET=1: gpu tests need the compiled kernel")
+
+
+# DINOv2: config image_size 40 (a 5x5 position grid) but the processor crops 32 (4x4), so the position embeddings are
+# interpolated, as facebook/dinov2-* (518 in config.json, crop 224).
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=40, patch_size=8,
+                   layerscale_value=0.5)
+
+
+def make_dinov2_checkpoint(path, task: str = "feature-extraction", seed: int = 0, **config_overrides):
+    """Save a tiny random DINOv2 (Dinov2Model, or Dinov2ForImageClassification) with every weight perturbed, and
+    its image processor configured as facebook/dinov2-*'s (BitImageProcessor: shortest edge, bicubic, center crop)
+    at small sizes, into ``path``; returns (path, transformers model)."""
+    import torch
+    import transformers
+
+    config = dict(TINY_DINOV2, id2label=dict(enumerate(VIT_LABELS)),
+                  label2id={label: i for i, label in enumerate(VIT_LABELS)})
+    config.update(config_overrides)
+    torch.manual_seed(seed)
+    cls = transformers.Dinov2ForImageClassification if task == "image-classification" else transformers.Dinov2Model
+    model = cls(transformers.Dinov2Config(**config))
+    with torch.no_grad():  # init leaves norms at identity, biases at 0, layer scales equal: perturb them all
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(path)
+    transformers.BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                                      ).save_pretrained(path)
+    return path, model

@@ -283,6 +283,10 @@ def load_reference(source: Source, opts: ExportOptions):
     if hasattr(reference, "use_generation_config") and generation.is_file():  # Whisper's alignment heads
         reference.use_generation_config(hub.read_json(generation, "Restore it from the original checkpoint.",
                                                       error=ConfigError))
+    processor = source.checkpoint.path / "preprocessor_config.json"
+    if hasattr(reference, "use_preprocessor_config") and processor.is_file():  # DINOv2: exported at the crop size
+        reference.use_preprocessor_config(hub.read_json(processor, "Restore it from the original checkpoint.",
+                                                        error=ConfigError))
     try:
         ranges = {"batch": AxisRange.parse(opts.batch, None, "batch"), "seq": AxisRange.parse(opts.seq, None, "seq")}
         spec = spec_for(source.arch.spec, reference, opts.task, **ranges, hidden_states=opts.output_hidden_states,

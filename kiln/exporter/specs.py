@@ -188,11 +188,12 @@ def image_feed(channels: int, height: int, width: int):
 def vit_spec(model, task: str, batch: AxisRange | None = None, seq: AxisRange | None = None,
              hidden_states: bool = False, attentions: bool = False) -> ExportSpec:
     config = model.config
+    size = getattr(config, "input_size", config.image_size)  # DINOv2 runs at its image processor's size, not image_size
     if seq is not None:
         raise ValueError(f"--seq does not apply to ViT: its sequence is fixed at {config.sequence_length} tokens by "
-                         f"image_size {list(config.image_size)} and patch_size {list(config.patch_size)}. "
+                         f"image size {list(size)} and patch_size {list(config.patch_size)}. "
                          "Leave --seq out.")
-    B, (Hi, Wi), T, C = "batch", config.image_size, config.sequence_length, config.hidden_size
+    B, (Hi, Wi), T, C = "batch", size, config.sequence_length, config.hidden_size
     inputs = [TensorSpec("pixel_values", "float32", (B, config.num_channels, Hi, Wi))]  # only the batch is dynamic
     has_pooler = getattr(model, "pooler", None) is not None
     pooled = [TensorSpec("pooler_output", "float32", (B, config.pooler_size))] if has_pooler else []

@@ -185,6 +185,18 @@ def test_each_tower_embeds_alone(exported, family, tmp_path):
     np.testing.assert_allclose(raw[0] / np.linalg.norm(raw[0]), want[0], atol=1e-5)
     with pytest.raises(InputError, match="pooling applies to token vectors"):
         kiln.pipeline("feature-extraction", out)(texts, pooling="mean")
+    from PIL import Image
+
+    pictures = images(tmp_path)
+    with torch.no_grad():
+        pixels = processor.image_processor(images=[Image.open(p) for p in pictures], return_tensors="pt")
+        want = model.get_image_features(pixel_values=pixels["pixel_values"])
+        want = getattr(want, "pooler_output", want)
+    want = torch.nn.functional.normalize(want, dim=-1).numpy()
+    got = np.array(kiln.pipeline("image-feature-extraction", out)(pictures))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(InputError, match="pool does not apply"):
+        kiln.pipeline("image-feature-extraction", out)(pictures, pool=True)
 
 
 def test_int8_is_gated_on_both_towers(exported, tmp_path):

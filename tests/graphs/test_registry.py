@@ -17,7 +17,7 @@ from kiln.graphs import registry
 
 def test_every_family_is_a_record_with_what_it_names():
     families = {arch.family: arch for arch in registry.architectures()}
-    assert set(families) == {"bert", "clip", "deberta_v2", "gemma", "gpt2", "llama", "modernbert", "siglip", "vit", "whisper"}
+    assert set(families) == {"bert", "clip", "deberta_v2", "dinov2", "gemma", "gpt2", "llama", "modernbert", "siglip", "vit", "whisper"}
     model_types = [m for arch in families.values() for m in arch.variants]
     assert len(model_types) == len(set(model_types))  # a model type belongs to one family
     for arch in families.values():
@@ -30,7 +30,7 @@ def test_every_family_is_a_record_with_what_it_names():
 
 
 def test_lookups_name_what_is_supported():
-    with pytest.raises(ConfigError, match="model_type 't5' is not supported by kiln yet.*bert, camembert, clip, deberta-v2, distilbert"):
+    with pytest.raises(ConfigError, match="model_type 't5' is not supported by kiln yet.*bert, camembert, clip, deberta-v2, dinov2, distilbert"):
         registry.architecture({"model_type": "t5"})
     with pytest.raises(ConfigError, match="has no 'model_type'"):
         registry.architecture({})

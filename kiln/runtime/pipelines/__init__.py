@@ -31,7 +31,11 @@ def pipeline_class(task: str):
 def pipeline(task: str | None, artifact, **kwargs):
     """``task`` None: the one the artifact was exported for."""
     if task is None:
-        task = load_manifest(artifact)["task"]
+        manifest = load_manifest(artifact)
+        task = manifest["task"]
+        # a vision encoder's feature-extraction artifact: its pipeline is the image one
+        if task == "feature-extraction" and any(i.get("name") == "pixel_values" for i in manifest.get("inputs", [])):
+            task = "image-feature-extraction"
     return pipeline_class(task)(artifact, **kwargs)
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.errors import ArtifactError, InputError
-from kiln.runtime.image_processor import FILE, ImageProcessor
+from kiln.errors import ArtifactError
 from kiln.runtime.pipelines.base import Pipeline, check_int, given
+from kiln.runtime.pipelines.images import ImageInputs, pixel_shape
 from kiln.runtime.scores import apply_function, check_function
 
 DEFAULT_TOP_K = 5
 
 
-class ImageClassificationPipeline(Pipeline):
+class ImageClassificationPipeline(ImageInputs, Pipeline):
     """Inputs: a file path (str or pathlib.Path), a PIL image, a numpy array, or a list of those (see
     ``kiln.runtime.image_processor`` for what each may hold). Returns per image the ``top_k`` best labels
     ``[{"label", "score"}, ...]``, best first; a list of such lists for a list input.
@@ -29,11 +29,10 @@ class ImageClassificationPipeline(Pipeline):
         self.problem_type = self.config.get("problem_type")
 
     def load_preprocessor(self) -> None:
-        self.image_processor = ImageProcessor.from_dir(self.path)
-        pixel_values = next((i for i in self.engine.inputs() if i.name == "pixel_values"), None)
-        if pixel_values is None:
+        shape = pixel_shape(self.engine.inputs())
+        if shape is None:
             raise ArtifactError(f"{self.path} has no 'pixel_values' input; it is not an image model. Re-export it.")
-        self.image_shape = tuple(pixel_values.shape[1:])  # (Ch, H, W), fixed at export
+        self.load_images(shape)
 
     def _sanitize_parameters(self, top_k=None, function_to_apply=None):
         # top_k=None means the default (5), as in transformers
@@ -43,20 +42,8 @@ class ImageClassificationPipeline(Pipeline):
             function_to_apply = check_function(function_to_apply)
         return {}, {}, given(top_k=top_k, function_to_apply=function_to_apply)
 
-    def _items(self, inputs) -> tuple[bool, list]:
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise InputError("The input list is empty; give at least one image.")
-            return False, list(inputs)
-        return True, [inputs]
-
     def preprocess(self, items):
-        batch = self.image_processor(items)
-        if batch.pixel_values.shape[1:] != self.image_shape:
-            raise InputError(f"{FILE} makes images of shape {batch.pixel_values.shape[1:]} (Ch, H, W) but the model "
-                             f"takes {self.image_shape}. Set 'size' (or 'crop_size') there to the model's image size "
-                             "and re-export.")
-        return batch
+        return self.images(items)
 
     def postprocess(self, model_inputs, outputs, top_k=DEFAULT_TOP_K, function_to_apply=None):
         logits = outputs["logits"].astype(np.float32)  # (B, num_labels)

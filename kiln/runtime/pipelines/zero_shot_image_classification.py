@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from kiln.errors import InputError
 from kiln.runtime.dual_encoder import DualEncoder, check_template
-from kiln.runtime.image_processor import ImageProcessor
 from kiln.runtime.pipelines.base import Pipeline
+from kiln.runtime.pipelines.images import ImageInputs, pixel_shape
 from kiln.runtime.pipelines.zero_shot_classification import parse_labels
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
 
-class ZeroShotImageClassificationPipeline(Pipeline):
+class ZeroShotImageClassificationPipeline(ImageInputs, Pipeline):
     """Inputs: an image (path, PIL image, numpy array) or a list of them, with ``candidate_labels`` (also the second
     positional argument). Returns per image ``[{"score", "label"}, ...]``, best first."""
 
@@ -23,7 +23,7 @@ class ZeroShotImageClassificationPipeline(Pipeline):
 
     def load_preprocessor(self) -> None:
         super().load_preprocessor()  # the tokenizer, for the prompts
-        self.image_processor = ImageProcessor.from_dir(self.path)
+        self.load_images(pixel_shape(self.manifest["vision"]["inputs"]))
 
     def setup(self) -> None:
         self.towers = DualEncoder(self.path, self.manifest, self.engine, self.tokenizer,
@@ -44,18 +44,11 @@ class ZeroShotImageClassificationPipeline(Pipeline):
             pre["hypothesis_template"] = check_template(hypothesis_template, DEFAULT_TEMPLATE)
         return pre, {}, {}
 
-    def _items(self, inputs) -> tuple[bool, list]:
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise InputError("The input list is empty; give at least one image.")
-            return False, list(inputs)
-        return True, [inputs]
-
     def preprocess(self, items, candidate_labels=None, hypothesis_template: str = DEFAULT_TEMPLATE):
         if candidate_labels is None:
             raise InputError("zero-shot-image-classification needs candidate_labels, e.g. "
                              "classifier(image, candidate_labels=['cat', 'dog']).")
-        return self.image_processor(items), candidate_labels, hypothesis_template
+        return self.images(items), candidate_labels, hypothesis_template
 
     def forward(self, model_inputs, batch_size: int, head_mask=None) -> dict:
         if head_mask is not None:
