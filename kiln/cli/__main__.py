@@ -16,10 +16,11 @@ from kiln.cli import prune as prune_cmd
 from kiln.cli import push as push_cmd
 from kiln.cli import run as run_cmd
 from kiln.cli import serve as serve_cmd
+from kiln.cli import triton as triton_cmd
 from kiln.errors import KilnError, ValidationError
 
 COMMANDS = {"export": export_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "inspect": inspect_cmd,
-            "prune": prune_cmd, "push": push_cmd, "serve": serve_cmd,
+            "prune": prune_cmd, "push": push_cmd, "serve": serve_cmd, "triton": triton_cmd,
             "embed": embed_cmd}
 
 
