@@ -141,8 +141,25 @@ class CLIPTextConfig:
                               f"sequence at its EOS token. Got {self.eos_token_id!r}.")
 
 
+class PatchGrid:
+    """The sizes a vision tower's config derives (CLIP's and SigLIP's): head width, patch grid, patch count."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches per column and per row; the strided conv drops any remainder, as transformers does."""
+        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
 @dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(PatchGrid):
     """The vision tower (transformers' CLIPVisionConfig defaults). transformers itself takes square images only
     (an int image_size); kiln reads a [height, width] pair as well."""
 
@@ -158,18 +175,6 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patches per column and per row; the strided conv drops any remainder, as transformers does."""
-        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def sequence_length(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from kiln.errors import ConfigError
-from kiln.graphs.clip.config import named_fields, read_section, validate_text, validate_vision, vision_dict
+from kiln.graphs.clip.config import PatchGrid, named_fields, read_section, validate_text, validate_vision, vision_dict
 from kiln.graphs.config_fields import check_sizes
 from kiln.graphs.registry import Variant
 
@@ -55,7 +55,7 @@ class SiglipTextConfig:
 
 
 @dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(PatchGrid):
     """The vision tower (transformers' SiglipVisionConfig defaults). No class token: one position per patch."""
 
     SECTION: ClassVar[str] = "vision_config"
@@ -71,18 +71,6 @@ class SiglipVisionConfig:
     layer_norm_eps: float = 1e-6
     vision_use_head: bool = True  # the attention-pooling head; SiglipModel needs it
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patches per column and per row; the strided conv drops any remainder, as transformers does."""
-        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def sequence_length(self) -> int:
