@@ -172,7 +172,7 @@ def dual_encoder_accuracy(runners: dict, specs: dict, graphs: dict, directory: P
     gates = {"text_mean_cosine": GATES["mean_cosine"], "image_mean_cosine": GATES["mean_cosine"]}
     return {"mean_cosine": min(text_cos, image_cos), "gate": GATES["mean_cosine"],
             "passed": text_cos >= gates["text_mean_cosine"] and image_cos >= gates["image_mean_cosine"],
-            "inputs": len(SENTENCES), "text_mean_cosine": text_cos, "image_mean_cosine": image_cos,
+            "inputs": len(next(iter(text_feed.values()))), "text_mean_cosine": text_cos, "image_mean_cosine": image_cos,
             "zero_shot_top1_agreement": agreement, "gates": gates,
             "measured_on": f"SENTENCES (text), {len(image_feed['pixel_values'])} synthetic images (vision); top-1: "
                            "each image's best sentence"}
@@ -407,7 +407,8 @@ def accuracy(reference, spec, onnx_path: Path, tokenizer_dir: Path) -> dict:
     metric, value = check.accuracy_name, float(values.mean())
     # The gate is on the mean over the sentences (how embedding quality is usually reported); the worst is kept.
     extra = {"min_cosine": float(values.min())} if check.worst else {}
-    return {metric: value, "gate": GATES[metric], "passed": value >= GATES[metric], "inputs": len(SENTENCES), **extra}
+    rows = len(next(iter(feed.values())))  # SENTENCES, or random token rows when the artifact has no tokenizer
+    return {metric: value, "gate": GATES[metric], "passed": value >= GATES[metric], "inputs": rows, **extra}
 
 
 def gate_feed(spec, tokenizer_dir: Path) -> dict:
