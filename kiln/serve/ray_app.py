@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from kiln.serve.http import create_app
 from kiln.serve.openai import APIError
@@ -20,6 +21,13 @@ from kiln.serve.openai import APIError
 
 def _error(err: APIError) -> tuple:
     return ("error", err.status, err.body())
+
+
+def _replica_lost(name: str, err: Exception) -> APIError:
+    """A replica that died under a request (killed, out of memory): Ray Serve restarts it; this request is answered
+    503 so that the client retries, instead of a 500 or a hang."""
+    return APIError(503, f"The replica serving {name!r} stopped during this request ({type(err).__name__}); Ray "
+                         "Serve restarts it. Retry the request.", type="server_error", code="replica_unavailable")
 
 
 def _raise(status: int, body: dict):
@@ -57,7 +65,10 @@ class RayBackend:
         return self.infos
 
     async def call(self, name: str, method: str, *args):
-        kind, *value = await self.handles[name].call.remote(method, *args)
+        try:
+            kind, *value = await self.handles[name].call.remote(method, *args)
+        except (RayActorError, ActorUnavailableError) as err:
+            raise _replica_lost(name, err) from None
         if kind == "error":
             _raise(*value)
         return value[0]
@@ -69,6 +80,8 @@ class RayBackend:
                 if "error" in item:
                     _raise(*item["error"][1:])
                 yield item
+        except (RayActorError, ActorUnavailableError) as err:
+            raise _replica_lost(name, err) from None
         finally:  # the client went away, or the stream ended: stop the replica's generation
             generator.cancel()
 

@@ -96,3 +96,29 @@ def test_map_batches_and_kiln_embed(ray_serve, artifacts, tmp_path, capsys):
     assert main(["embed", str(artifact), str(source), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.count("exists: skipped") == 2
     assert main(["embed", str(artifacts("bert", "text-classification")), str(source), str(tmp_path / "x")]) != 0
+
+
+def test_a_killed_replica_is_restarted_and_requests_get_answers(ray_serve, artifacts):
+    """Kill the model's replica while requests come: every request is answered (200, or 503 asking to retry, never a
+    hang or a traceback), and requests succeed again once Ray Serve has restarted it."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    serve.run(app({"minilm": str(artifacts("bert", "feature-extraction"))}, ServeOptions(threads=1)), name="kiln",
+              route_prefix="/")
+    url = f"http://127.0.0.1:{ray_serve}/v1/embeddings"
+    body = {"model": "minilm", "input": ["the river runs through paris"]}
+    assert httpx.post(url, json=body, timeout=60).status_code == 200
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "model-minilm" in a["name"])
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    codes, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline and 200 not in codes:  # until the restarted replica answers
+        response = httpx.post(url, json=body, timeout=60)
+        codes.append(response.status_code)
+        if response.status_code != 200:
+            assert response.status_code == 503 and "Retry" in response.json()["error"]["message"], response.text
+            time.sleep(0.2)
+    assert codes[-1] == 200, codes
+    serve.delete("kiln")
