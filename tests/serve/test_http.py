@@ -236,8 +236,8 @@ def test_concurrent_streams_share_decode_steps(served):
     texts = run(go())
     for prompt, text in zip(prompts, texts):
         assert text == pipe(prompt, max_new_tokens=10, return_full_text=False)[0]["generated_text"]
-    steps = worker.continuous.steps - steps_before
-    assert (worker.continuous.rows_stepped - rows_before) / steps > 1.5  # rows per decode step: shared
+    # at least one decode step carried several requests (how many depends on when they arrived)
+    assert worker.continuous.rows_stepped - rows_before > worker.continuous.steps - steps_before
 
 
 def test_rerank_predict_and_images(artifacts, vit_artifacts, tmp_path):

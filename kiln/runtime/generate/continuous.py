@@ -96,7 +96,9 @@ class ContinuousBatcher:
     """A worker thread that runs one decode loop for every request submitted (``submit``), at most ``max_batch``
     rows at a time (the rest wait, and join as rows leave)."""
 
-    def __init__(self, session: DecoderSession, *, max_batch: int = 8, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, session: DecoderSession, *, max_batch: int = 8, decode: Callable[[list[int]], str] | None = None,
+                 start: bool = True):
+        """``start=False``: requests queue until ``start()`` (a caller that submits several before the loop runs)."""
         why = supports(session)
         if why:
             raise InputError(f"This artifact cannot be batched continuously: {why}. Run its requests one at a time.")
@@ -108,7 +110,12 @@ class ContinuousBatcher:
         self.steps = 0  # decode steps run, and the rows they carried: how much requests shared
         self.rows_stepped = 0
         self._thread = threading.Thread(target=self._loop, name="kiln-continuous-batching", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
+        if self._thread.ident is None:  # never started (a thread starts once)
+            self._thread.start()
 
     def submit(self, input_ids, config: GenerationConfig) -> Generation:
         """Queue one prompt (token ids, special tokens included) for generation with ``config``."""
@@ -127,6 +134,7 @@ class ContinuousBatcher:
     def close(self) -> None:
         self._closed.set()
         self._waiting.put(None)
+        self.start()  # a loop never started still answers what was queued, then ends
         self._thread.join()
 
     # ------------------------------------------------------------------------------------------------- the loop
