@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def add_parser(sub):
@@ -27,7 +28,7 @@ def run(args) -> int:
 
     from kiln.serve.data import embed_files, input_files
 
-    input_files(__import__("pathlib").Path(args.source))  # a missing input fails before Ray starts
+    input_files(Path(args.source))  # a missing input fails before Ray starts
     address = args.address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,

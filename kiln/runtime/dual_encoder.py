@@ -15,14 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import ArtifactError, InputError
+from kiln.errors import ArtifactError
 from kiln.runtime.engines import open_engine
+from kiln.runtime.scores import normalize_rows, sigmoid, softmax
 
 CACHED_LABEL_SETS = 32  # text embeddings kept per (labels, template): services ask the same labels again and again
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def is_dual_encoder(manifest: dict) -> bool:
@@ -72,14 +69,14 @@ class DualEncoder:
                                   k == "input_ids" else 0) for k, v in feed.items()}
             rows.append(self.text_engine.run(feed)["text_embeds"])
         embeddings = np.concatenate(rows).astype(np.float32)
-        return normalize(embeddings) if normalized else embeddings
+        return normalize_rows(embeddings) if normalized else embeddings
 
     def image_embeddings(self, pixel_values: np.ndarray, batch_size: int, normalized: bool = True) -> np.ndarray:
         engine = self.vision_engine
         rows = [engine.run({"pixel_values": pixel_values[i:i + batch_size]})["image_embeds"]
                 for i in range(0, len(pixel_values), batch_size)]
         embeddings = np.concatenate(rows).astype(np.float32)
-        return normalize(embeddings) if normalized else embeddings
+        return normalize_rows(embeddings) if normalized else embeddings
 
     def label_embeddings(self, labels: list[str], template: str, batch_size: int) -> np.ndarray:
         """The prompts' normalized embeddings, cached per (labels, template)."""
@@ -99,19 +96,8 @@ class DualEncoder:
     def scores(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
         """(N images, M texts) scores from normalized embeddings: softmax over the texts (CLIP) or a sigmoid each."""
         logits = self.logit_scale * (images @ texts.T) + (self.logit_bias or 0.0)
-        if self.function == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-logits))
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(axis=-1, keepdims=True)
+        return sigmoid(logits) if self.function == "sigmoid" else softmax(logits)
 
     def close(self) -> None:
         if self._vision is not None:
             self._vision.close()
-
-
-def check_template(template, example: str) -> str:
-    if not isinstance(template, str) or template.format("x") == template:
-        raise InputError(f"hypothesis_template {template!r:.100} has no place for the label: it must contain {{}}, "
-                         f"e.g. {example!r}.")
-    return template

@@ -19,6 +19,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def default_function(problem_type: str | None, num_labels: int) -> str:
     """What a classifier's logits become by default, by config.json's ``problem_type``: transformers' rule for text
     and image classification alike (regression: the raw values; multi-label or a single label: sigmoid)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.artifact import load_manifest
 from kiln.errors import InputError
 
 
@@ -45,8 +46,6 @@ def map_batches(dataset, artifact, task: str | None = None, *, column: str = "te
                 threads: int | None = 1, concurrency: int = 1, batch_size: int = 32, **options):
     """``dataset`` (a ray.data.Dataset) with ``output_column`` (default: the task's name, e.g. "embedding") holding
     ``kiln.pipeline(task, artifact)(row[column], **options)`` for every row. Lazy, as Ray Data is."""
-    from kiln.artifact import load_manifest
-
     if not isinstance(concurrency, int) or concurrency < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError("concurrency and batch_size must be positive integers.")
     task = task or load_manifest(artifact)["task"]
@@ -80,8 +79,6 @@ def embed_files(artifact, source, target, *, column: str = "text", threads: int 
     source, target = Path(source), Path(target)
     files = input_files(source)
     outputs = [target if source.is_file() else target / f.relative_to(source) for f in files]
-    from kiln.artifact import load_manifest
-
     task = load_manifest(artifact)["task"]
     if task not in ("feature-extraction", "zero-shot-image-classification"):
         raise InputError(f"{artifact} is a {task} artifact; embeddings need a feature-extraction one (or CLIP/SigLIP).")

@@ -6,8 +6,8 @@ import numpy as np
 
 from kiln.errors import InputError
 from kiln.runtime.dual_encoder import DualEncoder
-from kiln.runtime.dual_encoder import normalize as normalize_rows
 from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import normalize_rows
 
 POOLINGS = (None, "mean", "cls")
 
@@ -74,6 +74,6 @@ class FeatureExtractionPipeline(Pipeline):
             else:
                 pooled = hidden[:, 0]  # (B, C), first token (CLS)
             if normalize:
-                pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+                pooled = normalize_rows(pooled)
             rows = list(pooled)
         return [r if return_tensors else r.tolist() for r in rows]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.dual_encoder import DualEncoder, is_dual_encoder
-from kiln.runtime.dual_encoder import normalize as normalize_rows
 from kiln.runtime.pipelines.base import Pipeline, given
 from kiln.runtime.pipelines.images import ImageInputs, pixel_shape
+from kiln.runtime.scores import normalize_rows
 
 
 class ImageFeatureExtractionPipeline(ImageInputs, Pipeline):

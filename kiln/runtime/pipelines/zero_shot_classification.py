@@ -9,6 +9,7 @@ import numpy as np
 
 from kiln.errors import ArtifactError, InputError
 from kiln.runtime.pipelines.base import Pipeline, given
+from kiln.runtime.scores import softmax
 
 DEFAULT_TEMPLATE = "This example is {}."
 
@@ -23,19 +24,26 @@ def parse_labels(labels) -> list[str]:
     return list(labels)
 
 
-def check_template(template) -> str:
+def check_template(template, example: str = DEFAULT_TEMPLATE) -> str:
     if not isinstance(template, str) or template.format("x") == template:
         raise InputError(f"hypothesis_template {template!r:.100} has no place for the label: it must contain {{}}, "
-                         f"e.g. {DEFAULT_TEMPLATE!r}.")
+                         f"e.g. {example!r}.")
     return template
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+class CandidateLabels:
+    """Mixed into the zero-shot pipelines: ``candidate_labels`` may also be the second positional argument, as in
+    transformers."""
+
+    def __call__(self, inputs, *args, **kwargs):
+        if len(args) > 1 or (args and "candidate_labels" in kwargs):
+            raise InputError("Give candidate_labels once: as the second argument or as candidate_labels=.")
+        if args:
+            kwargs["candidate_labels"] = args[0]
+        return super().__call__(inputs, **kwargs)
 
 
-class ZeroShotClassificationPipeline(Pipeline):
+class ZeroShotClassificationPipeline(CandidateLabels, Pipeline):
     """Inputs: a string or a list of strings, with ``candidate_labels`` (also the second positional argument).
     Returns ``{"sequence", "labels", "scores"}`` per string, labels sorted by score. ``multi_label=True`` scores each
     label on its own (entailment against contradiction) instead of one softmax over the labels."""
@@ -53,13 +61,6 @@ class ZeroShotClassificationPipeline(Pipeline):
         self.entailment_id = found[0]
         # The other side of multi-label scoring: transformers takes label 0, or the last when entailment is 0.
         self.contradiction_id = len(labels) - 1 if self.entailment_id == 0 else 0
-
-    def __call__(self, inputs, *args, **kwargs):
-        if len(args) > 1 or (args and "candidate_labels" in kwargs):
-            raise InputError("Give candidate_labels once: as the second argument or as candidate_labels=.")
-        if args:
-            kwargs["candidate_labels"] = args[0]
-        return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, candidate_labels=None, hypothesis_template=None, multi_label=None,
                              truncation=None):

@@ -7,15 +7,15 @@ same labels runs only the vision tower."""
 from __future__ import annotations
 
 from kiln.errors import InputError
-from kiln.runtime.dual_encoder import DualEncoder, check_template
+from kiln.runtime.dual_encoder import DualEncoder
 from kiln.runtime.pipelines.base import Pipeline
 from kiln.runtime.pipelines.images import ImageInputs, pixel_shape
-from kiln.runtime.pipelines.zero_shot_classification import parse_labels
+from kiln.runtime.pipelines.zero_shot_classification import CandidateLabels, check_template, parse_labels
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
 
-class ZeroShotImageClassificationPipeline(ImageInputs, Pipeline):
+class ZeroShotImageClassificationPipeline(CandidateLabels, ImageInputs, Pipeline):
     """Inputs: an image (path, PIL image, numpy array) or a list of them, with ``candidate_labels`` (also the second
     positional argument). Returns per image ``[{"score", "label"}, ...]``, best first."""
 
@@ -28,13 +28,6 @@ class ZeroShotImageClassificationPipeline(ImageInputs, Pipeline):
     def setup(self) -> None:
         self.towers = DualEncoder(self.path, self.manifest, self.engine, self.tokenizer,
                                   device=self._open["device"], threads=self._open["threads"])
-
-    def __call__(self, inputs, *args, **kwargs):
-        if len(args) > 1 or (args and "candidate_labels" in kwargs):
-            raise InputError("Give candidate_labels once: as the second argument or as candidate_labels=.")
-        if args:
-            kwargs["candidate_labels"] = args[0]
-        return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, candidate_labels=None, hypothesis_template=None):
         pre = {}
