@@ -205,8 +205,9 @@ def _lower(artifact: Path, manifest: dict, tmp: Path, version: str, aot: bool | 
     from kiln.exporter.plan import tensorrt_passes
     from kiln.kernels.attention.trt_plugin import DOMAIN, PLUGIN_NAME, supports_plugin, tensorrt_version
 
-    form = (manifest.get("attention") or {}).get("form", "onnx")
-    steps = tensorrt_passes(form, plan.precision if plan is not None and plan.graph_pass else None)
+    attention = manifest.get("attention") or {}
+    half = plan.precision if plan is not None and plan.graph_pass else None
+    steps = tensorrt_passes(attention.get("form", "onnx"), half, cache=attention.get("cache", "concat"))
     source = artifact_file(artifact, manifest["model"])
     model = ir.load(str(source))
     results = passes.run(model, steps, aot=aot, sliding_window=_sliding_window(artifact),

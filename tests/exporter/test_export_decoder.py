@@ -1,6 +1,6 @@
-"""The LLaMA family's one-graph decoder export: one Attention node per layer, Optimum's input/output names, and in
-onnxruntime a run with the KV cache equals a run without it, for grouped-query (Llama, 2 kv heads) and multi-query
-(Qwen2, 1 kv head) attention."""
+"""The LLaMA family's one-graph decoder export: the KV cache written in place (or one Attention node per layer, with
+--attention onnx), Optimum's input/output names, and in onnxruntime a run with the KV cache equals a run without it,
+for grouped-query (Llama, 2 kv heads) and multi-query (Qwen2, 1 kv head) attention."""
 
 from __future__ import annotations
 
@@ -52,42 +52,50 @@ def left_padded(lengths, T: int, seed: int = 0):
     return ids, mask, np.clip(mask.cumsum(-1) - 1, 0, None)
 
 
-def ort_feed(ids, mask, pos, kv_heads: int, past: dict | None = None) -> dict:
-    """A graph feed; with ``past`` (a previous run's outputs) its presents become the past, else the past is empty."""
+def ort_feed(ids, mask, pos, kv_heads: int, past: dict | None = None, capacity: int = 0) -> dict:
+    """A graph feed; with ``past`` (a previous run's outputs) its presents become the past, else the past is empty
+    (for onnxruntime's own session.run on an in-place graph: a buffer of ``capacity`` positions)."""
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     for i in range(LAYERS):
         for kind in ("key", "value"):
-            empty = np.zeros((ids.shape[0], kv_heads, 0, DIM), np.float32)  # (B, Hkv, P=0, D)
+            empty = np.zeros((ids.shape[0], kv_heads, capacity, DIM), np.float32)  # (B, Hkv, P=0, D)
             feed[f"past_key_values.{i}.{kind}"] = past[f"present.{i}.{kind}"] if past else empty
     return feed
 
 
-def test_graph_has_one_attention_node_per_layer_and_optimum_names(exported):
+def test_graph_writes_the_cache_in_place_with_optimum_names(exported):
     artifact, _, kv_heads = exported
     assert load_manifest(artifact)["validation"]["passed"]
-    graph = onnx.load(str(artifact / "model.onnx")).graph
+    model = onnx.load(str(artifact / "model.onnx"))
+    graph = model.graph
     counts = Counter(n.op_type for n in graph.node)
-    assert counts["Attention"] == LAYERS
+    # Each layer's attention: its keys and values written into the cache buffers (TensorScatter), each key head's
+    # queries folded into one FusedMatMul over the buffer, Softmax, MatMul (passes/cache_in_place.py).
+    assert counts["Attention"] == 0 and counts["TensorScatter"] == 2 * LAYERS
+    assert counts["FusedMatMul"] == counts["Softmax"] == LAYERS
+    assert {o.domain: o.version for o in model.opset_import}[""] >= 24
+    assert load_manifest(artifact)["attention"]["cache"] == "in-place"
     # RoPE as one standard RotaryEmbedding per query and key tensor (passes/rotary.py), nothing of rotate_half left.
     assert counts["RotaryEmbedding"] == 2 * LAYERS
     assert [n.name for n in graph.node if n.op_type == "Neg"] == ["logits_to_keep_neg"]  # none from rotate_half
     assert load_manifest(artifact)["attention"]["rotary_nodes"] == 2 * LAYERS
-    # Attention and RoPE take (B, T, C) straight from the projections (decoder_3d): no Reshape/Transpose is left,
-    # but for Qwen3's per-head q/k norms, which keep a (free) Reshape to (B, T, H, D) and back around them.
+    # RoPE takes (B, T, C) straight from the projections (decoder_3d); the in-place attention splits heads itself
+    # (four Transposes a layer, of one row at a decode step). Qwen3's per-head q/k norms keep a (free) Reshape to
+    # (B, T, H, D) and back around them.
     qk_norms = counts["RMSNormalization"] - (2 * LAYERS + 1)
-    assert counts["Transpose"] == 0 and counts["Reshape"] == 2 * qk_norms
+    assert counts["Transpose"] == 4 * LAYERS and counts["Reshape"] == 8 * LAYERS + 2 * qk_norms
     assert qk_norms == (2 * LAYERS if "qwen3" in artifact.parent.name else 0)
     assert load_manifest(artifact)["attention"]["form"] == "onnx-3d"
-    # q/k/v and gate/up read one activation each: one packed MatMul and a Split apiece (passes/pack.py).
-    assert counts["MatMul"] == 4 * LAYERS + 1 and counts["Split"] == 2 * LAYERS
-    attention = next(n for n in graph.node if n.op_type == "Attention")
-    heads = {a.name: a.i for a in attention.attribute}
-    assert (heads["q_num_heads"], heads["kv_num_heads"]) == (HEADS, kv_heads)
+    # q/k/v and gate/up read one activation each: one packed MatMul and a Split apiece (passes/pack.py); one more
+    # MatMul a layer is the attention's probabilities x values.
+    assert counts["MatMul"] == 5 * LAYERS + 1 and counts["Split"] == 2 * LAYERS
     kinds = ("key", "value")
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
                                              *(f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in kinds),
                                              "logits_to_keep"]
     assert [o.name for o in graph.output] == ["logits", *(f"present.{i}.{k}" for i in range(LAYERS) for k in kinds)]
+    capacity = [d.dim_param for d in graph.input[3].type.tensor_type.shape.dim]
+    assert capacity == ["batch", "", "cache_capacity", ""]
     # logits_to_keep (passes/logits.py) is an input with a default: an initializer callers may override.
     assert [i.name for i in graph.initializer if i.name == "logits_to_keep"] == ["logits_to_keep"]
     assert load_manifest(artifact)["optional_inputs"] == [
@@ -142,7 +150,7 @@ def test_logits_to_keep_is_transformers_argument(exported, keep):
     artifact, theirs, kv_heads = exported
     engine = OnnxRuntimeEngine(artifact / "model.onnx")
     ids, mask, pos = left_padded([6, 3], 6, seed=1)
-    feed = ort_feed(ids, mask, pos, kv_heads)
+    feed = ort_feed(ids, mask, pos, kv_heads, capacity=6)  # onnxruntime alone: the graph's cache buffers
     full = engine.session.run(["logits"], feed)[0]
     kept = engine.session.run(["logits"], {**feed, "logits_to_keep": np.array(keep, np.int64)})[0]
     with torch.no_grad():
@@ -167,7 +175,9 @@ def test_decoder_session_prefills_only_the_last_position(exported):
     full = engine.run(ort_feed(ids, mask, pos, kv_heads))
     assert logits.shape == (2, VOCAB)
     np.testing.assert_allclose(logits, full["logits"][:, -1], atol=1e-6)
-    np.testing.assert_allclose(cache["past_key_values.1.value"].numpy(), full["present.1.value"], atol=1e-6)
+    cached = cache["past_key_values.1.value"]  # a view of the buffer the graph wrote into
+    assert isinstance(cached, np.ndarray) and cached.shape == full["present.1.value"].shape
+    np.testing.assert_allclose(cached, full["present.1.value"], atol=1e-6)
 
 
 def test_inspect_lists_the_optional_input(exported, capsys):

@@ -15,7 +15,7 @@ from kiln.exporter.plan import FORMS, PRECISIONS, TARGETS, ExportPlan, Step, ten
 
 ENCODER_TASKS = ("feature-extraction", "text-classification", "token-classification", "question-answering",
                  "fill-mask", "image-classification")
-DECODER = ["rotary", "decoder-attention-3d", "pack-projections", "logits-to-keep"]
+DECODER = ["rotary", "decoder-attention-3d", "pack-projections", "cache-in-place", "logits-to-keep"]
 
 
 def names(steps) -> list[str]:
@@ -81,11 +81,13 @@ def test_what_kiln_json_records():
     assert ExportPlan("encoder", "fp16").attention_record("onnx-attention", {})["form"] == "onnx"
     decoder = ExportPlan("decoder", "int4")
     kept = {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}
-    done = {"rotary": result(60), "decoder-attention-3d": result(30), "logits-to-keep": result(1, optional=kept)}
-    assert decoder.attention_record("onnx-attention", done) == {"form": "onnx-3d", "rotary_nodes": 60}
+    done = {"rotary": result(60), "decoder-attention-3d": result(30), "cache-in-place": result(1),
+            "logits-to-keep": result(1, optional=kept)}
+    assert decoder.attention_record("onnx-attention", done) == {"form": "onnx-3d", "rotary_nodes": 60,
+                                                                "cache": "in-place"}
     assert decoder.optional_inputs(done) == [kept]
     gpt2 = {"rotary": result(0), "decoder-attention-3d": result(0), "logits-to-keep": result(1)}
-    assert decoder.attention_record("onnx-attention", gpt2) == {"form": "onnx", "rotary_nodes": 0}
+    assert decoder.attention_record("onnx-attention", gpt2) == {"form": "onnx", "rotary_nodes": 0, "cache": "concat"}
     assert encoder.optional_inputs({}) == []
 
 
@@ -106,6 +108,8 @@ def test_tensorrt_plans():
     for form in ("contrib", "contrib-mha"):
         with pytest.raises(ExportError, match="Re-export with --attention onnx"):
             tensorrt_passes(form)
+    assert names(tensorrt_passes("onnx-3d", cache="in-place")) == ["cache-concat", "to-4d", "unfuse-rotary",
+                                                                    "lower-attention"]
 
 
 def test_bad_options_name_the_choices():

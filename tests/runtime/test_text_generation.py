@@ -200,8 +200,8 @@ class PlainEngine:
         self.engine, self.name = engine, "plain"
         self.inputs, self.optional_inputs, self.outputs = engine.inputs, engine.optional_inputs, engine.outputs
 
-    def run(self, feed, outputs=None, keep=()):
-        return self.engine.run(feed, outputs=[*(outputs or []), *keep] or None)
+    def run(self, feed, outputs=None, keep=(), into=None):  # into ignored: the presents come back as new arrays
+        return self.engine.run(feed, outputs=[*(outputs or []), *keep, *(into or ())] or None)
 
     def release(self):
         pass
@@ -219,24 +219,34 @@ def test_io_binding_and_plain_feeds_agree(decoders):
                                   generate(plain, batch.input_ids, batch.attention_mask, config))
 
 
-def test_the_decode_loop_keeps_the_cache_in_onnxruntime_and_feeds_logits_to_keep(decoders):
+@pytest.mark.parametrize("model", ["llama-gqa", "gpt2"])
+def test_the_decode_loop_keeps_the_cache_in_onnxruntime_and_feeds_logits_to_keep(decoders, model):
+    """LLaMA's graph writes its cache in place: every step binds the same buffer per layer as past and present.
+    GPT-2's concatenates: each step's presents stay OrtValues, fed back as the next step's pasts."""
     import onnxruntime as ort
 
-    _, out, _ = decoders("llama-gqa")
+    _, out, _ = decoders(model)
     pipe = kiln.pipeline("text-generation", out)
     assert [i.name for i in pipe.engine.optional_inputs()] == ["logits_to_keep"]
-    feeds, run = [], pipe.engine.run
+    assert pipe.decoder.in_place == (model == "llama-gqa")
+    calls, run = [], pipe.engine.run
 
-    def spy(feed, outputs=None, keep=()):
-        feeds.append(feed)
-        return run(feed, outputs, keep)
+    def spy(feed, outputs=None, keep=(), into=None):
+        calls.append((feed, into))
+        return run(feed, outputs, keep, into=into)
 
     pipe.engine.run = spy
     pipe(PROMPTS[1], max_new_tokens=3)
-    assert len(feeds) == 3 and all(int(f["logits_to_keep"]) == 1 for f in feeds)
-    cache = [v for f in feeds[1:] for k, v in f.items() if k.startswith("past_key_values")]
-    assert len(cache) == 2 * 2 * 2  # the two decode steps x two layers x key and value
-    assert all(isinstance(v, ort.OrtValue) for v in cache)
+    assert len(calls) == 3 and all(int(feed["logits_to_keep"]) == 1 for feed, _ in calls)
+    pasts = [[v for k, v in feed.items() if k.startswith("past_key_values")] for feed, _ in calls]
+    layers = len(pasts[0])
+    if model == "gpt2":
+        assert all(into is None for _, into in calls)
+        assert all(isinstance(v, ort.OrtValue) for step in pasts[1:] for v in step)
+        return
+    assert all(len(into) == layers and all(a is b for a, b in zip(into.values(), step))
+               for (_, into), step in zip(calls, pasts))
+    assert all(a is b for a, b in zip(pasts[0], pasts[2]))  # one buffer per layer for the whole generation
 
 
 def test_a_generation_leaves_no_kv_cache_bound_in_its_thread(decoders):

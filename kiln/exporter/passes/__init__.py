@@ -16,6 +16,8 @@ PASSES = {
     "decoder-attention-3d": "attention_3d:DecoderAttention3D",
     "to-4d": "attention_3d:To4D",
     "pack-projections": "pack:PackProjections",
+    "cache-in-place": "cache_in_place:CacheInPlace",
+    "cache-concat": "cache_in_place:CacheConcat",
     "logits-to-keep": "logits:KeepLastLogits",
     "optional-input": "optional_input:OptionalInput",
     "lower-attention": "lower_attention:LowerForTensorRT",

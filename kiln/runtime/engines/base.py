@@ -34,9 +34,11 @@ class Engine(Protocol):
 
     def outputs(self) -> list[TensorInfo]: ...
 
-    def run(self, feed: dict, outputs: list[str] | None = None, keep=()) -> dict:
+    def run(self, feed: dict, outputs: list[str] | None = None, keep=(), into: dict | None = None) -> dict:
         """Run the graph on ``feed`` (numpy arrays, or handles from an earlier run). Returns ``outputs`` (default:
-        all) as numpy arrays, and the outputs named in ``keep`` as handles."""
+        all) as numpy arrays, and the outputs named in ``keep`` as handles. ``into`` (output name -> array): write
+        those outputs into the given host arrays (only onnxruntime's engine, for graphs with a KV cache written in
+        place, which only onnxruntime runs)."""
 
     def release(self) -> None:
         """Drop what the calling thread still holds from its runs (the last inputs and kept outputs)."""

@@ -86,6 +86,10 @@ class OnnxRuntimeEngine:
         self._inputs = [TensorInfo(i.name, _ORT_DTYPES.get(i.type, i.type), tuple(i.shape)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, _ORT_DTYPES.get(o.type, o.type), tuple(o.shape)) for o in self.session.get_outputs()]
         self._output_infos = {o.name: o for o in self._outputs}
+        # a decoder whose KV cache is written in place (kiln.exporter.passes.cache_in_place): past -> present
+        self._buffered = {i.name: "present." + i.name.removeprefix("past_key_values.") for i in self._inputs
+                          if len(i.shape) == 4 and i.shape[2] == "cache_capacity"
+                          and "present." + i.name.removeprefix("past_key_values.") in self._output_infos}
         # Initializers that may be fed like inputs (onnxruntime's "overridable" ones): those kiln.json lists, or all
         # of them for a bare graph, e.g. the validator's before kiln.json exists.
         listed = {t["name"] for t in manifest.get("optional_inputs") or []} if "optional_inputs" in manifest else None
@@ -103,31 +107,62 @@ class OnnxRuntimeEngine:
     def outputs(self) -> list[TensorInfo]:
         return list(self._outputs)
 
-    def run(self, feed: dict, outputs: list[str] | None = None, keep=()) -> dict:
-        """As the Engine protocol says; kept outputs are OrtValues, fed back without a copy through numpy."""
+    def run(self, feed: dict, outputs: list[str] | None = None, keep=(), into: dict | None = None) -> dict:
+        """As the Engine protocol says; kept outputs are OrtValues, fed back without a copy through numpy. ``into``
+        (output name -> a C-contiguous array of its shape): the output is written into that array, returned as it is;
+        an array that is also in the feed is bound once as both, so the graph updates it in place (a decoder's KV
+        cache buffer, ``kiln.exporter.passes.cache_in_place``)."""
+        into = into or {}
+        if self._buffered:
+            feed, into = self._exact_buffers(feed, into)
         handles = {name: value for name, value in feed.items() if isinstance(value, ort.OrtValue)}
         arrays = {name: value for name, value in feed.items() if name not in handles} if handles else feed
         checked, sizes = check_feed(self._inputs, arrays, self.axes, optional=self._optional, handles=handles)
         known = self._output_infos
-        names = output_names(list(known), outputs, keep)
+        names = output_names(list(known), outputs, (*keep, *into))
         with self._errors():
-            if keep or handles:
-                results = self._run_bound(checked, handles, names, keep)
+            if keep or handles or into:
+                results = self._run_bound(checked, handles, names, keep, into)
             else:
                 results = dict(zip(names, self.session.run(names, checked)))
         check_outputs([known[name] for name in names if name not in keep], results, sizes, self.path)
         return results
 
-    def _run_bound(self, checked: dict, handles: dict, names: list[str], keep) -> dict:
+    def _exact_buffers(self, feed: dict, into: dict) -> tuple[dict, dict]:
+        """An in-place decoder fed the concatenating convention (each past exactly the positions before this step,
+        as the validator and the accuracy gate feed it): each such past copied into a buffer of past + sequence
+        positions, which the graph fills and returns as the present, ``concat(past, new)``. Pasts whose present the
+        caller gives a buffer for (``DecoderSession``) are left as they are."""
+        feed, into = dict(feed), dict(into)
+        steps = np.shape(feed.get("input_ids", ()))[1:2]
+        for past, present in self._buffered.items():
+            cache = feed.get(past)
+            if present in into or cache is None or isinstance(cache, ort.OrtValue) or not steps:
+                continue
+            cache = np.asarray(cache)
+            if cache.ndim != 4:
+                continue  # check_feed names the wrong rank
+            buffer = np.zeros((*cache.shape[:2], cache.shape[2] + steps[0], cache.shape[3]), dtype=cache.dtype)
+            buffer[:, :, :cache.shape[2]] = cache
+            feed[past] = into[present] = buffer
+        return feed, into
+
+    def _run_bound(self, checked: dict, handles: dict, names: list[str], keep, into: dict) -> dict:
         """One run through this thread's IO binding: outputs stay OrtValues, and those in ``keep`` are returned as
-        such, so that a KV cache goes from one step's outputs to the next step's inputs without numpy in between."""
+        such, so that a KV cache goes from one step's outputs to the next step's inputs without numpy in between;
+        those in ``into`` are written into the given arrays."""
         binding = getattr(self._local, "binding", None)
         if binding is None:
             binding = self._local.binding = self.session.io_binding()
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
+        # an OrtValue over each target array (no copy on the CPU), bound as input too where the feed holds it
+        targets = {id(array): ort.OrtValue.ortvalue_from_numpy(array) for array in into.values()}
         held = []  # onnxruntime reads bound CPU arrays in place: keep each alive until the run is done
         for name, value in checked.items():
+            if id(value) in targets:
+                binding.bind_ortvalue_input(name, targets[id(value)])
+                continue
             value = np.asarray(value, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
             held.append(value)
             # bind_cpu_input looks for a graph input of that name; an OrtValue binds an initializer too
@@ -138,10 +173,14 @@ class OnnxRuntimeEngine:
         for name, value in handles.items():
             binding.bind_ortvalue_input(name, value)
         for name in names:
-            binding.bind_output(name, "cpu")
+            if name in into:
+                binding.bind_ortvalue_output(name, targets[id(into[name])])
+            else:
+                binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs()  # OrtValues in bind order
-        return {name: value if name in keep else value.numpy() for name, value in zip(names, values)}
+        return {name: into[name] if name in into else value if name in keep else value.numpy()
+                for name, value in zip(names, values)}
 
     @contextlib.contextmanager
     def _errors(self):

@@ -6,6 +6,14 @@ round-trips through numpy (onnxruntime: OrtValues through one IO binding per thr
 Graphs that take ``logits_to_keep`` compute and return the last position's logits only (the LM head of a prefill is
 otherwise run for every prompt token). ``steps`` is the loop, a generator of each step's tokens; ``generate``
 collects them.
+
+Graphs exported with the cache written in place (kiln.json ``attention.cache: in-place``; their past axis is
+``cache_capacity``) take a buffer of any capacity as the past and write the step's keys and values into it after the
+first ``total_sequence - sequence`` positions: the session binds one buffer per layer as both past and present, and
+the cache it hands callers is a view of the filled positions, so callers slice, gather and concatenate it as the
+concatenated cache of other graphs. A view still backed by a buffer with room is written in place; anything else
+(a gathered or concatenated cache) is copied into a new buffer with ``HEADROOM`` free positions. Long prompts are
+prefilled ``PREFILL_CHUNK`` tokens at a time, which bounds the attention scores' memory and time.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from kiln.runtime.generate.stopping import StopChecker
 def position_ids(attention_mask: np.ndarray) -> np.ndarray:
     """(B, T) positions of left-padded rows: each row's first real token is at position 0 (padding gets 0 too)."""
     return np.clip(np.asarray(attention_mask, dtype=np.int64).cumsum(-1) - 1, 0, None)
+
+
+HEADROOM = 128  # free positions of a cache buffer allocated without a known length
+PREFILL_CHUNK = 256  # prompt tokens per pass of an in-place graph's prefill (benchmarks/RESULTS.md)
 
 
 class DecoderSession:
@@ -45,6 +57,7 @@ class DecoderSession:
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
         # layers whose cache a sliding window bounds (Gemma's local layers): their own past axis
         self.windowed = [n for n in self.past_names if infos[n].shape[2] == "past_window"]
+        self.in_place = all(infos[n].shape[2] == "cache_capacity" for n in self.past_names)
         # (batch, kv_heads, past_sequence, head_dim) per layer: a layer with pruned heads has fewer kv heads
         self._cache_shapes = {n: (int(infos[n].shape[1]), int(infos[n].shape[3]), np.dtype(infos[n].dtype))
                               for n in self.past_names}
@@ -55,7 +68,12 @@ class DecoderSession:
         self._extra = {"logits_to_keep": np.array(1, dtype=np.int64)} if self.keep_last else {}
         self._extra.update(feed or {})
 
-    def empty_cache(self, batch: int) -> dict:
+    def empty_cache(self, batch: int, capacity: int = 0) -> dict:
+        """A cache of no positions for ``batch`` rows; for an in-place graph, backed by buffers of ``capacity``
+        positions (the prompt and the new tokens: written in place until full)."""
+        if self.in_place and capacity:
+            return {name: np.zeros((batch, heads, capacity, dim), dtype=dtype)[:, :, :0]
+                    for name, (heads, dim, dtype) in self._cache_shapes.items()}
         return {name: np.zeros((batch, heads, 0, dim), dtype=dtype)
                 for name, (heads, dim, dtype) in self._cache_shapes.items()}
 
@@ -71,18 +89,62 @@ class DecoderSession:
         Returns the engine's ``outputs`` (``keep``: as engine handles)."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 **self._extra, **extra, **cache}
-        return self.engine.run(feed, outputs=outputs, keep=keep)
+        if not self.in_place:
+            return self.engine.run(feed, outputs=outputs, keep=keep)
+        total = np.shape(attention_mask)[1]
+        into = self._buffers(feed, total - np.shape(input_ids)[1], total)
+        out = self.engine.run(feed, outputs=outputs, keep=[k for k in keep if k not in into], into=into)
+        for present in into:  # the filled positions
+            out[present] = out[present][:, :, :total]
+        return out
+
+    def _buffers(self, feed: dict, past: int, total: int) -> dict:
+        """In-place graphs: each past in ``feed`` replaced by a buffer with room for ``total`` positions (the one
+        behind it, or a new one holding a copy); returns {present: its buffer}."""
+        into = {}
+        for name, present in zip(self.past_names, self.present_names):
+            cache = feed[name]
+            if isinstance(cache, np.ndarray) and cache.ndim == 4 and cache.shape[2] != past:
+                raise InputError(f"The cache holds {cache.shape[2]} positions, but attention_mask says {past} came "
+                                 "before these tokens: feed the mask of the whole sequence so far.")
+            buffer = _buffer_behind(cache, total)
+            if buffer is None:
+                cache = np.asarray(cache)
+                buffer = np.zeros((*cache.shape[:2], total + HEADROOM, cache.shape[3]), dtype=cache.dtype)
+                buffer[:, :, :past] = cache
+            feed[name] = into[present] = buffer
+        return into
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
         """One forward pass. Returns (last-position logits (B, V) float32, the cache for the next step: engine
-        handles, fed back as they are)."""
-        out = self.forward(input_ids, attention_mask, position_ids, cache, ["logits"], keep=self.present_names)
+        handles, fed back as they are). An in-place graph takes a long prompt ``PREFILL_CHUNK`` tokens a pass."""
+        keep = self.present_names
+        length = input_ids.shape[1]
+        if self.in_place and self.keep_last and length > PREFILL_CHUNK:
+            past = attention_mask.shape[1] - length
+            for start in range(0, length - PREFILL_CHUNK, PREFILL_CHUNK):
+                end = start + PREFILL_CHUNK
+                out = self.forward(input_ids[:, start:end], attention_mask[:, :past + end],
+                                   position_ids[:, start:end], cache, ["logits"], keep=keep)
+                cache = {p: out[q] for p, q in zip(self.past_names, self.present_names)}
+            input_ids, position_ids = input_ids[:, end:], position_ids[:, end:]
+        out = self.forward(input_ids, attention_mask, position_ids, cache, ["logits"], keep=keep)
         return out["logits"][:, -1].astype(np.float32), {p: out[q] for p, q in zip(self.past_names, self.present_names)}
 
     def release(self) -> None:
         """Drop what the calling thread's engine state still holds once a generation is over: the last step's
         inputs and outputs are the whole KV cache."""
         self.engine.release()
+
+
+def _buffer_behind(cache, total: int) -> np.ndarray | None:
+    """The C-contiguous (B, H, capacity, D) buffer that ``cache`` is the first positions of, if it has room for
+    ``total`` positions; else None."""
+    base = getattr(cache, "base", None)
+    if not isinstance(base, np.ndarray) or base.ndim != 4 or not base.flags.c_contiguous or base.shape[2] < total:
+        return None
+    same = base.shape[:2] == cache.shape[:2] and base.shape[3] == cache.shape[3] and base.dtype == cache.dtype
+    return base if same and cache.ctypes.data == base.ctypes.data else None
 
 
 def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig,
@@ -100,7 +162,8 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
     stopper = StopChecker(config, batch=B, decode=decode)
     mask = attention_mask.astype(np.int64)
     generated = input_ids.astype(np.int64)
-    step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B)
+    capacity = input_ids.shape[1] + config.max_new_tokens
+    step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B, capacity)
     try:
         for new_tokens in range(config.max_new_tokens):
             logits, cache = session.step(step_ids, mask, step_pos, cache)
@@ -115,7 +178,7 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             if session.recompute_at is not None and (mask.sum(axis=1) == session.recompute_at + 1).any():
                 session.release()  # a row just passed the original context: the whole batch again, no cache
-                step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B)
+                step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B, capacity)
     finally:
         session.release()
 
@@ -153,7 +216,7 @@ def lookup_steps(session: DecoderSession, input_ids: np.ndarray, attention_mask:
     stopper = StopChecker(config, batch=1, decode=decode)
     ngram = config.max_matching_ngram_size or 2
     sequence = [int(t) for t in input_ids[0]]
-    pending, cache, new = list(sequence), session.empty_cache(1), 0
+    pending, cache, new = list(sequence), session.empty_cache(1, len(sequence) + config.max_new_tokens), 0
     outputs = ["logits", *session.present_names]
     try:
         while new < config.max_new_tokens:
@@ -180,8 +243,9 @@ def lookup_steps(session: DecoderSession, input_ids: np.ndarray, attention_mask:
                     break
                 accepted += 1
             keep = past + len(pending) + accepted  # the cache holds the fed tokens up to the last accepted one
-            cache = {p: np.ascontiguousarray(out[q][:, :, :keep])
-                     for p, q in zip(session.past_names, session.present_names)}
+            # a view of an in-place graph's buffer (the rejected positions are written over next); else a copy
+            cut = (lambda c: c) if session.in_place else np.ascontiguousarray
+            cache = {p: cut(out[q][:, :, :keep]) for p, q in zip(session.past_names, session.present_names)}
             pending = [sequence[-1]]
     finally:
         session.release()

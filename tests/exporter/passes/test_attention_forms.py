@@ -63,7 +63,7 @@ def test_attention_with_probabilities_or_a_cache_is_kept(tmp_path, checkpoints):
     from conftest import TINY_LLAMA, make_causal_lm
 
     make_causal_lm(tmp_path / "llama", "llama", **TINY_LLAMA)
-    kiln.export(str(tmp_path / "llama"), tmp_path / "decoder", task="text-generation", batch="1:4")
+    kiln.export(str(tmp_path / "llama"), tmp_path / "decoder", task="text-generation", batch="1:4", attention="onnx")
     decoder = ir.load(str(tmp_path / "decoder" / "model.onnx"))
     result = EncoderAttention("onnx-packed")(decoder)
     assert result.rewritten == 0 and result.skipped == {"it has a KV cache or extra inputs": LAYERS}
