@@ -166,47 +166,42 @@ class CacheConcat(GraphPass):
         return [n for n in model.graph if n.op_type == "FusedMatMul" and METADATA in n.metadata_props]
 
     def match(self, node):
-        def producer(value, op_type, index=0):
-            found = value.producer() if value is not None else None
-            return found if found is not None and found.op_type == op_type else None
+        def back(value, *op_types):  # the first input of the chain of producers of these types, else None
+            for op_type in op_types:
+                producer = value.producer() if value is not None else None
+                if producer is None or producer.op_type != op_type:
+                    return None
+                value = producer.inputs[0]
+            return value
 
-        def reader(value, op_type):
-            uses = [use.node for use in value.uses() if use.node.op_type == op_type]
-            return uses[0] if len(uses) == 1 else None
+        def forward(value, *op_types):  # the nodes reading value, then their outputs, one each, else None
+            nodes = []
+            for op_type in op_types:
+                readers = [use.node for use in value.uses() if use.node.op_type == op_type]
+                if len(readers) != 1:
+                    return None
+                nodes.append(readers[0])
+                value = readers[0].outputs[0]
+            return nodes
 
-        def split_heads_input(value):  # x for Transpose(Reshape(x))
-            reshape = producer(producer(value, "Transpose").inputs[0], "Reshape") if producer(value, "Transpose") \
-                else None
-            return reshape.inputs[0] if reshape is not None else None
-
-        write_key, folded = producer(node.inputs[1], "TensorScatter"), producer(node.inputs[0], "Reshape")
-        grouped = producer(folded.inputs[0], "Transpose") if folded is not None else None
-        q_split = producer(grouped.inputs[0], "Reshape") if grouped is not None else None
-        add = reader(reader(node.outputs[0], "Reshape").outputs[0], "Add") if reader(node.outputs[0], "Reshape") \
-            else None
-        chain, value = [], None
-        if add is not None:
-            value = add.outputs[0]
-            for op_type in ("Softmax", "Reshape", "MatMul", "Reshape", "Transpose", "Reshape"):
-                following = reader(value, op_type)
-                if following is None:
-                    break
-                chain.append(following)
-                value = following.outputs[0]
-        if write_key is None or q_split is None or add is None or len(chain) != 6:
-            return Skip("not the pattern CacheInPlace writes")
-        write_value = producer(chain[2].inputs[1], "TensorScatter")
-        pad = producer(producer(add.inputs[1], "Unsqueeze").inputs[0], "Pad") if producer(add.inputs[1], "Unsqueeze") \
-            else None
-        if write_value is None or pad is None:
-            return Skip("not the pattern CacheInPlace writes")
-        where = producer(pad.inputs[0], "Where")
-        mask = where.inputs[0] if where is not None and where.inputs[0].dtype == ir.DataType.BOOL else pad.inputs[0]
-        k, v = split_heads_input(write_key.inputs[1]), split_heads_input(write_value.inputs[1])
-        if k is None or v is None:
-            return Skip("not the pattern CacheInPlace writes")
-        return {"q": q_split.inputs[0], "k": k, "v": v, "mask": mask, "writes": (write_key, write_value),
-                "out": chain[-1].outputs[0], "attributes": json.loads(node.metadata_props[METADATA])}
+        miss = Skip("not the pattern CacheInPlace writes")
+        write_key = node.inputs[1].producer()
+        chain = forward(node.outputs[0], "Reshape", "Add", "Softmax", "Reshape", "MatMul", "Reshape", "Transpose",
+                        "Reshape")
+        q = back(node.inputs[0], "Reshape", "Transpose", "Reshape")
+        if write_key is None or write_key.op_type != "TensorScatter" or chain is None or q is None:
+            return miss
+        add, matmul = chain[1], chain[4]
+        write_value = matmul.inputs[1].producer()
+        additive = back(add.inputs[1], "Unsqueeze", "Pad")
+        k, v = back(write_key.inputs[1], "Transpose", "Reshape"), \
+            back(write_value.inputs[1], "Transpose", "Reshape") if write_value is not None else None
+        if write_value is None or write_value.op_type != "TensorScatter" or additive is None or k is None or v is None:
+            return miss
+        where = additive.producer()  # a bool mask was made additive by Where(mask, 0, min)
+        mask = where.inputs[0] if where is not None and where.op_type == "Where" else additive
+        return {"q": q, "k": k, "v": v, "mask": mask, "writes": (write_key, write_value), "out": chain[-1].outputs[0],
+                "attributes": json.loads(node.metadata_props[METADATA])}
 
     def rewrite(self, model, layer: dict, result: PassResult) -> None:
         graph = model.graph

@@ -12,7 +12,8 @@ Graphs exported with the cache written in place (kiln.json ``attention.cache: in
 first ``total_sequence - sequence`` positions: the session binds one buffer per layer as both past and present, and
 the cache it hands callers is a view of the filled positions, so callers slice, gather and concatenate it as the
 concatenated cache of other graphs. A view still backed by a buffer with room is written in place; anything else
-(a gathered or concatenated cache) is copied into a new buffer with ``HEADROOM`` free positions. Long prompts are
+(a gathered or concatenated cache, or a full buffer) is copied into a new buffer with ``HEADROOM`` free positions:
+since each step attends over the whole buffer, its room is kept small rather than ``max_new_tokens``. Long prompts are
 prefilled ``PREFILL_CHUNK`` tokens at a time, which bounds the attention scores' memory and time.
 """
 
@@ -34,7 +35,7 @@ def position_ids(attention_mask: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(attention_mask, dtype=np.int64).cumsum(-1) - 1, 0, None)
 
 
-HEADROOM = 128  # free positions of a cache buffer allocated without a known length
+HEADROOM = 128  # free positions of a new cache buffer: a step attends over them all, and a full one is copied
 PREFILL_CHUNK = 256  # prompt tokens per pass of an in-place graph's prefill (benchmarks/RESULTS.md)
 
 
@@ -162,7 +163,8 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
     stopper = StopChecker(config, batch=B, decode=decode)
     mask = attention_mask.astype(np.int64)
     generated = input_ids.astype(np.int64)
-    capacity = input_ids.shape[1] + config.max_new_tokens
+    # the buffers' room: a step attends over the whole capacity, so a long max_new_tokens is not reserved up front
+    capacity = input_ids.shape[1] + min(config.max_new_tokens, HEADROOM)
     step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B, capacity)
     try:
         for new_tokens in range(config.max_new_tokens):
@@ -178,7 +180,8 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             if session.recompute_at is not None and (mask.sum(axis=1) == session.recompute_at + 1).any():
                 session.release()  # a row just passed the original context: the whole batch again, no cache
-                step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B, capacity)
+                step_ids, step_pos = generated, position_ids(mask)
+                cache = session.empty_cache(B, generated.shape[1] + HEADROOM)
     finally:
         session.release()
 
@@ -216,7 +219,8 @@ def lookup_steps(session: DecoderSession, input_ids: np.ndarray, attention_mask:
     stopper = StopChecker(config, batch=1, decode=decode)
     ngram = config.max_matching_ngram_size or 2
     sequence = [int(t) for t in input_ids[0]]
-    pending, cache, new = list(sequence), session.empty_cache(1, len(sequence) + config.max_new_tokens), 0
+    capacity = len(sequence) + min(config.max_new_tokens, HEADROOM)
+    pending, cache, new = list(sequence), session.empty_cache(1, capacity), 0
     outputs = ["logits", *session.present_names]
     try:
         while new < config.max_new_tokens:
