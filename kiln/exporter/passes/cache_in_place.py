@@ -20,8 +20,9 @@ The graph returns the buffers as ``present.{i}.*`` (B, Hkv, cache_capacity, D): 
 convention (past = the positions before the step; the validator, the accuracy gate) gets ``concat(past, new)`` from
 kiln's onnxruntime engine, which copies such a past into a buffer of exactly past + sequence positions.
 
-All or nothing: the runtime handles one cache convention per graph, so a graph with any layer outside the pattern
-(a window-bounded cache, soft-capping, probabilities returned, 4-D attention) is left as it is.
+Layers whose cache a sliding window bounds (Gemma's local layers, past axis ``past_window``) keep their concatenated
+cache, which stops growing; the runtime binds buffers for the others beside them. Any other layer outside the pattern
+(soft-capping, probabilities returned, 4-D attention) leaves the whole graph as it is.
 
 :class:`CacheConcat` is the inverse, for ``kiln build``: TensorRT's lowering takes the standard node back.
 """
@@ -58,6 +59,8 @@ class CacheInPlace(GraphPass):
         found = []
         for node in layers:
             q, k, v, mask, past_k, past_v = node.inputs[:6]
+            if past_k.shape is not None and len(past_k.shape) == 4 and str(past_k.shape[2]) == "past_window":
+                continue  # a window-bounded cache stays concatenated: it stops growing
             heads, kv_heads = node.attributes.get_int("q_num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
             if not heads or not kv_heads or heads % kv_heads:
                 return Skip(f"{node.name} is not 3-D attention with whole key/value groups")
@@ -73,12 +76,11 @@ class CacheInPlace(GraphPass):
                 shape = past.shape
                 if past.name not in inputs or len(past.uses()) != 1 or shape is None or len(shape) != 4 or \
                         not isinstance(shape[3], int) or str(shape[2]) != "past_sequence":
-                    return Skip(f"{node.name}'s cache is not a (B, Hkv, past_sequence, D) graph input read once "
-                                "(a window-bounded cache stays concatenated)")
+                    return Skip(f"{node.name}'s cache is not a (B, Hkv, past_sequence, D) graph input read once")
                 if present is None or present.name not in outputs:
                     return Skip(f"{node.name}'s present is not a graph output")
             found.append((node, heads, kv_heads, past_k.shape[3]))
-        return found
+        return found or Skip("every layer's cache is window-bounded")
 
     def rewrite(self, model, layers, result: PassResult) -> None:
         graph = model.graph
@@ -111,7 +113,7 @@ class CacheInPlace(GraphPass):
         opsets = model.opset_imports
         opsets[""] = max(opsets.get("", 24), 24)  # TensorScatter
         opsets.setdefault("com.microsoft", 1)  # FusedMatMul
-        result.details["layers"] = len(layers)
+        result.details["layers"] = len(layers)  # the others (window-bounded) stay concatenated
 
     @staticmethod
     def _layer(graph, node, heads, kv_heads, head_dim, write, capacity, bias) -> None:

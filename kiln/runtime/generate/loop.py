@@ -58,7 +58,9 @@ class DecoderSession:
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
         # layers whose cache a sliding window bounds (Gemma's local layers): their own past axis
         self.windowed = [n for n in self.past_names if infos[n].shape[2] == "past_window"]
-        self.in_place = all(infos[n].shape[2] == "cache_capacity" for n in self.past_names)
+        # layers whose cache the graph writes in place into a buffer (the rest concatenate: Gemma's local layers)
+        self.buffered = [n for n in self.past_names if infos[n].shape[2] == "cache_capacity"]
+        self.in_place = len(self.buffered) == len(self.past_names)
         # (batch, kv_heads, past_sequence, head_dim) per layer: a layer with pruned heads has fewer kv heads
         self._cache_shapes = {n: (int(infos[n].shape[1]), int(infos[n].shape[3]), np.dtype(infos[n].dtype))
                               for n in self.past_names}
@@ -72,10 +74,7 @@ class DecoderSession:
     def empty_cache(self, batch: int, capacity: int = 0) -> dict:
         """A cache of no positions for ``batch`` rows; for an in-place graph, backed by buffers of ``capacity``
         positions (the prompt and the new tokens: written in place until full)."""
-        if self.in_place and capacity:
-            return {name: np.zeros((batch, heads, capacity, dim), dtype=dtype)[:, :, :0]
-                    for name, (heads, dim, dtype) in self._cache_shapes.items()}
-        return {name: np.zeros((batch, heads, 0, dim), dtype=dtype)
+        return {name: np.zeros((batch, heads, capacity if name in self.buffered else 0, dim), dtype=dtype)[:, :, :0]
                 for name, (heads, dim, dtype) in self._cache_shapes.items()}
 
     @property
@@ -90,7 +89,7 @@ class DecoderSession:
         Returns the engine's ``outputs`` (``keep``: as engine handles)."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                 **self._extra, **extra, **cache}
-        if not self.in_place:
+        if not self.buffered:
             return self.engine.run(feed, outputs=outputs, keep=keep)
         total = np.shape(attention_mask)[1]
         into = self._buffers(feed, total - np.shape(input_ids)[1], total)
@@ -101,19 +100,25 @@ class DecoderSession:
 
     def _buffers(self, feed: dict, past: int, total: int) -> dict:
         """In-place graphs: each past in ``feed`` replaced by a buffer with room for ``total`` positions (the one
-        behind it, or a new one holding a copy); returns {present: its buffer}."""
-        into = {}
-        for name, present in zip(self.past_names, self.present_names):
+        behind it, or a new one holding a copy); returns {present: its buffer}. Every layer's buffer has the same
+        capacity (the graph pads the mask to one)."""
+        caches, buffers = {}, {}
+        for name in self.buffered:
             cache = feed[name]
             if isinstance(cache, np.ndarray) and cache.ndim == 4 and cache.shape[2] != past:
                 raise InputError(f"The cache holds {cache.shape[2]} positions, but attention_mask says {past} came "
                                  "before these tokens: feed the mask of the whole sequence so far.")
-            buffer = _buffer_behind(cache, total)
-            if buffer is None:
+            caches[name], buffers[name] = cache, _buffer_behind(cache, total)
+        capacities = {None if b is None else b.shape[2] for b in buffers.values()}
+        if len(capacities) > 1 or None in capacities:
+            capacity = total + HEADROOM
+            for name, cache in caches.items():
                 cache = np.asarray(cache)
-                buffer = np.zeros((*cache.shape[:2], total + HEADROOM, cache.shape[3]), dtype=cache.dtype)
-                buffer[:, :, :past] = cache
-            feed[name] = into[present] = buffer
+                buffers[name] = np.zeros((*cache.shape[:2], capacity, cache.shape[3]), dtype=cache.dtype)
+                buffers[name][:, :, :past] = cache
+        into = {}
+        for name, buffer in buffers.items():
+            feed[name] = into["present." + name.removeprefix("past_key_values.")] = buffer
         return into
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
