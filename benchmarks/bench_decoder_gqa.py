@@ -12,7 +12,9 @@ GroupQueryAttention node that applies the rotary embedding itself (``do_rotary``
 
 Each is checked against the artifact's own graph (prefill + decode steps, unpadded batch 1 and a left-padded batch 2),
 then the three graphs are timed interleaved: decode steps at batch 1 after a 64-token prompt, and a 32-token prefill.
-Only the default rotary type (``rope_theta``, no scaling) is handled: this is a measurement, not an export pass.
+Only the default rotary type (``rope_theta``, no scaling) is handled: this is a measurement, not an export pass. It
+needs an artifact whose cache is concatenated (kiln.json ``attention.cache: concat``): since the in-place cache became
+the default, make one with ``bench_long_context.prepare(workdir, precision, "concat")``.
 
     .venv/bin/python benchmarks/bench_decoder_gqa.py /tmp/dec/kiln-int4 [--rounds 8]
 """
