@@ -59,6 +59,15 @@ def output_names(known: list[str], outputs: list[str] | None, keep, what: str = 
     return names
 
 
+def cache_buffer(cache, capacity: int) -> np.ndarray:
+    """A zeroed (B, H, ``capacity``, D) buffer holding ``cache`` (B, H, P, D) in its first P positions: the KV cache
+    buffer a decoder whose cache is written in place takes as its past (kiln.exporter.passes.cache_in_place)."""
+    cache = np.asarray(cache)
+    buffer = np.zeros((*cache.shape[:2], capacity, cache.shape[3]), dtype=cache.dtype)
+    buffer[:, :, :cache.shape[2]] = cache
+    return buffer
+
+
 def check_head_mask(mask: np.ndarray) -> None:
     """transformers' head_mask multiplies attention probabilities: values outside 0..1 (or NaN) are refused, by the
     pipelines when a call gives one and by the engine when a feed holds one."""

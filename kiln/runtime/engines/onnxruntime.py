@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from kiln.artifact import MANIFEST, load_manifest
 from kiln.errors import ArtifactError, InputError
-from kiln.runtime.engines.base import TensorInfo, check_head_mask, output_names
+from kiln.runtime.engines.base import TensorInfo, cache_buffer, check_head_mask, output_names
 
 log = logging.getLogger("kiln")
 
@@ -142,9 +142,7 @@ class OnnxRuntimeEngine:
             cache = np.asarray(cache)
             if cache.ndim != 4:
                 continue  # check_feed names the wrong rank
-            buffer = np.zeros((*cache.shape[:2], cache.shape[2] + steps[0], cache.shape[3]), dtype=cache.dtype)
-            buffer[:, :, :cache.shape[2]] = cache
-            feed[past] = into[present] = buffer
+            feed[past] = into[present] = cache_buffer(cache, cache.shape[2] + steps[0])
         return feed, into
 
     def _run_bound(self, checked: dict, handles: dict, names: list[str], keep, into: dict) -> dict:

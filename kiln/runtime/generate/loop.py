@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from kiln.errors import InputError
+from kiln.runtime.engines.base import cache_buffer
 from kiln.runtime.generate.config import GenerationConfig
 from kiln.runtime.generate.processors import process_logits, select_next
 from kiln.runtime.generate.stopping import StopChecker
@@ -56,6 +57,7 @@ class DecoderSession:
             raise InputError("This artifact is not a kiln decoder (no past_key_values inputs); export it with "
                              "--task text-generation.")
         self.present_names = ["present." + n.removeprefix("past_key_values.") for n in self.past_names]
+        self._present_of = dict(zip(self.past_names, self.present_names))
         # layers whose cache a sliding window bounds (Gemma's local layers): their own past axis
         self.windowed = [n for n in self.past_names if infos[n].shape[2] == "past_window"]
         # layers whose cache the graph writes in place into a buffer (the rest concatenate: Gemma's local layers)
@@ -111,14 +113,10 @@ class DecoderSession:
             caches[name], buffers[name] = cache, _buffer_behind(cache, total)
         capacities = {None if b is None else b.shape[2] for b in buffers.values()}
         if len(capacities) > 1 or None in capacities:
-            capacity = total + HEADROOM
-            for name, cache in caches.items():
-                cache = np.asarray(cache)
-                buffers[name] = np.zeros((*cache.shape[:2], capacity, cache.shape[3]), dtype=cache.dtype)
-                buffers[name][:, :, :past] = cache
+            buffers = {name: cache_buffer(cache, total + HEADROOM) for name, cache in caches.items()}
         into = {}
         for name, buffer in buffers.items():
-            feed[name] = into["present." + name.removeprefix("past_key_values.")] = buffer
+            feed[name] = into[self._present_of[name]] = buffer
         return into
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
