@@ -352,7 +352,7 @@ def run_passes(plan: ExportPlan, traced: Traced) -> dict:
         ir.external_data.load_to_model(model)
     ir.save(model, str(traced.path), external_data=weights.name if weights.is_file() else None)
     traced.ops = Counter(node.op_type for node in model.graph)
-    traced.opset = model.opset_imports.get("", traced.opset)  # a pass may need a newer one (TensorScatter: 24)
+    traced.opset = model.opset_imports.get("", traced.opset)  # a pass may need a newer one
     return results
 
 

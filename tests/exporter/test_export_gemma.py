@@ -54,7 +54,7 @@ def test_graph_is_fused_and_records_the_form(exported):
     if name == "gemma2":  # soft-capped scores: every layer keeps the standard node and its concatenated cache
         assert caps == [5.0] * LAYERS and manifest["attention"]["cache"] == "concat"
     else:  # Gemma 3's global layer writes its cache in place; the two local ones keep their window-bounded cache
-        assert caps == [0.0, 0.0] and counts["TensorScatter"] == 2 and manifest["attention"]["cache"] == "in-place"
+        assert caps == [0.0, 0.0] and counts["GroupQueryAttention"] == 1 and manifest["attention"]["cache"] == "in-place"
     assert counts["Cos"] == (2 if name == "gemma3" else 1)  # Gemma 3's local layers have their own RoPE base
     assert manifest["optional_inputs"] == [{"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}]
 

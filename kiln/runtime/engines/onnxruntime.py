@@ -90,6 +90,10 @@ class OnnxRuntimeEngine:
         self._buffered = {i.name: "present." + i.name.removeprefix("past_key_values.") for i in self._inputs
                           if len(i.shape) == 4 and i.shape[2] == "cache_capacity"
                           and "present." + i.name.removeprefix("past_key_values.") in self._output_infos}
+        # the inputs with a batch axis, for a run that has to go row by row (_row_by_row)
+        ids = next((i for i in self._inputs if i.name == "input_ids"), None)
+        self._batched = frozenset(i.name for i in self._inputs if ids is not None and i.shape and
+                                  i.shape[0] == ids.shape[0]) if self._buffered else frozenset()
         # Initializers that may be fed like inputs (onnxruntime's "overridable" ones): those kiln.json lists, or all
         # of them for a bare graph, e.g. the validator's before kiln.json exists.
         listed = {t["name"] for t in manifest.get("optional_inputs") or []} if "optional_inputs" in manifest else None
@@ -115,6 +119,8 @@ class OnnxRuntimeEngine:
         into = into or {}
         if self._buffered:
             feed, into = self._exact_buffers(feed, into)
+            if self._row_by_row(feed):
+                return self._run_rows(feed, outputs, keep, into)
         handles = {name: value for name, value in feed.items() if isinstance(value, ort.OrtValue)}
         arrays = {name: value for name, value in feed.items() if name not in handles} if handles else feed
         checked, sizes = check_feed(self._inputs, arrays, self.axes, optional=self._optional, handles=handles)
@@ -144,6 +150,34 @@ class OnnxRuntimeEngine:
                 continue  # check_feed names the wrong rank
             feed[past] = into[present] = cache_buffer(cache, cache.shape[2] + steps[0])
         return feed, into
+
+    def _row_by_row(self, feed: dict) -> bool:
+        """Whether onnxruntime's GroupQueryAttention (passes/cache_in_place.py) needs this feed one row at a time: its
+        CPU kernel takes several tokens over a non-empty cache (chunked prefill, prompt lookup's verification, a
+        batch joining with a long prompt) for a batch of one only."""
+        ids, mask = feed.get("input_ids"), feed.get("attention_mask")
+        if ids is None or mask is None or not self._batched:
+            return False
+        (rows, steps), width = np.shape(ids)[:2], np.shape(mask)[1]
+        return rows > 1 and steps > 1 and width > steps
+
+    def _run_rows(self, feed: dict, outputs, keep, into: dict) -> dict:
+        """``run`` for each row of the batch, writing into each row of ``into``'s arrays (the cache buffers: a row of a
+        C-contiguous buffer is one), the other outputs stacked."""
+        rows = np.shape(feed["input_ids"])[0]
+        feed = {name: value.numpy() if isinstance(value, ort.OrtValue) else value for name, value in feed.items()}
+        parts = []
+        for row in range(rows):
+            part = {name: (value[row:row + 1] if name in self._batched else value) for name, value in feed.items()}
+            parts.append(self.run(part, outputs, (), {name: array[row:row + 1] for name, array in into.items()}))
+        results = {}
+        for name in parts[0]:
+            if name in into:
+                results[name] = into[name]
+            else:
+                stacked = np.concatenate([part[name] for part in parts])
+                results[name] = ort.OrtValue.ortvalue_from_numpy(stacked) if name in keep else stacked
+        return results
 
     def _run_bound(self, checked: dict, handles: dict, names: list[str], keep, into: dict) -> dict:
         """One run through this thread's IO binding: outputs stay OrtValues, and those in ``keep`` are returned as
