@@ -67,9 +67,11 @@ def reduce_precision(reference, spec, directory: Path, precision: str) -> tuple[
     import onnx
 
     fp32, reduced = directory / MODEL_FILE, directory / f"model.{precision}.onnx"
-    quantize(fp32, reduced, precision, weight_only=spec.task == "text-generation")
+    kept = quantize(fp32, reduced, precision, weight_only=spec.task == "text-generation")
     measured = accuracy_model(fp32, reduced, precision)  # bf16: an fp32 simulation, since the CPU cannot run it
     figures = accuracy(reference, spec, measured, directory)
+    if kept:
+        figures["exact_block_weights"] = kept  # weights stored with the checkpoint's own blocks (passes/exact_blocks.py)
     if measured != reduced:
         figures["measured_on"] = f"fp32 simulation of {precision} (values rounded to {precision} where the graph has them)"
         remove_graph(measured)
@@ -266,8 +268,10 @@ def remove_graph(graph: Path) -> None:
     weights_file(graph).unlink(missing_ok=True)
 
 
-def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> None:
-    """Write ``src`` at ``precision`` to ``dst``; ``weight_only`` (decoders) stores int8 weights blockwise as int4 does."""
+def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> dict:
+    """Write ``src`` at ``precision`` to ``dst``; ``weight_only`` (decoders) stores int8 weights blockwise as int4 does.
+    Returns how many weights kept the blocks they already were, by bits (int4/int8 weight-only: a GGUF's Q4_0/Q8_0
+    tensors, ``passes/exact_blocks.py``); onnxruntime's quantizer quantizes the others."""
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (creates its loggers, silenced below)
 
     # onnxruntime's quantizers log advice on the root logger and one INFO line per node on their own loggers.
@@ -276,29 +280,37 @@ def quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) ->
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
-    folded = dst.with_name(dst.stem + ".folded.onnx")
+    folded, kept = dst.with_name(dst.stem + ".folded.onnx"), {}
     try:
-        if precision in ("int8", "int4") and _fold_weight_transposes(src, folded):
-            src = folded
+        if precision in ("int8", "int4"):
+            changed, kept = _prepare_weights(src, folded, exact=weight_only)
+            src = folded if changed else src
         _quantize(src, dst, precision, weight_only)
+        return kept
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
         remove_graph(folded)
 
 
-def _fold_weight_transposes(src: Path, dst: Path) -> bool:
-    """A tied LM head's ``MatMul(x, Transpose(W))`` with W stored transposed, so the quantizers see a constant weight
-    (``passes/transpose_weights.py``); writes ``dst`` only when there was one."""
+def _prepare_weights(src: Path, dst: Path, exact: bool) -> tuple[bool, dict]:
+    """Before the quantizers: a tied LM head's ``MatMul(x, Transpose(W))`` with W stored transposed, so they see a
+    constant weight (``passes/transpose_weights.py``); with ``exact``, the weights that already are blocks of 4 or 8
+    bits as MatMulNBits with those blocks (``passes/exact_blocks.py``). Writes ``dst`` only when something changed;
+    returns (changed, weights kept as blocks by bits, e.g. {"4-bit": 120, "8-bit": 1})."""
     import onnx_ir as ir
 
+    from kiln.exporter.passes.exact_blocks import ExactBlocks
     from kiln.exporter.passes.transpose_weights import fold_weight_transposes
 
     model = ir.load(str(src))
-    if not fold_weight_transposes(model):
-        return False
-    _save(model, dst, external(src))
-    return True
+    changed = bool(fold_weight_transposes(model))
+    kept = {k: v for k, v in ExactBlocks()(model).details.items() if k != "weights"} if exact else {}
+    if kept:
+        log.info("      weights that keep the checkpoint's own blocks: %s", kept)
+    if changed or kept:
+        _save(model, dst, external(src))
+    return bool(changed or kept), kept
 
 
 def _quantize(src: Path, dst: Path, precision: str, weight_only: bool = False) -> None:

@@ -103,7 +103,7 @@ class DecoderSession:
     def _buffers(self, feed: dict, past: int, total: int) -> dict:
         """In-place graphs: each past in ``feed`` replaced by a buffer with room for ``total`` positions (the one
         behind it, or a new one holding a copy); returns {present: its buffer}. Every layer's buffer has the same
-        capacity (the graph pads the mask to one)."""
+        capacity: when one must grow, all do."""
         caches, buffers = {}, {}
         for name in self.buffered:
             cache = feed[name]
