@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     from bench_encoders import machine_info, write_section
     from bench_long_context import gguf_file
 
+    from kiln.runtime.tokenizer import Tokenizer
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-long"))
     parser.add_argument("--write", action="store_true", help="write the section into benchmarks/RESULTS.md")
@@ -115,10 +117,7 @@ def main(argv=None) -> None:
     files = {name.split()[1]: path for name, path in llamacpp_files(args.artifacts, gguf_file()).items()}
     rows = []
     for kind, path in files.items():
-        first = export(args.artifacts, kind, path, "fp32")
-        from kiln.runtime.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(first)
+        tokenizer = Tokenizer.from_dir(export(args.artifacts, kind, path, "fp32"))
         text = [int(t) for t in tokenizer([TEXT]).input_ids[0]]
         prompts = [[int(t) for t in tokenizer([p]).input_ids[0]] for p in PROMPTS]
         request = {"text": text, "prompts": prompts, "new": NEW_TOKENS}

@@ -305,7 +305,7 @@ def _prepare_weights(src: Path, dst: Path, exact: bool) -> tuple[bool, dict]:
 
     model = ir.load(str(src))
     changed = bool(fold_weight_transposes(model))
-    kept = {k: v for k, v in ExactBlocks()(model).details.items() if k != "weights"} if exact else {}
+    kept = dict(ExactBlocks()(model).details) if exact else {}
     if kept:
         log.info("      weights that keep the checkpoint's own blocks: %s", kept)
     if changed or kept:

@@ -35,9 +35,22 @@ def exact_blocks(weight: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np.
     (K, N) exactly with MatMulNBits' default zero point, or None when some block is not ``scale * integers``."""
     if weight.dtype != np.float32 or weight.ndim != 2 or weight.shape[0] % block or not weight.size:
         return None
-    top, (low, high) = FORMATS[bits]
     k, n = weight.shape
-    blocks = weight.T.reshape(n, k // block, block)  # (N, blocks, block): MatMulNBits' order
+    if _integers(weight[:, :8].T.reshape(-1, k // block, block), bits) is None:
+        return None  # a few columns first: a float weight fails there, without a pass over all of it
+    found = _integers(weight.T.reshape(n, k // block, block), bits)  # (N, blocks, block): MatMulNBits' order
+    if found is None:
+        return None
+    integers, scales = found
+    stored = (integers.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # the default zero point's offset
+    if bits == 4:
+        stored = stored[..., 0::2] | (stored[..., 1::2] << 4)  # two per byte, the even one in the low nibble
+    return np.ascontiguousarray(stored), scales.reshape(-1)
+
+
+def _integers(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(integers, scales (..., blocks)) with ``integers * scales == blocks`` exactly, or None."""
+    top, (low, high) = FORMATS[bits]
     largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
     scales = (largest / np.float32(top) if top < 0 else np.abs(largest) / np.float32(top)).astype(np.float32)
     safe = np.where(scales == 0, np.float32(1), scales)[..., None]
@@ -45,10 +58,7 @@ def exact_blocks(weight: np.ndarray, bits: int, block: int = BLOCK) -> tuple[np.
     if not np.all((integers >= low) & (integers <= high)) or \
             not np.array_equal((integers * safe).astype(np.float32), blocks):
         return None
-    stored = (integers.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # the default zero point's offset
-    if bits == 4:
-        stored = stored[..., 0::2] | (stored[..., 1::2] << 4)  # two per byte, the even one in the low nibble
-    return np.ascontiguousarray(stored), scales.reshape(-1)
+    return integers, scales
 
 
 class ExactBlocks(GraphPass):
@@ -107,4 +117,3 @@ class ExactBlocks(GraphPass):
         if not weight.uses() and weight.name in graph.initializers:
             del graph.initializers[weight.name]
         model.opset_imports.setdefault("com.microsoft", 1)
-        result.details["weights"] = len(self._stored)

@@ -13,8 +13,8 @@ first ``total_sequence - sequence`` positions: the session binds one buffer per 
 the cache it hands callers is a view of the filled positions, so callers slice, gather and concatenate it as the
 concatenated cache of other graphs. A view still backed by a buffer with room is written in place; anything else
 (a gathered or concatenated cache, or a full buffer) is copied into a new buffer with ``HEADROOM`` free positions:
-since each step attends over the whole buffer, its room is kept small rather than ``max_new_tokens``. Long prompts are
-prefilled ``PREFILL_CHUNK`` tokens at a time, which bounds the attention scores' memory and time.
+its room is kept small rather than ``max_new_tokens`` (memory; the kernel reads only the filled positions). Long
+prompts are prefilled ``PREFILL_CHUNK`` tokens at a time, which bounds the attention scores' memory and time.
 """
 
 from __future__ import annotations
@@ -102,21 +102,16 @@ class DecoderSession:
 
     def _buffers(self, feed: dict, past: int, total: int) -> dict:
         """In-place graphs: each past in ``feed`` replaced by a buffer with room for ``total`` positions (the one
-        behind it, or a new one holding a copy); returns {present: its buffer}. Every layer's buffer has the same
-        capacity: when one must grow, all do."""
-        caches, buffers = {}, {}
+        behind it, or a new one holding a copy); returns {present: its buffer}."""
+        into = {}
         for name in self.buffered:
             cache = feed[name]
             if isinstance(cache, np.ndarray) and cache.ndim == 4 and cache.shape[2] != past:
                 raise InputError(f"The cache holds {cache.shape[2]} positions, but attention_mask says {past} came "
                                  "before these tokens: feed the mask of the whole sequence so far.")
-            caches[name], buffers[name] = cache, _buffer_behind(cache, total)
-        capacities = {None if b is None else b.shape[2] for b in buffers.values()}
-        if len(capacities) > 1 or None in capacities:
-            buffers = {name: cache_buffer(cache, total + HEADROOM) for name, cache in caches.items()}
-        into = {}
-        for name, buffer in buffers.items():
-            feed[name] = into[self._present_of[name]] = buffer
+            buffer = _buffer_behind(cache, total)
+            feed[name] = into[self._present_of[name]] = cache_buffer(cache, total + HEADROOM) if buffer is None \
+                else buffer
         return into
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: dict):
@@ -166,7 +161,7 @@ def steps(session: DecoderSession, input_ids: np.ndarray, attention_mask: np.nda
     stopper = StopChecker(config, batch=B, decode=decode)
     mask = attention_mask.astype(np.int64)
     generated = input_ids.astype(np.int64)
-    # the buffers' room: a step attends over the whole capacity, so a long max_new_tokens is not reserved up front
+    # the buffers' room: a long max_new_tokens is not reserved up front (they grow by HEADROOM when full)
     capacity = input_ids.shape[1] + min(config.max_new_tokens, HEADROOM)
     step_ids, step_pos, cache = generated, position_ids(mask), session.empty_cache(B, capacity)
     try:
